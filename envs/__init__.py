@@ -1,0 +1,113 @@
+"""One environment layer for every simulator family: ``make_env``.
+
+>>> from marlkit.envs import make_env
+>>> env = make_env("vmas/navigation", num_envs=8, n_agents=3, seed=0)
+>>> env.group_map
+{'agents': ['agent_0', 'agent_1', 'agent_2']}
+
+Every env is a TorchRL ``EnvBase`` (a :class:`MultiAgentEnv`) whose TensorDicts carry, per group
+``g``, ``(g, "observation")``, ``(g, "action")``, ``(g, "reward")``, ``(g, "done")``,
+``(g, "terminated")`` and ``(g, "episode_reward")`` with batch shape ``[num_envs, n_agents]``, plus the
+root ``done``, ``terminated`` and ``step_count``.
+
+Families: ``vmas/<scenario>``, ``pettingzoo/<family>/<env>`` (or a ``ParallelEnv`` class, factory or
+instance of your own), ``gridworld``, ``matrix/<game>`` and ``gym/<id>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._common import check_positive_int, device_of, MultiAgentEnv
+
+FAMILIES = ("vmas", "pettingzoo", "gridworld", "matrix", "gym")
+
+__all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "make_env"]
+
+
+def available_envs() -> dict[str, list[str]]:
+    """Names ``make_env`` accepts, per family (Gymnasium ids are too many to list: any registered id)."""
+    from .matrix import MATRIX_GAMES
+    from .pettingzoo import PETTINGZOO_FAMILIES
+    from .vmas import vmas_scenarios
+
+    return {
+        "vmas": [f"vmas/{s}" for s in vmas_scenarios()],
+        "pettingzoo": [f"pettingzoo/{f}/<env>" for f in PETTINGZOO_FAMILIES],
+        "gridworld": ["gridworld"],
+        "matrix": [f"matrix/{g}" for g in MATRIX_GAMES],
+        "gym": ["gym/<any registered Gymnasium id, e.g. CartPole-v1>"],
+    }
+
+
+def split_env_name(name: str) -> tuple[str, str]:
+    """Split ``"family/rest"`` and check the family, raising ``ValueError`` listing the families."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"env name must be a non-empty string like 'vmas/navigation', got {name!r}")
+    family, _, rest = name.partition("/")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"unknown environment family {family!r} in {name!r}; available families: "
+            f"{', '.join(FAMILIES)} (e.g. vmas/navigation, pettingzoo/mpe2/simple_spread_v3, "
+            "gridworld, matrix/climbing, gym/CartPole-v1)"
+        )
+    if family == "gridworld" and rest:
+        raise ValueError(f"'gridworld' takes no sub-name, got {name!r}")
+    if family == "pettingzoo" and rest.count("/") != 1:
+        raise ValueError(f"PettingZoo envs are named 'pettingzoo/<family>/<env>', got {name!r}")
+    if family in ("vmas", "matrix", "gym") and not rest:
+        raise ValueError(f"{family!r} needs a sub-name, e.g. {available_envs()[family][0]}")
+    return family, rest
+
+
+def make_env(
+    name: str | Any,
+    *,
+    num_envs: int = 1,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    **task_kwargs: Any,
+) -> MultiAgentEnv:
+    """Build a batched multi-agent TorchRL env.
+
+    Args:
+        name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"gridworld"``,
+            ``"matrix/<game>"``, ``"gym/<id>"``; or a PettingZoo ``ParallelEnv`` class, zero-argument
+            factory or instance of your own (no registration needed).
+        num_envs: number of copies stepped together (the leading batch dimension).
+        device: where the TensorDicts live (``"cpu"`` default, ``"cuda"``).
+        seed: seeds the env (each copy of a Python simulator gets ``seed + i``).
+        **task_kwargs: passed to the scenario / env (``n_agents``, ``max_steps``, ``mode``, ...).
+
+    Raises:
+        ValueError: unknown family, scenario or argument, or an invalid value, before anything is built.
+        ImportError: an optional simulator package is missing (the message says what to install).
+    """
+    check_positive_int("num_envs", num_envs)
+    dev = device_of(device)
+    if not isinstance(name, str):
+        from .pettingzoo import make_pettingzoo_env
+
+        return make_pettingzoo_env(name, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    family, rest = split_env_name(name)
+    if family == "vmas":
+        from .vmas import make_vmas_env
+
+        return make_vmas_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    if family == "pettingzoo":
+        from .pettingzoo import make_pettingzoo_env
+
+        return make_pettingzoo_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    if family == "gridworld":
+        from .gridworld import make_gridworld_env
+
+        return make_gridworld_env(num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    if family == "matrix":
+        from .matrix import make_matrix_env
+
+        return make_matrix_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    from .gym import make_gym_env
+
+    return make_gym_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)

@@ -1,0 +1,182 @@
+"""Pieces every environment family shares: argument checks, the common transforms and the env class.
+
+Every env that ``make_env`` returns is a :class:`MultiAgentEnv` whose TensorDicts carry, per group
+``g`` with batch shape ``[num_envs, n_agents]``: ``(g, "observation")``, ``(g, "action")``,
+``(g, "reward")``, ``(g, "done")``, ``(g, "terminated")`` and ``(g, "episode_reward")``; and at the
+root ``done``, ``terminated`` and ``step_count`` with batch shape ``[num_envs]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import Composite
+from torchrl.envs import Compose, EnvBase, RewardSum, StepCounter, Transform, TransformedEnv
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` naming the field when it is not >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> Any:
+    """Raise ``ValueError`` naming the field and the accepted values when ``value`` is not one of them."""
+    accepted = list(accepted)
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}")
+    return value
+
+
+def missing_package(package: str, pip_name: str, family: str) -> ImportError:
+    """The error raised when an optional simulator is not installed, with the command that fixes it."""
+    return ImportError(
+        f"the {family!r} environments need the {package!r} package, which is not installed; "
+        f"fix with: pip install {pip_name}"
+    )
+
+
+class GroupDones(Transform):
+    """Copies the root ``done``/``terminated`` (and ``truncated``) flags into every agent group.
+
+    Simulators such as VMAS only report episode-level flags; losses and masks work per agent, so each
+    group gets ``(group, flag)`` of shape ``[*batch, n_agents, 1]``, equal to the root flag expanded.
+    """
+
+    def __init__(self, group_map: Mapping[str, Sequence[str]]):
+        super().__init__()
+        self.group_map = {group: list(agents) for group, agents in group_map.items()}
+
+    def _flags(self, done_spec: Composite) -> list[str]:
+        return [key for key in ("done", "terminated", "truncated") if key in done_spec.keys()]
+
+    def transform_done_spec(self, done_spec: Composite) -> Composite:
+        for group, agents in self.group_map.items():
+            group_spec = done_spec.get(group, None) if group in done_spec.keys() else None
+            if group_spec is None:
+                group_spec = Composite(
+                    shape=(*done_spec.shape, len(agents)), device=done_spec.device
+                )
+                done_spec[group] = group_spec
+            for flag in self._flags(done_spec):
+                root = done_spec[flag]
+                group_spec[flag] = root.unsqueeze(-2).expand(
+                    *done_spec.shape, len(agents), *root.shape[len(done_spec.shape) :]
+                ).clone()
+        return done_spec
+
+    def _expand(self, tensordict: TensorDictBase) -> TensorDictBase:
+        for flag in ("done", "terminated", "truncated"):
+            root = tensordict.get(flag, None)
+            if root is None:
+                continue
+            for group, agents in self.group_map.items():
+                tensordict.set(
+                    (group, flag),
+                    root.unsqueeze(-2).expand(*root.shape[:-1], len(agents), root.shape[-1]),
+                )
+        return tensordict
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return self._expand(next_tensordict)
+
+    def _reset(
+        self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase
+    ) -> TensorDictBase:
+        return self._expand(tensordict_reset)
+
+
+class MultiAgentEnv(TransformedEnv):
+    """The env type ``make_env`` returns: a ``TransformedEnv`` that also knows its agent groups.
+
+    ``group_map`` maps each group name to the names of its agents, in the order they are stacked
+    along the agent dimension; ``family`` and ``name`` say where the env came from.
+    """
+
+    def __init__(
+        self,
+        base_env: EnvBase,
+        transform: Transform,
+        *,
+        group_map: Mapping[str, Sequence[str]],
+        name: str,
+        render_fn: Any = None,
+    ):
+        super().__init__(base_env, transform)
+        self._marl_group_map = {group: list(agents) for group, agents in group_map.items()}
+        self._marl_name = name
+        self._render_fn = render_fn
+
+    @property
+    def group_map(self) -> dict[str, list[str]]:
+        """Group name -> agent names (the agent dimension of that group's tensors)."""
+        return self._marl_group_map
+
+    @property
+    def env_name(self) -> str:
+        """The name ``make_env`` was called with (e.g. ``"vmas/navigation"``)."""
+        return self._marl_name
+
+    def n_agents(self, group: str) -> int:
+        """Number of agents in ``group``."""
+        return len(self._marl_group_map[group])
+
+    def render(self, mode: str = "rgb_array", env_index: int = 0, **kwargs: Any):
+        """Draw copy ``env_index`` as an ``H x W x 3`` uint8 array (``mode="rgb_array"`` only)."""
+        check_choice("mode", mode, ["rgb_array"])
+        if self._render_fn is None:
+            raise NotImplementedError(f"{self._marl_name} cannot be rendered")
+        return self._render_fn(env_index=env_index, **kwargs)
+
+
+def finalize(
+    base_env: EnvBase,
+    *,
+    group_map: Mapping[str, Sequence[str]],
+    name: str,
+    expand_dones: bool,
+    render_fn: Any = None,
+    seed: int | None = None,
+) -> MultiAgentEnv:
+    """Apply the transforms every family shares and wrap the result in :class:`MultiAgentEnv`.
+
+    The transforms are: group-level done flags when the source has root flags only, the per-group
+    episode return ``(group, "episode_reward")`` (reset per episode) and a root ``step_count``.
+    """
+    transforms: list[Transform] = []
+    if expand_dones:
+        transforms.append(GroupDones(group_map))
+    groups = list(group_map)
+    transforms.append(
+        RewardSum(
+            in_keys=[(group, "reward") for group in groups],
+            out_keys=[(group, "episode_reward") for group in groups],
+            reset_keys=[(group, "_reset") for group in groups],
+        )
+    )
+    transforms.append(StepCounter())
+    env = MultiAgentEnv(
+        base_env, Compose(*transforms), group_map=group_map, name=name, render_fn=render_fn
+    )
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def device_of(device: str | torch.device | None) -> torch.device:
+    """Resolve a user-given device (``None`` means CPU), failing early on unknown or absent ones."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use e.g. 'cpu' or 'cuda'"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} requested but CUDA is not available; use 'cpu'")
+    return device

@@ -1,0 +1,175 @@
+"""PettingZoo parallel environments (``pettingzoo/<family>/<env>`` or your own ``ParallelEnv``).
+
+PettingZoo envs are single-copy Python simulators; ``num_envs`` copies are stepped one after the
+other in a TorchRL ``SerialEnv`` so the pipelines see the same leading ``[num_envs]`` batch dimension
+as VMAS. Agents are grouped by name (``adversary_0`` -> group ``adversary``), each group carries a
+``mask`` of live agents (agents may die mid-episode, as in knights-archers-zombies) and an
+``action_mask`` when the env provides one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._common import check_choice, finalize, missing_package, MultiAgentEnv
+
+# Families importable as modules; mpe moved out of PettingZoo into the mpe2 package.
+PETTINGZOO_FAMILIES: dict[str, str] = {
+    "mpe2": "mpe2",
+    "mpe": "mpe2",
+    "sisl": "pettingzoo.sisl",
+    "butterfly": "pettingzoo.butterfly",
+    "classic": "pettingzoo.classic",
+    "atari": "pettingzoo.atari",
+}
+_PIP_NAMES = {
+    "mpe2": "mpe2",
+    "pettingzoo.sisl": "'pettingzoo[sisl]'",
+    "pettingzoo.butterfly": "'pettingzoo[butterfly]'",
+    "pettingzoo.classic": "'pettingzoo[classic]'",
+    "pettingzoo.atari": "'pettingzoo[atari]'",
+}
+# Names the issue tracker and older code use, resolved to the release PettingZoo 1.27 ships.
+_RENAMED = {"knights_archers_zombies_v10": "knights_archers_zombies_v11"}
+
+
+def _import_env_module(family: str, env_id: str):
+    check_choice("PettingZoo family", family, PETTINGZOO_FAMILIES)
+    package = PETTINGZOO_FAMILIES[family]
+    try:
+        family_module = importlib.import_module(package)
+    except ImportError as err:
+        raise missing_package(package, _PIP_NAMES[package], f"pettingzoo/{family}") from err
+    if env_id in _RENAMED:
+        warnings.warn(
+            f"pettingzoo/{family}/{env_id} is deprecated in PettingZoo; using {_RENAMED[env_id]}",
+            stacklevel=3,
+        )
+        env_id = _RENAMED[env_id]
+    try:
+        module = importlib.import_module(f"{package}.{env_id}")
+    except ModuleNotFoundError as err:
+        if err.name is not None and not err.name.startswith(package):
+            raise missing_package(err.name, _PIP_NAMES[package], f"pettingzoo/{family}") from err
+        available = sorted(
+            name for name in dir(family_module) if name[-3:-1] == "_v" or name[-4:-2] == "_v"
+        )
+        raise ValueError(
+            f"unknown PettingZoo env {f'pettingzoo/{family}/{env_id}'!r}; available in {family}: "
+            f"{', '.join(available)}"
+        ) from None
+    if not hasattr(module, "parallel_env"):
+        raise ValueError(f"pettingzoo/{family}/{env_id} has no parallel API (parallel_env)")
+    return module, env_id
+
+
+def _wrap_parallel(factory: Callable[[], Any], seed: int | None) -> Any:
+    """One PettingZoo copy as a TorchRL env (imported lazily so worker processes can build it)."""
+    import pettingzoo
+    from torchrl.envs.libs.pettingzoo import PettingZooWrapper
+
+    env = factory()
+    if not isinstance(env, pettingzoo.ParallelEnv):
+        raise TypeError(
+            f"expected a pettingzoo.ParallelEnv, got {type(env).__name__}; AEC envs can be "
+            "converted with pettingzoo.utils.conversions.aec_to_parallel"
+        )
+    # Seeding happens through SerialEnv.set_seed, which gives each copy its own seed.
+    return PettingZooWrapper(env, use_mask=True, categorical_actions=True, seed=seed)
+
+
+def _factory_from_user(env: Any) -> tuple[Callable[[], Any], str]:
+    """Turn a user's ParallelEnv class, zero-argument factory or instance into a factory."""
+    import pettingzoo
+
+    if isinstance(env, pettingzoo.ParallelEnv):
+        instance = env
+
+        def single() -> Any:
+            return instance
+
+        return single, type(env).__name__
+    if isinstance(env, type) and issubclass(env, pettingzoo.ParallelEnv):
+        return env, env.__name__
+    if callable(env):
+        return env, getattr(env, "__name__", type(env).__name__)
+    raise TypeError(
+        "a custom PettingZoo env must be a ParallelEnv subclass, a zero-argument factory returning "
+        f"one, or an instance; got {env!r}"
+    )
+
+
+def make_pettingzoo_env(
+    source: str | Any,
+    *,
+    num_envs: int,
+    device: torch.device,
+    seed: int | None,
+    **env_kwargs: Any,
+) -> MultiAgentEnv:
+    """Build ``num_envs`` copies of a PettingZoo parallel env batched in a ``SerialEnv``.
+
+    ``source`` is either ``"<family>/<env>"`` (kwargs go to ``parallel_env``) or a user's own
+    ``ParallelEnv`` class / factory / instance (kwargs go to the class or factory). An instance can
+    only back ``num_envs=1``, since copies must not share state.
+    """
+    from torchrl.envs import SerialEnv
+
+    if isinstance(source, str):
+        family, _, env_id = source.partition("/")
+        module, env_id = _import_env_module(family, env_id)
+        # rgb_array only draws when render() is called, so stepping stays as fast as without it.
+        env_kwargs.setdefault("render_mode", "rgb_array")
+        factory = functools.partial(module.parallel_env, **env_kwargs)
+        name = f"pettingzoo/{family}/{env_id}"
+    else:
+        factory, label = _factory_from_user(source)
+        import pettingzoo
+
+        if isinstance(source, pettingzoo.ParallelEnv):
+            if num_envs != 1:
+                raise ValueError(
+                    f"num_envs={num_envs} needs independent copies, but a single ParallelEnv "
+                    "instance was given; pass its class or a factory instead"
+                )
+            if env_kwargs:
+                raise ValueError(
+                    f"keyword arguments {sorted(env_kwargs)} cannot be applied to an env instance"
+                )
+        elif env_kwargs:
+            factory = functools.partial(factory, **env_kwargs)
+        name = f"pettingzoo/custom/{label}"
+
+    # Build one copy first: it fails early on bad kwargs and gives the group map.
+    probe = _wrap_parallel(factory, seed=None)
+    group_map = dict(probe.group_map)
+    del probe  # not closed: for a user's instance, closing would close the env SerialEnv reuses
+    base = SerialEnv(
+        num_envs,
+        functools.partial(_wrap_parallel, factory, None),
+        device=device,
+    )
+
+    def render(env_index: int = 0, **kwargs: Any):
+        # Each copy is a separate Python env; render only the requested one.
+        if not base.is_closed:
+            inner = base._envs[env_index]
+        else:  # pragma: no cover - render before any reset
+            raise RuntimeError("reset the env before rendering")
+        frame = inner._env.render()
+        if frame is None:
+            raise RuntimeError(
+                f"{name} returned no frame; create it with env.render_mode='rgb_array'"
+            )
+        return frame
+
+    env = finalize(
+        base, group_map=group_map, name=name, expand_dones=False, render_fn=render, seed=seed
+    )
+    return env
