@@ -1,1 +1,254 @@
-"""placeholder"""
+"""Actor and critic factories shared by notebooks and pipelines.
+
+Every size comes from the env's specs. For a group ``g``:
+
+* :func:`make_ppo_actor` reads ``(g, "observation")`` (and ``(g, "action_mask")`` when the env
+  gives one) and writes ``(g, "action")`` and ``(g, "action_log_prob")``, plus the distribution
+  parameters ``(g, "loc")``/``(g, "scale")`` (continuous) or ``(g, "logits")`` (discrete).
+* :func:`make_value_critic` reads ``(g, "observation")`` and writes ``(g, "state_value")``.
+
+Observations of any shape work: vectors go straight to a ``MultiAgentMLP``, images (``H x W x C``
+with ``C <= 4``, as in pistonball or pursuit) go through a ``MultiAgentConvNet`` first, anything else
+is flattened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
+from torchrl.envs import EnvBase
+from torchrl.modules import (
+    IndependentNormal,
+    MaskedCategorical,
+    MaskedOneHotCategorical,
+    MultiAgentConvNet,
+    MultiAgentMLP,
+    OneHotCategorical,
+    ProbabilisticActor,
+    TanhNormal,
+)
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation_class",
+    "group_spec",
+    "make_encoder",
+    "make_ppo_actor",
+    "make_value_critic",
+]
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The ``nn.Module`` class for an activation name, or ``ValueError`` listing the accepted ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not supported; accepted: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def group_spec(env: EnvBase, group: str, key: str) -> TensorSpec:
+    """The spec of ``(group, key)`` without the env's batch dims: shape ``[n_agents, *feature]``."""
+    if key == "action":
+        spec = env.full_action_spec[group, key]
+    else:
+        spec = env.full_observation_spec[group, key]
+    for _ in env.batch_size:
+        spec = spec[0]
+    return spec
+
+
+def _is_image(shape: torch.Size) -> bool:
+    return len(shape) == 3 and shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4
+
+
+class _ImageToChannelsFirst(nn.Module):
+    """``[*B, n_agents, H, W, C]`` (any dtype) -> ``[*B, n_agents, C, H, W]`` floats (uint8 / 255)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(-1, -3).float() * self.scale
+
+
+class _FlattenFeatures(nn.Module):
+    """Flattens everything after the agent dim: ``[*B, n_agents, a, b]`` -> ``[*B, n_agents, a*b]``."""
+
+    def __init__(self, feature_dims: int):
+        super().__init__()
+        self.feature_dims = feature_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(-self.feature_dims).float()
+
+
+def make_encoder(
+    obs_spec: TensorSpec, n_agents: int, *, share_params: bool, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, int]:
+    """Per-agent feature extractor for observations of ``obs_spec`` (shape ``[n_agents, *obs]``).
+
+    Returns the module and its per-agent output size. Images get a ``MultiAgentConvNet`` (strided
+    Atari-style layers for large frames, 3x3 convolutions for small local views).
+    """
+    shape = obs_spec.shape[1:]
+    if len(shape) == 1:
+        return nn.Identity(), shape[0]
+    if _is_image(shape):
+        height, width, channels = shape
+        scale = 1.0 / 255.0 if obs_spec.dtype == torch.uint8 else 1.0
+        if min(height, width) >= 36:
+            conv_kwargs = dict(num_cells=[32, 64, 64], kernel_sizes=[8, 4, 3], strides=[4, 2, 1])
+        else:
+            conv_kwargs = dict(num_cells=[32, 32], kernel_sizes=3, strides=1)
+        conv = MultiAgentConvNet(
+            n_agents=n_agents,
+            centralized=False,
+            share_params=share_params,
+            in_features=channels,
+            activation_class=nn.ReLU,
+            device=device,
+            **conv_kwargs,
+        )
+        encoder = nn.Sequential(_ImageToChannelsFirst(scale), conv)
+        with torch.no_grad():
+            probe = torch.zeros(1, n_agents, height, width, channels, device=device)
+            out_features = encoder(probe).shape[-1]
+        return encoder, out_features
+    encoder = _FlattenFeatures(len(shape))
+    return encoder, int(torch.Size(shape).numel())
+
+
+def _mlp(
+    in_features: int,
+    out_features: int,
+    n_agents: int,
+    *,
+    centralised: bool,
+    share_params: bool,
+    num_cells: Sequence[int],
+    activation: str,
+    device: torch.device | str,
+) -> MultiAgentMLP:
+    return MultiAgentMLP(
+        n_agent_inputs=in_features,
+        n_agent_outputs=out_features,
+        n_agents=n_agents,
+        centralized=centralised,
+        share_params=share_params,
+        num_cells=list(num_cells),
+        activation_class=activation_class(activation),
+        device=device,
+    )
+
+
+def make_ppo_actor(
+    env: EnvBase,
+    group: str,
+    *,
+    num_cells: Sequence[int] = (256, 256),
+    activation: str = "tanh",
+    share_params: bool = True,
+    device: torch.device | str | None = None,
+) -> ProbabilisticActor:
+    """Stochastic policy for one group, with the distribution chosen from the action spec.
+
+    Continuous boxes get a ``TanhNormal`` within the action bounds (``IndependentNormal`` when
+    unbounded); discrete actions get a categorical over indices or one-hot vectors, whichever the
+    env uses, masked by ``(group, "action_mask")`` when the env provides it.
+    """
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    action_spec = group_spec(env, group, "action")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
+
+    def net(out_features: int) -> MultiAgentMLP:
+        return _mlp(features, out_features, n_agents, centralised=False, share_params=share_params,
+                    num_cells=num_cells, activation=activation, device=device)
+
+    if isinstance(action_spec, (Categorical, OneHot)):
+        one_hot = isinstance(action_spec, OneHot)
+        n_actions = action_spec.shape[-1] if one_hot else action_spec.space.n
+        if not one_hot and action_spec.shape != torch.Size([n_agents]):
+            raise ValueError(
+                f"group {group!r}: multi-dimensional discrete actions {tuple(action_spec.shape)} are "
+                "not supported; use one discrete action per agent"
+            )
+        module = TensorDictModule(
+            nn.Sequential(encoder, net(n_actions)), in_keys=[(group, "observation")],
+            out_keys=[(group, "logits")],
+        )
+        in_keys = {"logits": (group, "logits")}
+        if has_mask:
+            in_keys["mask"] = (group, "action_mask")
+            dist = MaskedOneHotCategorical if one_hot else MaskedCategorical
+        else:
+            dist = OneHotCategorical if one_hot else torch.distributions.Categorical
+        dist_kwargs = {}
+    elif len(action_spec.shape) == 2:
+        action_dim = action_spec.shape[-1]
+        module = TensorDictModule(
+            nn.Sequential(encoder, net(2 * action_dim), NormalParamExtractor()),
+            in_keys=[(group, "observation")],
+            out_keys=[(group, "loc"), (group, "scale")],
+        )
+        in_keys = {"loc": (group, "loc"), "scale": (group, "scale")}
+        if isinstance(action_spec, Bounded):
+            dist = TanhNormal
+            dist_kwargs = {"low": action_spec.space.low.to(device), "high": action_spec.space.high.to(device)}
+        else:
+            dist, dist_kwargs = IndependentNormal, {}
+    else:
+        raise ValueError(
+            f"group {group!r}: action spec {type(action_spec).__name__} of shape "
+            f"{tuple(action_spec.shape)} is not supported (expected a box or a discrete action)"
+        )
+    return ProbabilisticActor(
+        module=module,
+        spec=env.full_action_spec[group, "action"],
+        in_keys=in_keys,
+        out_keys=[(group, "action")],
+        distribution_class=dist,
+        distribution_kwargs=dist_kwargs,
+        return_log_prob=True,
+    )
+
+
+def make_value_critic(
+    env: EnvBase,
+    group: str,
+    *,
+    centralised: bool,
+    num_cells: Sequence[int] = (256, 256),
+    activation: str = "tanh",
+    share_params: bool = True,
+    device: torch.device | str | None = None,
+) -> TensorDictModule:
+    """State-value network for one group: ``(group, "observation")`` -> ``(group, "state_value")``.
+
+    ``centralised=True`` (MAPPO) lets every agent's value see all agents' observations of the group;
+    ``False`` (IPPO) sees only its own.
+    """
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    mlp = _mlp(features, 1, n_agents, centralised=centralised, share_params=share_params,
+               num_cells=num_cells, activation=activation, device=device)
+    return TensorDictModule(
+        nn.Sequential(encoder, mlp),
+        in_keys=[(group, "observation")],
+        out_keys=[(group, "state_value")],
+    )
