@@ -1,1 +1,26 @@
-"""placeholder"""
+"""Training pipelines, one file per algorithm family, and the ``marlkit`` command.
+
+Each pipeline module exposes a config dataclass (``CONFIG``) and ``train(cfg) -> result``.
+:data:`ALGORITHMS` maps every algorithm name ``marlkit train`` accepts to its pipeline module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# algorithm name -> (pipeline module, the preset trained when no --env / --preset is given)
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "mappo": ("marlkit.pipelines.mappo", "navigation-matched"),
+    "ippo": ("marlkit.pipelines.mappo", "navigation-matched"),
+}
+DEFAULT_ALGORITHM = "mappo"
+
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "pipeline_for"]
+
+
+def pipeline_for(algorithm: str) -> ModuleType:
+    """The pipeline module that trains ``algorithm``; ``ValueError`` listing the accepted names."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
+    return importlib.import_module(ALGORITHMS[algorithm][0])

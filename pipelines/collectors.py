@@ -1,0 +1,29 @@
+"""The one place marlkit imports TorchRL collectors (``torchrl.collectors.Collector`` in torchrl 0.14)."""
+
+from __future__ import annotations
+
+import torch
+from tensordict.nn import TensorDictModuleBase
+from torchrl.collectors import Collector
+from torchrl.envs import EnvBase
+
+from .config import CollectorConfig
+
+__all__ = ["Collector", "make_collector"]
+
+
+def make_collector(
+    env: EnvBase, policy: TensorDictModuleBase, cfg: CollectorConfig, *, device: torch.device
+) -> Collector:
+    """A synchronous collector yielding ``[num_envs, frames_per_batch // num_envs]`` batches on ``device``.
+
+    Policy, env and storage share one device, so nothing moves between CPU and GPU in the loop.
+    """
+    return Collector(
+        env,
+        policy,
+        frames_per_batch=cfg.frames_per_batch,
+        total_frames=cfg.total_frames,
+        device=device,
+        storing_device=device,
+    )

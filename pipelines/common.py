@@ -1,0 +1,200 @@
+"""What every pipeline does the same way: checks, env construction, the run directory and logging.
+
+The run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per
+iteration) and ``summary.json`` (final metrics, time, throughput, versions).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import platform
+from dataclasses import dataclass
+from collections.abc import Mapping
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tensordict import TensorDictBase
+
+from marlkit.envs import make_env, MultiAgentEnv, split_env_name
+from marlkit.envs._common import device_of
+from marlkit.envs.vmas import vmas_scenarios
+
+from .config import CollectorConfig, EnvConfig, to_dict
+
+# The keyword each family uses for the episode length limit that env.max_steps sets.
+_MAX_STEPS_KEYWORD = {
+    "vmas": "max_steps",
+    "gridworld": "max_steps",
+    "pettingzoo": "max_cycles",
+    "gym": "max_episode_steps",
+}
+# VMAS scenarios never end on their own; without a limit no episode return would ever be logged.
+VMAS_DEFAULT_MAX_STEPS = 100
+# Keywords that count agents in the families' scenarios; 0 agents is rejected before building.
+_AGENT_COUNT_KEYWORDS = ("n_agents", "num_agents", "N", "n_pursuers", "n_pistons", "num_good")
+
+
+def check_env_config(env_cfg: EnvConfig) -> None:
+    """Validate the env section without building anything (names, counts, sizes)."""
+    family, rest = split_env_name(env_cfg.name)
+    if family == "vmas" and rest not in vmas_scenarios():
+        raise ValueError(
+            f"unknown VMAS scenario {rest!r}; available: {', '.join('vmas/' + s for s in vmas_scenarios())}"
+        )
+    if isinstance(env_cfg.num_envs, bool) or env_cfg.num_envs < 1:
+        raise ValueError(f"env.num_envs must be >= 1, got {env_cfg.num_envs}")
+    if env_cfg.max_steps is not None:
+        if env_cfg.max_steps < 1:
+            raise ValueError(f"env.max_steps must be >= 1 or None, got {env_cfg.max_steps}")
+        if family == "matrix":
+            raise ValueError(
+                "matrix games have a fixed episode length; set env.max_steps=null and use env.rounds"
+            )
+    for key in _AGENT_COUNT_KEYWORDS:
+        value = env_cfg.kwargs.get(key)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(
+                f"env.{key}={value}: an env without agents cannot be trained; use env.{key} >= 1"
+            )
+
+
+def check_frames(collector: CollectorConfig, num_envs: int) -> int:
+    """Check the frame budget splits into whole iterations; return the number of iterations."""
+    fpb, total = collector.frames_per_batch, collector.total_frames
+    if fpb < 1 or total < 1:
+        raise ValueError(f"collector.frames_per_batch ({fpb}) and --frames ({total}) must be >= 1")
+    if fpb % num_envs:
+        raise ValueError(
+            f"collector.frames_per_batch={fpb} is not divisible by env.num_envs={num_envs}; "
+            f"use a multiple of {num_envs}, e.g. {max(1, fpb // num_envs) * num_envs}"
+        )
+    if total % fpb:
+        raise ValueError(
+            f"--frames {total} is not a multiple of collector.frames_per_batch={fpb}; "
+            f"use e.g. {max(1, round(total / fpb)) * fpb}"
+        )
+    return total // fpb
+
+
+def resolve_env_config(env_cfg: EnvConfig) -> EnvConfig:
+    """A copy with family defaults filled in, so ``config.yaml`` records what actually ran."""
+    family, _ = split_env_name(env_cfg.name)
+    resolved = copy.deepcopy(env_cfg)
+    if resolved.max_steps is None and family == "vmas":
+        resolved.max_steps = VMAS_DEFAULT_MAX_STEPS
+    return resolved
+
+
+def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> MultiAgentEnv:
+    """``make_env`` from a resolved env section, mapping ``max_steps`` to the family's keyword."""
+    family, _ = split_env_name(env_cfg.name)
+    kwargs = dict(env_cfg.kwargs)
+    max_steps = env_cfg.max_steps
+    if max_steps is not None and family in _MAX_STEPS_KEYWORD:
+        kwargs.setdefault(_MAX_STEPS_KEYWORD[family], max_steps)
+    env = make_env(env_cfg.name, num_envs=env_cfg.num_envs, device=device, seed=seed, **kwargs)
+    empty = [group for group, agents in env.group_map.items() if not agents]
+    if not env.group_map or empty:
+        raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
+    return env
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for ``device`` (``cpu``/``cuda``/``cuda:N``), failing early when absent."""
+    return device_of(device)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a result depends on (for summary.json)."""
+    out = {"python": platform.python_version()}
+    for package in ("marlkit", "torch", "torchrl", "tensordict", "vmas", "pettingzoo", "gymnasium"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def default_run_dir(algorithm: str, env_name: str, seed: int) -> Path:
+    """``runs/<algorithm>-<env>-s<seed>-<timestamp>`` under the current directory."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{algorithm}-{env_name.replace('/', '_')}-s{seed}-{stamp}"
+
+
+class RunDir:
+    """Writes a run directory: ``config.yaml``, ``metrics.csv`` (row per iteration), ``summary.json``.
+
+    Refuses a directory that already holds a run, so nothing a user has is overwritten.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if (self.path / "metrics.csv").exists() or (self.path / "config.yaml").exists():
+            raise ValueError(
+                f"{self.path} already holds a run (config.yaml / metrics.csv); choose another "
+                "--run-dir so the existing results are kept"
+            )
+        self._columns: list[str] | None = None
+
+    def create(self, config: Any, extra: Mapping[str, Any] | None = None) -> None:
+        """Create the directory and write the resolved config (plus derived values in ``extra``)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        data = to_dict(config)
+        if extra:
+            data["derived"] = dict(extra)
+        (self.path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def log(self, row: Mapping[str, float]) -> None:
+        """Append one iteration's metrics to ``metrics.csv`` (columns fixed by the first row)."""
+        file = self.path / "metrics.csv"
+        if self._columns is None:
+            self._columns = list(row)
+            with file.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self._columns)
+        with file.open("a", newline="") as handle:
+            csv.writer(handle).writerow([_fmt(row.get(c, math.nan)) for c in self._columns])
+
+    def summary(self, data: Mapping[str, Any]) -> None:
+        """Write ``summary.json``."""
+        (self.path / "summary.json").write_text(json.dumps(dict(data), indent=2, default=str))
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def episode_reward_means(batch: TensorDictBase, groups: list[str]) -> dict[str, float]:
+    """Mean return of the episodes that ended in ``batch``, per group (NaN when none ended)."""
+    out = {}
+    for group in groups:
+        done = batch.get(("next", group, "done"))
+        returns = batch.get(("next", group, "episode_reward"))[done]
+        out[group] = returns.mean().item() if returns.numel() else math.nan
+    return out
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    """The run directory written."""
+    metrics: dict[str, float]
+    """The last iteration's metrics row."""
+    episode_reward_mean: dict[str, float]
+    """Last mean episode return per group."""
+    frames: int
+    """Frames collected."""
+    time_s: float
+    """Wall seconds of the training loop."""
+    frames_per_s: float
+    """frames / time_s."""

@@ -1,0 +1,248 @@
+"""Config plumbing every pipeline shares: the common sections, dotted overrides and YAML presets.
+
+A pipeline's config is a dataclass of sections (``env``, ``model``, ``collector``, ``loss``, ``train``,
+``logger``); each field carries a one-line docstring (read from the source for ``--help``).
+Overrides are ``section.field=value`` strings parsed into the field's type; under ``env.`` any
+name that is not an ``EnvConfig`` field is a scenario keyword passed to ``make_env``
+(``env.n_agents=3``). Presets are YAML files of the same nested shape, in ``presets/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class EnvConfig:
+    """Which environment to train on, and how many copies to step together."""
+
+    name: str = "vmas/navigation"
+    """Environment name for make_env, e.g. vmas/navigation, pettingzoo/mpe2/simple_tag_v3, gridworld."""
+    num_envs: int = 60
+    """Number of env copies stepped together (the leading batch dimension)."""
+    max_steps: int | None = None
+    """Episode length (max_steps / max_cycles / max_episode_steps per family); None = family default (VMAS: 100)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Scenario keywords passed to make_env; set them as env.<keyword>=value (e.g. env.n_agents=3)."""
+
+
+@dataclass
+class CollectorConfig:
+    """How many frames to collect per iteration and in total (a frame is one env step of one copy)."""
+
+    frames_per_batch: int = 6000
+    """Frames collected per iteration (env steps x num_envs); must be divisible by env.num_envs."""
+    total_frames: int = 120_000
+    """Total frame budget (--frames); must be a multiple of frames_per_batch."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where and how results are written."""
+
+    run_dir: str | None = None
+    """Run directory (--run-dir); default runs/<algorithm>-<env>-<seed>-<timestamp>."""
+    progress: bool = True
+    """Show a tqdm bar with frames and the current mean return."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (attribute docstrings, as in BenchMARL)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML-style parsing, plus numbers YAML 1.1 leaves as strings (``3e-4``)."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert ``value`` (a string from the command line, or a YAML value) to ``annotation``."""
+    if isinstance(value, str) and annotation is not str:
+        value = _parse_scalar(value)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, name)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if annotation is Any:
+        return value
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(v, item, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} expects a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} expects true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{name} expects an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} expects a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            return str(value)
+        return value
+    return value
+
+
+def _set_path(cfg: Any, path: str, raw: Any) -> None:
+    parts = path.split(".")
+    target, section_name = cfg, ""
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        is_last = depth == len(parts) - 1
+        if part not in names:
+            if isinstance(target, EnvConfig) and is_last:
+                # Any other env.<name> is a scenario keyword for make_env.
+                target.kwargs[part] = _parse_scalar(raw) if isinstance(raw, str) else raw
+                return
+            where = f"section {section_name!r}" if section_name else "the config"
+            raise ValueError(
+                f"unknown field {path!r}: {where} has no field {part!r}; accepted: {', '.join(names)}"
+            )
+        if is_last:
+            annotation = _hints(type(target))[part]
+            current = getattr(target, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(raw, dict):
+                    raise ValueError(f"{path} is a section; set its fields as {path}.<field>=value")
+                for key, value in raw.items():
+                    _set_path(current, key, value)
+                return
+            if part == "kwargs" and isinstance(target, EnvConfig) and isinstance(raw, dict):
+                target.kwargs.update(raw)
+                return
+            setattr(target, part, coerce(raw, annotation, path))
+            return
+        target = getattr(target, part)
+        section_name = part
+        if not dataclasses.is_dataclass(target):
+            raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a section; cannot set {path!r}")
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
+    """Apply ``{"section.field": value}`` or ``["section.field=value", ...]`` to ``cfg`` in place."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {item!r} must look like section.field=value")
+            pairs[key.strip()] = value
+        overrides = pairs
+    for key, value in overrides.items():
+        _set_path(cfg, key, value)
+    return cfg
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def available_presets() -> list[str]:
+    """Preset names (YAML files in ``presets/``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read preset ``name`` as a flat ``{"section.field": value}`` dict (``yaml.safe_load`` only)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return _flatten(data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for ``config.yaml``)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cfg_cls: type) -> str:
+    """Every field of ``cfg_cls`` and its sections, with types, defaults and docstrings (for --help)."""
+    lines: list[str] = []
+    default = cfg_cls()
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"  [{prefix}{f.name}] {(type(value).__doc__ or '').strip()}")
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"    {prefix}{f.name} = {value!r}: {docs.get(f.name, '')}")
+
+    walk(default, "")
+    return "\n".join(lines)

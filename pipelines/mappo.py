@@ -1,0 +1,257 @@
+"""MAPPO and IPPO: PPO with a centralised (MAPPO) or local (IPPO) critic, one actor/critic/loss per group.
+
+Run it as ``marlkit train mappo --env vmas/navigation`` or ``python pipelines/mappo.py --env ...``;
+``algorithm=ippo`` (or ``marlkit train ippo``) switches to local critics. The loop in :func:`train`
+is the whole algorithm: collect -> GAE -> minibatches -> loss -> backward -> clip -> step -> weights
+back to the collector -> log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict.nn import TensorDictSequential
+from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+from tqdm.auto import tqdm
+
+from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
+from marlkit.modules import activation_class, make_ppo_actor, make_value_critic
+from marlkit.pipelines.collectors import make_collector
+from marlkit.pipelines.common import (
+    build_env,
+    check_env_config,
+    check_frames,
+    default_run_dir,
+    episode_reward_means,
+    resolve_device,
+    resolve_env_config,
+    RunDir,
+    TrainResult,
+    versions,
+)
+from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig
+
+ALGORITHMS = ("mappo", "ippo")
+
+
+@dataclass
+class ModelConfig:
+    """Actor and critic networks (MultiAgentMLP, with a MultiAgentConvNet in front for pixels)."""
+
+    num_cells: list[int] = field(default_factory=lambda: [256, 256])
+    """Hidden layer sizes of the actor and critic MLPs."""
+    activation: str = "tanh"
+    """Hidden activation: tanh, relu, elu or leaky_relu."""
+    share_params: bool = True
+    """Agents of a group share one actor network."""
+    critic_share_params: bool = True
+    """Agents of a group share one critic network."""
+
+
+@dataclass
+class LossConfig:
+    """Clipped PPO objective and GAE."""
+
+    gamma: float = 0.99
+    """Discount factor."""
+    lmbda: float = 0.9
+    """GAE lambda."""
+    clip_epsilon: float = 0.2
+    """PPO ratio clip."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0 disables it)."""
+    critic_coef: float = 1.0
+    """Weight of the critic loss."""
+    loss_critic_type: str = "l2"
+    """Critic regression loss: l2, l1 or smooth_l1."""
+    normalize_advantage: bool = False
+    """Standardise advantages per minibatch."""
+    normalize_value_target: bool = False
+    """Normalise the critic's target by running statistics (MAPPO value normalisation)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    lr: float = 3e-4
+    """Adam learning rate."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 5.0
+    """Global gradient-norm clip per group."""
+    num_epochs: int = 10
+    """Passes over each collected batch."""
+    minibatch_size: int = 400
+    """Frames per minibatch; each epoch takes frames_per_batch // minibatch_size minibatches."""
+
+
+@dataclass
+class MappoConfig:
+    """MAPPO / IPPO configuration."""
+
+    algorithm: str = "mappo"
+    """mappo (centralised critic) or ippo (local critic)."""
+    seed: int = 0
+    """Seed for torch and the env (--seed)."""
+    device: str = "cpu"
+    """Device for sampling, training and the batch (--device): cpu or cuda."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Networks."""
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    """Collection."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Outputs."""
+
+    @property
+    def centralised_critic(self) -> bool:
+        """MAPPO's critic sees every agent of the group; IPPO's only its own agent."""
+        return self.algorithm == "mappo"
+
+
+CONFIG = MappoConfig
+
+
+def validate(cfg: MappoConfig) -> int:
+    """Every check that needs no env: raises ``ValueError`` naming the bad value; returns iterations."""
+    if cfg.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
+    check_env_config(cfg.env)
+    iterations = check_frames(cfg.collector, cfg.env.num_envs)
+    t = cfg.train
+    if t.minibatch_size < 1 or t.minibatch_size > cfg.collector.frames_per_batch:
+        raise ValueError(
+            f"train.minibatch_size={t.minibatch_size} must be between 1 and "
+            f"collector.frames_per_batch={cfg.collector.frames_per_batch}"
+        )
+    if t.num_epochs < 1:
+        raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
+    if t.lr <= 0 or t.max_grad_norm <= 0:
+        raise ValueError(f"train.lr ({t.lr}) and train.max_grad_norm ({t.max_grad_norm}) must be > 0")
+    activation_class(cfg.model.activation)
+    if not cfg.model.num_cells or min(cfg.model.num_cells) < 1:
+        raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {cfg.model.num_cells}")
+    resolve_device(cfg.device)
+    return iterations
+
+
+def train(cfg: MappoConfig) -> TrainResult:
+    """Train MAPPO / IPPO as configured; write the run directory; return the final metrics."""
+    iterations = validate(cfg)
+    cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
+    device = resolve_device(cfg.device)
+    run = RunDir(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, cfg.seed))
+    torch.manual_seed(cfg.seed)
+
+    env = build_env(cfg.env, device=device, seed=cfg.seed)
+    groups = list(env.group_map)
+    model, loss_cfg = cfg.model, cfg.loss
+    actors, losses, optimisers = {}, {}, {}
+    for group in groups:
+        actors[group] = make_ppo_actor(
+            env, group, num_cells=model.num_cells, activation=model.activation,
+            share_params=model.share_params, device=device,
+        )
+        critic = make_value_critic(
+            env, group, centralised=cfg.centralised_critic, num_cells=model.num_cells,
+            activation=model.activation, share_params=model.critic_share_params, device=device,
+        )
+        losses[group] = make_ppo_loss(
+            actors[group], critic, group, gamma=loss_cfg.gamma, lmbda=loss_cfg.lmbda,
+            clip_epsilon=loss_cfg.clip_epsilon, entropy_coef=loss_cfg.entropy_coef,
+            critic_coef=loss_cfg.critic_coef, loss_critic_type=loss_cfg.loss_critic_type,
+            normalize_advantage=loss_cfg.normalize_advantage,
+            normalize_value_target=loss_cfg.normalize_value_target,
+        )
+        optimisers[group] = torch.optim.Adam(
+            losses[group].parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps
+        )
+    policy = TensorDictSequential(*actors.values())
+    collector = make_collector(env, policy, cfg.collector, device=device)
+    buffer = ReplayBuffer(
+        storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=device),
+        sampler=SamplerWithoutReplacement(),
+        batch_size=cfg.train.minibatch_size,
+    )
+    minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size
+
+    run.create(cfg, extra={"centralised_critic": cfg.centralised_critic, "iterations": iterations,
+                           "groups": env.group_map, "minibatches_per_epoch": minibatches})
+    bar = tqdm(total=cfg.collector.total_frames, unit="frames", disable=not cfg.logger.progress)
+    frames, row, rewards = 0, {}, {group: math.nan for group in groups}
+    start = iter_start = time.perf_counter()
+    for iteration, batch in enumerate(collector):
+        collection_s = time.perf_counter() - iter_start
+        train_start = time.perf_counter()
+        with torch.no_grad():
+            for group in groups:  # GAE writes (group, "advantage") and (group, "value_target")
+                loss = losses[group]
+                loss.value_estimator(
+                    batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params
+                )
+        buffer.extend(batch.reshape(-1))
+        terms = {group: [] for group in groups}
+        for _ in range(cfg.train.num_epochs):
+            for _ in range(minibatches):
+                minibatch = buffer.sample()
+                for group in groups:
+                    out = losses[group](minibatch)
+                    total = sum(out[key] for key in PPO_LOSS_TERMS if key in out.keys())
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_(losses[group].parameters(), cfg.train.max_grad_norm)
+                    optimisers[group].step()
+                    optimisers[group].zero_grad(set_to_none=True)
+                    terms[group].append(out.select(*PPO_LOSS_TERMS, strict=False).detach())
+        collector.update_policy_weights_()
+        training_s = time.perf_counter() - train_start
+
+        frames += batch.numel()
+        iteration_s = time.perf_counter() - iter_start
+        rewards.update({g: r for g, r in episode_reward_means(batch, groups).items() if not math.isnan(r)})
+        row = {"iteration": iteration, "frames": frames, "time_s": time.perf_counter() - start,
+               "frames_per_s": batch.numel() / iteration_s}
+        for group in groups:
+            row[f"{group}/episode_reward_mean"] = episode_reward_means(batch, [group])[group]
+            means = torch.stack(terms[group]).mean(0)  # one sync per iteration, not per step
+            row.update({f"{group}/{key}": means[key].item() for key in means.keys()})
+        row.update({"timers/collection_s": collection_s, "timers/training_s": training_s})
+        run.log(row)
+        bar.update(batch.numel())
+        bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in rewards.items()})
+        iter_start = time.perf_counter()
+    bar.close()
+    collector.shutdown()
+    env.close()
+
+    time_s = time.perf_counter() - start
+    result = TrainResult(run.path, row, rewards, frames, time_s, frames / time_s)
+    run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": frames, "iterations": iterations,
+                 "time_s": time_s, "frames_per_s": result.frames_per_s,
+                 "episode_reward_mean": rewards, "final_metrics": row, "versions": versions()})
+    return result
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``python pipelines/mappo.py [mappo|ippo] [--env ...] [overrides]``: same arguments as marlkit train."""
+    from marlkit.pipelines.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ALGORITHMS:
+        args = ["mappo", *args]
+    return cli_main(["train", *args])
+
+
+if __name__ == "__main__":
+    main()
