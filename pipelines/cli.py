@@ -62,6 +62,11 @@ def _usage() -> str:
 
 def build_config(args: argparse.Namespace) -> Any:
     """Defaults < preset < dotted overrides < flags; checks the algorithm and every name."""
+    overrides = list(args.overrides)
+    if args.algorithm is not None and "=" in args.algorithm:
+        # "marlkit train train.lr=1e-3": the first override landed in the algorithm slot.
+        overrides.insert(0, args.algorithm)
+        args.algorithm = None
     algorithm = args.algorithm or DEFAULT_ALGORITHM
     module = pipeline_for(algorithm)
     cfg = module.CONFIG()
@@ -71,7 +76,7 @@ def build_config(args: argparse.Namespace) -> Any:
     if preset is not None:
         apply_overrides(cfg, load_preset(preset))
     cfg.algorithm = algorithm
-    apply_overrides(cfg, list(args.overrides))
+    apply_overrides(cfg, overrides)
     flags = {"env.name": args.env, "collector.total_frames": args.frames, "seed": args.seed,
              "device": args.device, "logger.run_dir": args.run_dir}
     apply_overrides(cfg, {key: value for key, value in flags.items() if value is not None})

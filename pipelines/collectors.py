@@ -26,4 +26,7 @@ def make_collector(
         total_frames=cfg.total_frames,
         device=device,
         storing_device=device,
+        # make_env owns the env's transforms; feed-forward policies need none added (and a silent
+        # default that flips in torchrl 0.15 would change runs between versions).
+        auto_register_policy_transforms=False,
     )

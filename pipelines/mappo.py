@@ -232,8 +232,7 @@ def train(cfg: MappoConfig) -> TrainResult:
         bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in rewards.items()})
         iter_start = time.perf_counter()
     bar.close()
-    collector.shutdown()
-    env.close()
+    collector.shutdown()  # closes the env too
 
     time_s = time.perf_counter() - start
     result = TrainResult(run.path, row, rewards, frames, time_s, frames / time_s)

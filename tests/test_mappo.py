@@ -1,0 +1,178 @@
+"""MAPPO / IPPO pipeline: tiny in-process runs on every env family, the CLI, determinism, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from marlkit.pipelines.cli import main as cli_main
+from marlkit.pipelines.config import apply_overrides, load_preset
+from marlkit.pipelines.mappo import MappoConfig, train, validate
+
+REQUIRED_COLUMNS = {"iteration", "frames", "time_s", "frames_per_s"}
+
+
+def tiny(env: str, run_dir: Path, algorithm: str = "mappo", num_envs: int = 4,
+         frames_per_batch: int = 100, **overrides) -> MappoConfig:
+    """2 iterations of a few dozen frames with small networks."""
+    cfg = MappoConfig(algorithm=algorithm)
+    apply_overrides(cfg, {
+        "env.name": env, "env.num_envs": num_envs, "collector.frames_per_batch": frames_per_batch,
+        "collector.total_frames": 2 * frames_per_batch, "train.minibatch_size": frames_per_batch // 2,
+        "train.num_epochs": 2, "model.num_cells": [16], "logger.progress": False,
+        "logger.run_dir": str(run_dir), **overrides,
+    })
+    return cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_run_dir(run_dir: Path, groups: list[str]) -> list[dict[str, str]]:
+    rows = read_metrics(run_dir)
+    assert [int(r["iteration"]) for r in rows] == [0, 1]
+    columns = set(rows[0])
+    assert REQUIRED_COLUMNS <= columns
+    for group in groups:
+        assert {f"{group}/episode_reward_mean", f"{group}/loss_objective", f"{group}/loss_critic"} <= columns
+    assert int(rows[-1]["frames"]) > int(rows[0]["frames"]) > 0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["derived"]["groups"].keys() == set(groups)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["frames"] == int(rows[-1]["frames"]) and summary["versions"]["torchrl"]
+    return rows
+
+
+CASES = [
+    ("vmas/navigation", dict(**{"env.n_agents": 2, "env.max_steps": 10}), ["agents"]),
+    ("vmas/balance", dict(**{"env.n_agents": 2, "env.continuous_actions": False, "env.max_steps": 10}), ["agents"]),
+    ("vmas/simple_tag", dict(**{"env.max_steps": 10}), ["adversary", "agent"]),
+    ("pettingzoo/mpe2/simple_spread_v3", dict(**{"env.N": 2, "env.max_steps": 10}), ["agent"]),
+    ("pettingzoo/mpe2/simple_tag_v3", dict(**{"env.max_steps": 10, "env.num_obstacles": 1}), ["adversary", "agent"]),
+    ("pettingzoo/sisl/pursuit_v5", dict(**{"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 2, "env.n_evaders": 2,
+                                           "env.max_steps": 10}), ["pursuer"]),
+    ("pettingzoo/butterfly/knights_archers_zombies_v11", dict(**{"env.max_steps": 20}), ["archer", "knight"]),
+    ("gridworld", dict(**{"env.grid_size": 4, "env.max_steps": 10}), ["agents"]),
+    ("matrix/climbing", {}, ["agents"]),
+    ("gym/CartPole-v1", {}, ["agents"]),
+]
+
+
+@pytest.mark.parametrize("env,overrides,groups", CASES, ids=[c[0] for c in CASES])
+def test_train_tiny_every_family(env, overrides, groups, tmp_run_dir):
+    result = train(tiny(env, tmp_run_dir, **overrides))
+    rows = check_run_dir(tmp_run_dir, groups)
+    assert result.frames == 200 and result.run_dir == tmp_run_dir
+    for group in groups:
+        assert f"{group}/loss_objective" in result.metrics
+        assert rows[-1][f"{group}/loss_critic"] != ""
+
+
+def test_train_pixels_pistonball(tmp_run_dir):
+    cfg = tiny("pettingzoo/butterfly/pistonball_v6", tmp_run_dir, num_envs=2, frames_per_batch=20,
+               **{"env.n_pistons": 2, "env.max_steps": 5})
+    train(cfg)
+    check_run_dir(tmp_run_dir, ["piston"])
+
+
+def test_ippo_uses_local_critic(tmp_run_dir):
+    cfg = tiny("vmas/navigation", tmp_run_dir, algorithm="ippo", **{"env.n_agents": 2})
+    train(cfg)
+    config = yaml.safe_load((tmp_run_dir / "config.yaml").read_text())
+    assert config["algorithm"] == "ippo" and config["derived"]["centralised_critic"] is False
+    assert config["env"]["max_steps"] == 100  # the VMAS default is recorded, not left null
+
+
+def test_same_seed_same_rewards(tmp_path):
+    def rewards(run_dir):
+        train(tiny("vmas/navigation", run_dir, **{"env.n_agents": 2, "env.max_steps": 10, "seed": 3}))
+        return [{k: v for k, v in row.items() if "reward" in k or "loss" in k} for row in read_metrics(run_dir)]
+
+    first, second = rewards(tmp_path / "a"), rewards(tmp_path / "b")
+    assert first == second and first[0]["agents/episode_reward_mean"] != ""
+
+
+def test_cli_help_lists_algorithms_presets_and_fields():
+    out = subprocess.run([sys.executable, "-m", "marlkit.pipelines.cli", "train", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for text in ("mappo", "ippo", "navigation-matched", "train.minibatch_size", "Frames per minibatch",
+                 "env.num_envs", "loss.gamma", "Discount factor", "model.share_params"):
+        assert text in out, text
+
+
+def test_cli_tiny_run_writes_complete_run_dir(tmp_run_dir):
+    code = cli_main([
+        "train", "ippo", "--env", "gridworld", "--frames", "80", "--seed", "1", "--run-dir", str(tmp_run_dir),
+        "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20", "train.num_epochs=1",
+        "model.num_cells=[8]", "env.mode=competitive", "env.max_steps=10", "logger.progress=false",
+    ])
+    assert code == 0
+    check_run_dir(tmp_run_dir, ["agents"])
+    config = yaml.safe_load((tmp_run_dir / "config.yaml").read_text())
+    assert config["env"]["kwargs"] == {"mode": "competitive"} and config["seed"] == 1
+    assert config["collector"]["total_frames"] == 80
+
+
+def test_pipeline_script_runs_with_same_arguments(tmp_run_dir):
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "mappo.py"
+    out = subprocess.run([
+        sys.executable, str(script), "--env", "matrix/coordination", "--frames", "40", "--run-dir", str(tmp_run_dir),
+        "env.num_envs=4", "collector.frames_per_batch=20", "train.minibatch_size=10", "model.num_cells=[8]",
+        "logger.progress=false",
+    ], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "run directory" in out.stdout
+    assert len(read_metrics(tmp_run_dir)) == 2
+
+
+def test_navigation_matched_preset_matches_anchor_config():
+    cfg = MappoConfig()
+    apply_overrides(cfg, load_preset("navigation-matched"))
+    assert (cfg.env.name, cfg.env.num_envs, cfg.env.max_steps, cfg.env.kwargs) == (
+        "vmas/navigation", 60, 100, {"n_agents": 3, "shared_rew": False})
+    assert (cfg.collector.frames_per_batch, cfg.collector.total_frames) == (6000, 120_000)
+    assert (cfg.train.num_epochs, cfg.train.minibatch_size, cfg.train.lr, cfg.train.max_grad_norm) == (10, 400, 3e-4, 5.0)
+    assert (cfg.loss.gamma, cfg.loss.lmbda, cfg.loss.clip_epsilon, cfg.loss.entropy_coef) == (0.99, 0.9, 0.2, 0.0)
+    assert cfg.model.num_cells == [256, 256] and cfg.model.activation == "tanh" and cfg.centralised_critic
+    assert validate(cfg) == 20
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "qmix9"], "unknown algorithm 'qmix9'; accepted: mappo, ippo"),
+    (["train", "--env", "vmas/nowhere"], "unknown VMAS scenario 'nowhere'"),
+    (["train", "--env", "atari/pong"], "unknown environment family 'atari'"),
+    (["train", "train.learning_rate=1"], "section 'train' has no field 'learning_rate'; accepted: lr"),
+    (["train", "optim.lr=1"], "the config has no field 'optim'"),
+    (["train", "train.minibatch_size=7000"], "minibatch_size=7000 must be between 1 and collector.frames_per_batch=6000"),
+    (["train", "--frames", "10000"], "--frames 10000 is not a multiple of collector.frames_per_batch=6000"),
+    (["train", "collector.frames_per_batch=6001"], "not divisible by env.num_envs=60"),
+    (["train", "env.n_agents=0"], "env without agents cannot be trained"),
+    (["train", "train.lr=abc"], "train.lr expects a number, got 'abc'"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'; available: navigation-matched"),
+    (["train", "--device", "tpu"], "device='tpu' is not a valid torch device"),
+    (["train", "model.activation=swish"], "activation='swish' is not supported"),
+])
+def test_bad_input_fails_before_building(args, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    import re
+    assert re.search(match, capsys.readouterr().err), capsys.readouterr
+    assert not (tmp_path / "runs").exists()  # nothing was built or written
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_run_dir):
+    train(tiny("matrix/coordination", tmp_run_dir, frames_per_batch=20))
+    before = (tmp_run_dir / "metrics.csv").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny("matrix/coordination", tmp_run_dir, frames_per_batch=20))
+    assert (tmp_run_dir / "metrics.csv").read_text() == before
