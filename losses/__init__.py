@@ -10,20 +10,66 @@
 * the loss returns ``loss_objective``, ``loss_critic`` and ``loss_entropy`` (already weighted by
   their coefficients: their sum is the quantity to minimise) plus diagnostics (``entropy``,
   ``clip_fraction``, ``kl_approx``, ``explained_variance``).
+
+:func:`make_ddpg_loss` (MADDPG / IDDPG) and :func:`make_sac_loss` (MASAC / ISAC) for group ``g``,
+with a TD(0) target from target networks:
+
+* read ``(g, "observation")``, ``(g, "action")``, ``("next", g, "observation")``,
+  ``("next", g, "reward")``, ``("next", g, "done")``, ``("next", g, "terminated")``;
+* write ``(g, "state_action_value")`` while computing, and return ``loss_actor`` and
+  ``loss_value`` (DDPG) or ``loss_actor``, ``loss_qvalue`` and ``loss_alpha`` plus ``alpha`` and
+  ``entropy`` (SAC). Each term only reaches its own network's parameters, so one optimiser over the
+  loss's parameters on the sum of the terms is exact.
+
+:func:`make_target_updater` keeps their target networks in step (soft, Polyak ``tau``, or hard).
 """
 
 from __future__ import annotations
 
 from tensordict.nn import TensorDictModule
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
-from torchrl.objectives import ValueEstimators
+from torchrl.objectives import DDPGLoss, HardUpdate, LossModule, SACLoss, SoftUpdate, ValueEstimators
 from torchrl.objectives.multiagent import MAPPOLoss
+from torchrl.objectives.utils import TargetNetUpdater
 
 LOSS_CRITIC_TYPES = ("l1", "l2", "smooth_l1")
 # The terms whose sum is minimised; everything else a loss returns is a diagnostic.
 PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
+DDPG_LOSS_TERMS = ("loss_actor", "loss_value")
+SAC_LOSS_TERMS = ("loss_actor", "loss_qvalue", "loss_alpha")
+TARGET_UPDATES = ("soft", "hard")
 
-__all__ = ["LOSS_CRITIC_TYPES", "PPO_LOSS_TERMS", "make_ppo_loss"]
+__all__ = [
+    "DDPG_LOSS_TERMS",
+    "LOSS_CRITIC_TYPES",
+    "PPO_LOSS_TERMS",
+    "SAC_LOSS_TERMS",
+    "TARGET_UPDATES",
+    "make_ddpg_loss",
+    "make_ppo_loss",
+    "make_sac_loss",
+    "make_target_updater",
+]
+
+
+def _check_common(loss_function: str, gamma: float) -> None:
+    if loss_function not in LOSS_CRITIC_TYPES:
+        raise ValueError(
+            f"loss_function={loss_function!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
+        )
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+
+
+def _bind_td_keys(loss: LossModule, group: str, gamma: float) -> None:
+    """The keys every off-policy loss of a group shares, and its TD(0) target."""
+    loss.set_keys(
+        state_action_value=(group, "state_action_value"),
+        reward=(group, "reward"),
+        done=(group, "done"),
+        terminated=(group, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
 
 
 def make_ppo_loss(
@@ -81,3 +127,75 @@ def make_ppo_loss(
     )
     loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
     return loss
+
+
+def make_ddpg_loss(
+    actor: ProbabilisticActor,
+    critic: TensorDictModule,
+    group: str,
+    *,
+    gamma: float = 0.9,
+    loss_function: str = "l2",
+) -> DDPGLoss:
+    """DDPG loss for one group, with target actor and target critic (as in the MADDPG paper)."""
+    _check_common(loss_function, gamma)
+    loss = DDPGLoss(
+        actor_network=actor, value_network=critic, delay_actor=True, delay_value=True,
+        loss_function=loss_function,
+    )
+    _bind_td_keys(loss, group, gamma)
+    return loss
+
+
+def make_sac_loss(
+    actor: ProbabilisticActor,
+    critic: TensorDictModule,
+    group: str,
+    *,
+    gamma: float = 0.9,
+    loss_function: str = "l2",
+    num_qvalue_nets: int = 2,
+    alpha_init: float = 1.0,
+    fixed_alpha: bool = False,
+    target_entropy: float | None = None,
+) -> SACLoss:
+    """SAC loss (no state-value net, ``num_qvalue_nets`` Q nets) for one group.
+
+    ``target_entropy`` defaults to ``-action_dim`` per agent (the usual SAC heuristic, applied to
+    each agent's own action rather than the whole group's).
+    """
+    _check_common(loss_function, gamma)
+    if num_qvalue_nets < 1:
+        raise ValueError(f"num_qvalue_nets must be >= 1, got {num_qvalue_nets}")
+    if alpha_init <= 0:
+        raise ValueError(f"alpha_init must be > 0, got {alpha_init}")
+    if target_entropy is None:
+        target_entropy = -float(actor.spec[group, "action"].shape[-1])
+    loss = SACLoss(
+        actor_network=actor,
+        qvalue_network=critic,
+        num_qvalue_nets=num_qvalue_nets,
+        loss_function=loss_function,
+        alpha_init=alpha_init,
+        fixed_alpha=fixed_alpha,
+        target_entropy=target_entropy,
+        delay_qvalue=True,
+    )
+    _bind_td_keys(loss, group, gamma)
+    loss.set_keys(action=(group, "action"))
+    return loss
+
+
+def make_target_updater(
+    loss: LossModule, *, mode: str = "soft", tau: float = 0.005, hard_update_interval: int = 1000
+) -> TargetNetUpdater:
+    """Soft (Polyak, ``target <- (1 - tau) target + tau online``) or hard (copy every N steps) updates."""
+    if mode not in TARGET_UPDATES:
+        raise ValueError(f"target update mode={mode!r} is not supported; accepted: {list(TARGET_UPDATES)}")
+    if mode == "hard":
+        if hard_update_interval < 1:
+            raise ValueError(f"hard_update_interval must be >= 1, got {hard_update_interval}")
+        return HardUpdate(loss, value_network_update_interval=hard_update_interval)
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    return SoftUpdate(loss, tau=tau)

@@ -2,10 +2,16 @@
 
 Every size comes from the env's specs. For a group ``g``:
 
-* :func:`make_ppo_actor` reads ``(g, "observation")`` (and ``(g, "action_mask")`` when the env
+* :func:`make_stochastic_actor` reads ``(g, "observation")`` (and ``(g, "action_mask")`` when the env
   gives one) and writes ``(g, "action")`` and ``(g, "action_log_prob")``, plus the distribution
   parameters ``(g, "loc")``/``(g, "scale")`` (continuous) or ``(g, "logits")`` (discrete).
+* :func:`make_deterministic_actor` (DDPG) reads ``(g, "observation")`` and writes ``(g, "param")``
+  and ``(g, "action")`` (a ``TanhDelta`` within the action bounds).
 * :func:`make_value_critic` reads ``(g, "observation")`` and writes ``(g, "state_value")``.
+* :func:`make_q_critic` reads ``(g, "observation")`` and ``(g, "action")`` and writes
+  ``(g, "state_action_value")``.
+* :mod:`marlkit.modules.exploration` holds the exploration modules composed after a policy
+  (:class:`GaussianNoise`), annealed explicitly by frame count.
 
 Observations of any shape work: vectors go straight to a ``MultiAgentMLP``, images (``H x W x C``
 with ``C <= 4``, as in pistonball or pursuit) go through a ``MultiAgentConvNet`` first, anything else
@@ -23,6 +29,7 @@ from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
 from torchrl.envs import EnvBase
 from torchrl.modules import (
     IndependentNormal,
+    TanhDelta,
     MaskedCategorical,
     MaskedOneHotCategorical,
     MultiAgentConvNet,
@@ -41,10 +48,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 __all__ = [
     "ACTIVATIONS",
+    "GaussianNoise",
     "activation_class",
+    "continuous_action_bounds",
     "group_spec",
+    "make_deterministic_actor",
     "make_encoder",
-    "make_ppo_actor",
+    "make_q_critic",
+    "make_stochastic_actor",
     "make_value_critic",
 ]
 
@@ -152,7 +163,7 @@ def _mlp(
     )
 
 
-def make_ppo_actor(
+def make_stochastic_actor(
     env: EnvBase,
     group: str,
     *,
@@ -252,3 +263,92 @@ def make_value_critic(
         in_keys=[(group, "observation")],
         out_keys=[(group, "state_value")],
     )
+
+
+def continuous_action_bounds(env: EnvBase, group: str, algorithm: str) -> Bounded:
+    """The group's bounded continuous action spec, or a ``ValueError`` saying which algorithms fit."""
+    spec = group_spec(env, group, "action")
+    if isinstance(spec, (Categorical, OneHot)):
+        raise ValueError(
+            f"{algorithm} needs continuous actions; group {group!r} of {getattr(env, 'env_name', 'this env')} "
+            "has discrete actions: use algorithm=mappo, iql or qmix, or set env.continuous_actions=true "
+            "where the env supports it"
+        )
+    if not isinstance(spec, Bounded):
+        raise ValueError(f"{algorithm} needs bounded continuous actions; group {group!r} has {type(spec).__name__}")
+    return spec
+
+
+def make_deterministic_actor(
+    env: EnvBase,
+    group: str,
+    *,
+    num_cells: Sequence[int] = (256, 256),
+    activation: str = "tanh",
+    share_params: bool = True,
+    device: torch.device | str | None = None,
+) -> ProbabilisticActor:
+    """Deterministic policy for one group: ``MultiAgentMLP`` -> ``TanhDelta`` within the action bounds."""
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    action_spec = continuous_action_bounds(env, group, "a deterministic actor")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    mlp = _mlp(features, action_spec.shape[-1], n_agents, centralised=False, share_params=share_params,
+               num_cells=num_cells, activation=activation, device=device)
+    module = TensorDictModule(
+        nn.Sequential(encoder, mlp), in_keys=[(group, "observation")], out_keys=[(group, "param")]
+    )
+    return ProbabilisticActor(
+        module=module,
+        spec=env.full_action_spec[group, "action"],
+        in_keys=[(group, "param")],
+        out_keys=[(group, "action")],
+        distribution_class=TanhDelta,
+        distribution_kwargs={"low": action_spec.space.low.to(device), "high": action_spec.space.high.to(device)},
+        return_log_prob=False,
+    )
+
+
+class _ObservationActionNet(nn.Module):
+    """Q network body: encode each agent's observation, append its action, then the MLP."""
+
+    def __init__(self, encoder: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.mlp = mlp
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.encoder(observation), action.to(torch.float32)], dim=-1))
+
+
+def make_q_critic(
+    env: EnvBase,
+    group: str,
+    *,
+    centralised: bool,
+    num_cells: Sequence[int] = (256, 256),
+    activation: str = "tanh",
+    share_params: bool = True,
+    device: torch.device | str | None = None,
+) -> TensorDictModule:
+    """Q(observation, action) for one group -> ``(group, "state_action_value")``.
+
+    ``centralised=True`` (MADDPG, MASAC) gives each agent's Q all the group's observations and
+    actions; ``False`` (IDDPG, ISAC) only its own.
+    """
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    action_spec = group_spec(env, group, "action")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    mlp = _mlp(features + action_spec.shape[-1], 1, n_agents, centralised=centralised,
+               share_params=share_params, num_cells=num_cells, activation=activation, device=device)
+    return TensorDictModule(
+        _ObservationActionNet(encoder, mlp),
+        in_keys=[(group, "observation"), (group, "action")],
+        out_keys=[(group, "state_action_value")],
+    )
+
+
+from .exploration import GaussianNoise  # noqa: E402  (kept last: it needs nothing from above)

@@ -13,6 +13,10 @@ from types import ModuleType
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "mappo": ("marlkit.pipelines.mappo", "navigation-matched"),
     "ippo": ("marlkit.pipelines.mappo", "navigation-matched"),
+    "maddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
+    "iddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
+    "masac": ("marlkit.pipelines.masac", "navigation-offpolicy"),
+    "isac": ("marlkit.pipelines.masac", "navigation-offpolicy"),
 }
 DEFAULT_ALGORITHM = "mappo"
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, pipeline_for
-from .config import apply_overrides, available_presets, describe, load_preset
+from .config import apply_overrides, available_presets, ConfigError, describe, load_preset
 
 
 def _train_epilog() -> str:
@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         module.validate(cfg)
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
-    result = module.train(cfg)
+    try:
+        result = module.train(cfg)
+    except ConfigError as err:  # found once the env was built; nothing was written
+        parser.exit(2, f"marlkit train: error: {err}\n")
     rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
     print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "
           f"{result.frames_per_s:.0f}  mean episode return: {rewards}")

@@ -13,11 +13,17 @@ __all__ = ["Collector", "make_collector"]
 
 
 def make_collector(
-    env: EnvBase, policy: TensorDictModuleBase, cfg: CollectorConfig, *, device: torch.device
+    env: EnvBase,
+    policy: TensorDictModuleBase,
+    cfg: CollectorConfig,
+    *,
+    device: torch.device,
+    init_random_frames: int = 0,
 ) -> Collector:
     """A synchronous collector yielding ``[num_envs, frames_per_batch // num_envs]`` batches on ``device``.
 
-    Policy, env and storage share one device, so nothing moves between CPU and GPU in the loop.
+    Policy, env and storage share one device, so nothing moves between CPU and GPU in the loop. The
+    first ``init_random_frames`` frames use uniformly random actions (off-policy warm-up).
     """
     return Collector(
         env,
@@ -26,6 +32,7 @@ def make_collector(
         total_frames=cfg.total_frames,
         device=device,
         storing_device=device,
+        init_random_frames=init_random_frames or None,
         # make_env owns the env's transforms; feed-forward policies need none added (and a silent
         # default that flips in torchrl 0.15 would change runs between versions).
         auto_register_policy_transforms=False,

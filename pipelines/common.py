@@ -26,7 +26,9 @@ from marlkit.envs import make_env, MultiAgentEnv, split_env_name
 from marlkit.envs._common import device_of
 from marlkit.envs.vmas import vmas_scenarios
 
-from .config import CollectorConfig, EnvConfig, to_dict
+from marlkit.modules import activation_class
+
+from .config import CollectorConfig, EnvConfig, ModelConfig, to_dict
 
 # The keyword each family uses for the episode length limit that env.max_steps sets.
 _MAX_STEPS_KEYWORD = {
@@ -92,6 +94,22 @@ def resolve_env_config(env_cfg: EnvConfig) -> EnvConfig:
     return resolved
 
 
+def check_model_config(model: ModelConfig) -> None:
+    """Validate the model section (activation name, layer sizes)."""
+    activation_class(model.activation)
+    if not model.num_cells or min(model.num_cells) < 1:
+        raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {model.num_cells}")
+
+
+def check_common(cfg: Any) -> int:
+    """The checks every pipeline shares (env, frames, model, device); returns the iteration count."""
+    check_env_config(cfg.env)
+    iterations = check_frames(cfg.collector, cfg.env.num_envs)
+    check_model_config(cfg.model)
+    device_of(cfg.device)
+    return iterations
+
+
 def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> MultiAgentEnv:
     """``make_env`` from a resolved env section, mapping ``max_steps`` to the family's keyword."""
     family, _ = split_env_name(env_cfg.name)
@@ -152,12 +170,23 @@ class RunDir:
         (self.path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
     def log(self, row: Mapping[str, float]) -> None:
-        """Append one iteration's metrics to ``metrics.csv`` (columns fixed by the first row)."""
+        """Append one iteration's metrics to ``metrics.csv``.
+
+        A column that first appears later (loss terms once learning starts after a warm-up) widens
+        the header; earlier rows get empty cells there.
+        """
         file = self.path / "metrics.csv"
-        if self._columns is None:
-            self._columns = list(row)
+        new = [key for key in row if key not in (self._columns or [])]
+        if self._columns is None or new:
+            old_rows = []
+            if self._columns is not None:
+                with file.open(newline="") as handle:
+                    old_rows = list(csv.DictReader(handle))
+            self._columns = [*(self._columns or []), *new]
             with file.open("w", newline="") as handle:
-                csv.writer(handle).writerow(self._columns)
+                writer = csv.DictWriter(handle, self._columns, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
         with file.open("a", newline="") as handle:
             csv.writer(handle).writerow([_fmt(row.get(c, math.nan)) for c in self._columns])
 
@@ -170,6 +199,20 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
     return value
+
+
+def scalar_entries(loss_out: TensorDictBase) -> TensorDictBase:
+    """The scalar entries of a loss output (terms and diagnostics), detached, for logging."""
+    keys = [key for key, value in loss_out.items() if value.numel() == 1]
+    return loss_out.select(*keys).detach().reshape(())
+
+
+def mean_entries(outputs: list[TensorDictBase], prefix: str) -> dict[str, float]:
+    """Mean of each logged entry over an iteration's optimiser steps, as ``{prefix/key: value}``."""
+    if not outputs:
+        return {}
+    means = torch.stack(outputs).float().mean(0)  # one device sync per iteration, not per step
+    return {f"{prefix}/{key}": value.item() for key, value in means.items()}
 
 
 def episode_reward_means(batch: TensorDictBase, groups: list[str]) -> dict[str, float]:

@@ -25,6 +25,10 @@ import yaml
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
+class ConfigError(ValueError):
+    """A bad configuration found once the env is known (e.g. discrete actions for MADDPG)."""
+
+
 @dataclass
 class EnvConfig:
     """Which environment to train on, and how many copies to step together."""
@@ -47,6 +51,20 @@ class CollectorConfig:
     """Frames collected per iteration (env steps x num_envs); must be divisible by env.num_envs."""
     total_frames: int = 120_000
     """Total frame budget (--frames); must be a multiple of frames_per_batch."""
+
+
+@dataclass
+class ModelConfig:
+    """Actor and critic networks (MultiAgentMLP, with a MultiAgentConvNet in front for pixels)."""
+
+    num_cells: list[int] = field(default_factory=lambda: [256, 256])
+    """Hidden layer sizes of the actor and critic MLPs."""
+    activation: str = "tanh"
+    """Hidden activation: tanh, relu, elu or leaky_relu."""
+    share_params: bool = True
+    """Agents of a group share one actor network."""
+    critic_share_params: bool = True
+    """Agents of a group share one critic network."""
 
 
 @dataclass
@@ -178,7 +196,13 @@ def _set_path(cfg: Any, path: str, raw: Any) -> None:
                 return
             setattr(target, part, coerce(raw, annotation, path))
             return
-        target = getattr(target, part)
+        value = getattr(target, part)
+        if isinstance(value, dict) and depth == len(parts) - 2:
+            # train.freeze_after.agent=3: one entry of a mapping field.
+            (item_type,) = typing.get_args(_hints(type(target))[part])[1:] or (Any,)
+            value[parts[-1]] = coerce(raw, item_type, path)
+            return
+        target = value
         section_name = part
         if not dataclasses.is_dataclass(target):
             raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a section; cannot set {path!r}")

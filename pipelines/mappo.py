@@ -21,37 +21,24 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacem
 from tqdm.auto import tqdm
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
-from marlkit.modules import activation_class, make_ppo_actor, make_value_critic
+from marlkit.modules import make_stochastic_actor, make_value_critic
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.common import (
     build_env,
-    check_env_config,
-    check_frames,
+    check_common,
     default_run_dir,
     episode_reward_means,
+    mean_entries,
     resolve_device,
     resolve_env_config,
     RunDir,
+    scalar_entries,
     TrainResult,
     versions,
 )
-from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig
+from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
 
 ALGORITHMS = ("mappo", "ippo")
-
-
-@dataclass
-class ModelConfig:
-    """Actor and critic networks (MultiAgentMLP, with a MultiAgentConvNet in front for pixels)."""
-
-    num_cells: list[int] = field(default_factory=lambda: [256, 256])
-    """Hidden layer sizes of the actor and critic MLPs."""
-    activation: str = "tanh"
-    """Hidden activation: tanh, relu, elu or leaky_relu."""
-    share_params: bool = True
-    """Agents of a group share one actor network."""
-    critic_share_params: bool = True
-    """Agents of a group share one critic network."""
 
 
 @dataclass
@@ -128,8 +115,7 @@ def validate(cfg: MappoConfig) -> int:
     """Every check that needs no env: raises ``ValueError`` naming the bad value; returns iterations."""
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
-    check_env_config(cfg.env)
-    iterations = check_frames(cfg.collector, cfg.env.num_envs)
+    iterations = check_common(cfg)
     t = cfg.train
     if t.minibatch_size < 1 or t.minibatch_size > cfg.collector.frames_per_batch:
         raise ValueError(
@@ -140,10 +126,6 @@ def validate(cfg: MappoConfig) -> int:
         raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
     if t.lr <= 0 or t.max_grad_norm <= 0:
         raise ValueError(f"train.lr ({t.lr}) and train.max_grad_norm ({t.max_grad_norm}) must be > 0")
-    activation_class(cfg.model.activation)
-    if not cfg.model.num_cells or min(cfg.model.num_cells) < 1:
-        raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {cfg.model.num_cells}")
-    resolve_device(cfg.device)
     return iterations
 
 
@@ -160,7 +142,7 @@ def train(cfg: MappoConfig) -> TrainResult:
     model, loss_cfg = cfg.model, cfg.loss
     actors, losses, optimisers = {}, {}, {}
     for group in groups:
-        actors[group] = make_ppo_actor(
+        actors[group] = make_stochastic_actor(
             env, group, num_cells=model.num_cells, activation=model.activation,
             share_params=model.share_params, device=device,
         )
@@ -213,19 +195,19 @@ def train(cfg: MappoConfig) -> TrainResult:
                     torch.nn.utils.clip_grad_norm_(losses[group].parameters(), cfg.train.max_grad_norm)
                     optimisers[group].step()
                     optimisers[group].zero_grad(set_to_none=True)
-                    terms[group].append(out.select(*PPO_LOSS_TERMS, strict=False).detach())
+                    terms[group].append(scalar_entries(out))
         collector.update_policy_weights_()
         training_s = time.perf_counter() - train_start
 
         frames += batch.numel()
         iteration_s = time.perf_counter() - iter_start
-        rewards.update({g: r for g, r in episode_reward_means(batch, groups).items() if not math.isnan(r)})
+        means = episode_reward_means(batch, groups)
+        rewards.update({g: r for g, r in means.items() if not math.isnan(r)})
         row = {"iteration": iteration, "frames": frames, "time_s": time.perf_counter() - start,
                "frames_per_s": batch.numel() / iteration_s}
         for group in groups:
-            row[f"{group}/episode_reward_mean"] = episode_reward_means(batch, [group])[group]
-            means = torch.stack(terms[group]).mean(0)  # one sync per iteration, not per step
-            row.update({f"{group}/{key}": means[key].item() for key in means.keys()})
+            row[f"{group}/episode_reward_mean"] = means[group]
+            row.update(mean_entries(terms[group], group))
         row.update({"timers/collection_s": collection_s, "timers/training_s": training_s})
         run.log(row)
         bar.update(batch.numel())

@@ -11,7 +11,7 @@ from torchrl.envs import EnvBase
 
 from marlkit.envs import make_env
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
-from marlkit.modules import make_ppo_actor, make_value_critic
+from marlkit.modules import make_stochastic_actor, make_value_critic
 
 
 class SpecOnlyEnv(EnvBase):
@@ -56,7 +56,7 @@ def _obs(env: EnvBase) -> TensorDict:
 @pytest.mark.parametrize("action_spec", [CONTINUOUS, DISCRETE], ids=["continuous", "discrete"])
 def test_actor_critic_shapes(share_params, centralised, obs_shape, obs_dtype, action_spec):
     env = SpecOnlyEnv(obs_shape, action_spec, obs_dtype=obs_dtype)
-    actor = make_ppo_actor(env, "agents", num_cells=[16], share_params=share_params)
+    actor = make_stochastic_actor(env, "agents", num_cells=[16], share_params=share_params)
     critic = make_value_critic(env, "agents", centralised=centralised, num_cells=[16], share_params=share_params)
     td = actor(_obs(env))
     assert td["agents", "action"].shape == action_spec.shape
@@ -73,10 +73,10 @@ def test_actor_critic_shapes(share_params, centralised, obs_shape, obs_dtype, ac
 
 def test_actor_distribution_follows_action_spec():
     env = SpecOnlyEnv((6,), CONTINUOUS)
-    actor = make_ppo_actor(env, "agents", num_cells=[8])
+    actor = make_stochastic_actor(env, "agents", num_cells=[8])
     assert actor.get_dist(actor.module[0](_obs(env))).__class__ is TanhNormal
     env = SpecOnlyEnv((6,), DISCRETE, mask=True)
-    actor = make_ppo_actor(env, "agents", num_cells=[8])
+    actor = make_stochastic_actor(env, "agents", num_cells=[8])
     td = _obs(env)
     td["agents", "action_mask"] = torch.zeros(B, N, 5, dtype=torch.bool)
     td["agents", "action_mask"][..., 3] = True  # only action 3 allowed
@@ -85,7 +85,7 @@ def test_actor_distribution_follows_action_spec():
 
 def test_sizes_come_from_env_specs():
     env = make_env("vmas/navigation", num_envs=2, n_agents=4)
-    actor = make_ppo_actor(env, "agents", num_cells=[32])
+    actor = make_stochastic_actor(env, "agents", num_cells=[32])
     mlp = actor.module[0].module[1]
     assert (mlp.n_agent_inputs, mlp.n_agent_outputs, mlp.n_agents) == (env.full_observation_spec["agents", "observation"].shape[-1], 4, 4)
     critic = make_value_critic(env, "agents", centralised=True, num_cells=[32])
@@ -128,7 +128,7 @@ def test_ppo_loss_on_hand_made_batch(discrete, normalize_value_target):
     else:
         env = SpecOnlyEnv((obs_dim,), CONTINUOUS)
         action = torch.rand(B, steps, N, 2) * 1.8 - 0.9
-    actor = make_ppo_actor(env, "agents", num_cells=[16])
+    actor = make_stochastic_actor(env, "agents", num_cells=[16])
     critic = make_value_critic(env, "agents", centralised=True, num_cells=[16])
     loss = make_ppo_loss(actor, critic, "agents", entropy_coef=0.01, normalize_advantage=True,
                          normalize_value_target=normalize_value_target)
@@ -150,7 +150,7 @@ def test_ppo_loss_on_hand_made_batch(discrete, normalize_value_target):
 def test_gae_uses_group_done_flags():
     # With gamma=1 and lambda=1 the value target is the return to the end of each episode.
     env = SpecOnlyEnv((3,), DISCRETE)
-    actor = make_ppo_actor(env, "agents", num_cells=[4])
+    actor = make_stochastic_actor(env, "agents", num_cells=[4])
     critic = make_value_critic(env, "agents", centralised=False, num_cells=[4])
     for p in critic.parameters():
         torch.nn.init.zeros_(p)  # V == 0 everywhere
@@ -172,7 +172,7 @@ def test_gae_uses_group_done_flags():
 ])
 def test_ppo_loss_bad_input(kwargs, match):
     env = SpecOnlyEnv((3,), DISCRETE)
-    actor = make_ppo_actor(env, "agents", num_cells=[4])
+    actor = make_stochastic_actor(env, "agents", num_cells=[4])
     critic = make_value_critic(env, "agents", centralised=False, num_cells=[4])
     with pytest.raises(ValueError, match=match):
         make_ppo_loss(actor, critic, "agents", **kwargs)

@@ -1,0 +1,128 @@
+"""MADDPG and IDDPG: deterministic actors with Gaussian exploration and a centralised (MADDPG) or
+local (IDDPG) Q critic per group, trained off-policy from disk-backed replay.
+
+``marlkit train maddpg --env vmas/simple_tag`` or ``python pipelines/maddpg.py ...``;
+``marlkit train iddpg`` switches to local critics. The loop is in :mod:`marlkit.pipelines.offpolicy`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict.nn import TensorDictSequential
+from torchrl.envs import EnvBase
+
+from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
+from marlkit.modules import continuous_action_bounds, GaussianNoise, make_deterministic_actor, make_q_critic
+from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
+from marlkit.pipelines.offpolicy import (
+    check_offpolicy,
+    GroupAgent,
+    OffPolicyLossConfig,
+    OffPolicyTrainConfig,
+    ReplayConfig,
+    train_offpolicy,
+)
+
+ALGORITHMS = ("maddpg", "iddpg")
+
+
+@dataclass
+class ExplorationConfig:
+    """Additive Gaussian action noise, annealed linearly."""
+
+    sigma_init: float = 0.9
+    """Noise standard deviation at the start."""
+    sigma_end: float = 0.1
+    """Noise standard deviation after annealing_frames."""
+    annealing_frames: int | None = None
+    """Frames over which sigma anneals; None = half the total frames."""
+
+
+@dataclass
+class MaddpgConfig:
+    """MADDPG / IDDPG configuration."""
+
+    algorithm: str = "maddpg"
+    """maddpg (centralised Q critic) or iddpg (local Q critic)."""
+    seed: int = 0
+    """Seed for torch and the env (--seed)."""
+    device: str = "cpu"
+    """Device for sampling and training (--device); the memmap buffers stay on disk."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Networks."""
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    """Exploration noise."""
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    """Collection."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay buffers."""
+    loss: OffPolicyLossConfig = field(default_factory=OffPolicyLossConfig)
+    """Objective."""
+    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
+    """Optimisation."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Outputs."""
+
+    @property
+    def centralised_critic(self) -> bool:
+        """MADDPG's critic sees the whole group's observations and actions; IDDPG's only its agent's."""
+        return self.algorithm == "maddpg"
+
+
+CONFIG = MaddpgConfig
+
+
+def validate(cfg: MaddpgConfig) -> int:
+    """Every check that needs no env; returns the number of iterations."""
+    iterations = check_offpolicy(cfg, ALGORITHMS)
+    x = cfg.exploration
+    if x.sigma_init < 0 or x.sigma_end < 0:
+        raise ValueError(
+            f"exploration noise must be >= 0, got sigma_init={x.sigma_init}, sigma_end={x.sigma_end}"
+        )
+    if x.annealing_frames is not None and x.annealing_frames < 0:
+        raise ValueError(f"exploration.annealing_frames must be >= 0 or null, got {x.annealing_frames}")
+    return iterations
+
+
+def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device) -> GroupAgent:
+    """Deterministic actor + Gaussian noise, Q critic, DDPG loss and target updater for one group."""
+    m, x, lc = cfg.model, cfg.exploration, cfg.loss
+    action_spec = continuous_action_bounds(env, group, cfg.algorithm)
+    actor = make_deterministic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
+                                     share_params=m.share_params, device=device)
+    critic = make_q_critic(env, group, centralised=cfg.centralised_critic, num_cells=m.num_cells,
+                           activation=m.activation, share_params=m.critic_share_params, device=device)
+    annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
+    noise = GaussianNoise(action_spec.to(device), (group, "action"), sigma_init=x.sigma_init,
+                          sigma_end=x.sigma_end, annealing_frames=annealing)
+    loss = make_ddpg_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function)
+    updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
+                                  hard_update_interval=lc.hard_update_interval)
+    return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, noise)
+
+
+def train(cfg: MaddpgConfig) -> TrainResult:
+    """Train MADDPG / IDDPG as configured; write the run directory; return the final metrics."""
+    return train_offpolicy(cfg, build_group, validate)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``python pipelines/maddpg.py [maddpg|iddpg] [--env ...] [overrides]``: as marlkit train."""
+    from marlkit.pipelines.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ALGORITHMS:
+        args = ["maddpg", *args]
+    return cli_main(["train", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""MASAC and ISAC: soft actor-critic per group with a centralised (MASAC) or local (ISAC) Q critic,
+trained off-policy from disk-backed replay.
+
+``marlkit train masac --env vmas/navigation`` or ``python pipelines/masac.py ...``;
+``marlkit train isac`` switches to local critics. The loop is in :mod:`marlkit.pipelines.offpolicy`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torchrl.envs import EnvBase
+
+from marlkit.losses import make_sac_loss, make_target_updater, SAC_LOSS_TERMS
+from marlkit.modules import continuous_action_bounds, make_q_critic, make_stochastic_actor
+from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
+from marlkit.pipelines.offpolicy import (
+    check_offpolicy,
+    GroupAgent,
+    OffPolicyLossConfig,
+    OffPolicyTrainConfig,
+    ReplayConfig,
+    train_offpolicy,
+)
+
+ALGORITHMS = ("masac", "isac")
+
+
+@dataclass
+class SacLossConfig(OffPolicyLossConfig):
+    """SAC objective: TD(0) critic target, target networks and the entropy temperature."""
+
+    num_qvalue_nets: int = 2
+    """Q networks whose minimum forms the target (clipped double Q)."""
+    alpha_init: float = 1.0
+    """Initial entropy temperature."""
+    fixed_alpha: bool = False
+    """Keep the temperature at alpha_init instead of learning it."""
+    target_entropy: float | None = None
+    """Entropy target per agent; None = -(action dimensions)."""
+
+
+@dataclass
+class MasacConfig:
+    """MASAC / ISAC configuration."""
+
+    algorithm: str = "masac"
+    """masac (centralised Q critic) or isac (local Q critic)."""
+    seed: int = 0
+    """Seed for torch and the env (--seed)."""
+    device: str = "cpu"
+    """Device for sampling and training (--device); the memmap buffers stay on disk."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Networks."""
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    """Collection."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay buffers."""
+    loss: SacLossConfig = field(default_factory=SacLossConfig)
+    """Objective."""
+    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
+    """Optimisation."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Outputs."""
+
+    @property
+    def centralised_critic(self) -> bool:
+        """MASAC's critic sees the whole group's observations and actions; ISAC's only its agent's."""
+        return self.algorithm == "masac"
+
+
+CONFIG = MasacConfig
+
+
+def validate(cfg: MasacConfig) -> int:
+    """Every check that needs no env; returns the number of iterations."""
+    iterations = check_offpolicy(cfg, ALGORITHMS)
+    if cfg.loss.num_qvalue_nets < 1 or cfg.loss.alpha_init <= 0:
+        raise ValueError(
+            f"loss.num_qvalue_nets ({cfg.loss.num_qvalue_nets}) must be >= 1 and loss.alpha_init "
+            f"({cfg.loss.alpha_init}) > 0"
+        )
+    return iterations
+
+
+def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device) -> GroupAgent:
+    """TanhNormal actor, Q critics, SAC loss and target updater for one group."""
+    m, lc = cfg.model, cfg.loss
+    continuous_action_bounds(env, group, cfg.algorithm)
+    actor = make_stochastic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
+                                  share_params=m.share_params, device=device)
+    critic = make_q_critic(env, group, centralised=cfg.centralised_critic, num_cells=m.num_cells,
+                           activation=m.activation, share_params=m.critic_share_params, device=device)
+    loss = make_sac_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function,
+                         num_qvalue_nets=lc.num_qvalue_nets, alpha_init=lc.alpha_init,
+                         fixed_alpha=lc.fixed_alpha, target_entropy=lc.target_entropy)
+    updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
+                                  hard_update_interval=lc.hard_update_interval)
+    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS)
+
+
+def train(cfg: MasacConfig) -> TrainResult:
+    """Train MASAC / ISAC as configured; write the run directory; return the final metrics."""
+    return train_offpolicy(cfg, build_group, validate)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``python pipelines/masac.py [masac|isac] [--env ...] [overrides]``: as marlkit train."""
+    from marlkit.pipelines.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ALGORITHMS:
+        args = ["masac", *args]
+    return cli_main(["train", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The off-policy actor-critic loop shared by MADDPG/IDDPG (``maddpg.py``) and MASAC/ISAC (``masac.py``).
+
+Those files say how one group's actor, exploration, critic and loss are built; the loop here is the
+whole algorithm: collect -> extend each group's replay buffer -> sample -> loss -> backward -> clip ->
+step -> update targets -> weights back to the collector -> log. Every group has its own modules,
+optimiser and disk-backed buffer (``LazyMemmapStorage`` under ``<run-dir>/buffers/<group>``), so
+teams (chasers and evaders) learn at once; ``train.freeze_after`` stops one group's learning
+after some iterations while its policy keeps acting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase, TensorDictSequential
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
+from torchrl.envs import EnvBase
+from torchrl.objectives import LossModule
+from torchrl.objectives.utils import TargetNetUpdater
+from tqdm.auto import tqdm
+
+from marlkit.envs import split_env_name
+from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
+from marlkit.pipelines.collectors import make_collector
+from marlkit.pipelines.config import ConfigError
+from marlkit.pipelines.common import (
+    build_env,
+    check_common,
+    default_run_dir,
+    episode_reward_means,
+    mean_entries,
+    resolve_device,
+    resolve_env_config,
+    RunDir,
+    scalar_entries,
+    TrainResult,
+    versions,
+)
+
+# Families whose actions are always discrete: rejected by name, before anything is built.
+DISCRETE_FAMILIES = ("gridworld", "matrix")
+
+
+@dataclass
+class ReplayConfig:
+    """One replay buffer per group, sampled uniformly."""
+
+    buffer_size: int = 1_000_000
+    """Transitions (frames) each group's buffer keeps."""
+    batch_size: int = 4096
+    """Transitions per sampled minibatch."""
+    warmup_frames: int = 0
+    """Frames collected with uniformly random actions before learning starts."""
+    memmap: bool = True
+    """Keep the buffers on disk (LazyMemmapStorage in <run-dir>/buffers) rather than in memory."""
+
+
+@dataclass
+class OffPolicyLossConfig:
+    """TD(0) critic target and target networks."""
+
+    gamma: float = 0.9
+    """Discount factor."""
+    loss_function: str = "l2"
+    """Critic regression loss: l2, l1 or smooth_l1."""
+    target_update: str = "soft"
+    """soft (Polyak averaging with tau) or hard (copy every hard_update_interval steps)."""
+    tau: float = 0.005
+    """Soft-update rate in (0, 1]: target <- (1 - tau) target + tau online."""
+    hard_update_interval: int = 1000
+    """Optimiser steps between hard target copies."""
+
+
+@dataclass
+class OffPolicyTrainConfig:
+    """Optimisation."""
+
+    lr: float = 5e-5
+    """Adam learning rate (actor, critic and, for SAC, the temperature)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 40.0
+    """Global gradient-norm clip per group."""
+    optimiser_steps: int = 45
+    """Gradient steps per group for each collected batch."""
+    freeze_after: dict[str, int] = field(default_factory=dict)
+    """Group -> iterations it learns for; then its parameters freeze while its policy acts (e.g. {agent: 5})."""
+
+
+@dataclass
+class GroupAgent:
+    """What a pipeline builds for one group."""
+
+    policy: TensorDictModuleBase
+    """The module that acts in the env (actor, then exploration when there is one)."""
+    loss: LossModule
+    """The group's loss; its parameters are what the optimiser trains."""
+    target_updater: TargetNetUpdater
+    """Keeps the loss's target networks in step."""
+    loss_terms: tuple[str, ...]
+    """Keys of the loss output whose sum is minimised."""
+    exploration: Any = None
+    """Annealed exploration module (``anneal(frames)``), or None."""
+
+
+def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...]) -> int:
+    """Checks that need no env; raises ``ValueError`` naming the bad value. Returns iterations."""
+    if cfg.algorithm not in algorithm_names:
+        raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(algorithm_names)}")
+    family, _ = split_env_name(cfg.env.name)
+    if family in DISCRETE_FAMILIES or cfg.env.kwargs.get("continuous_actions") is False:
+        raise ValueError(
+            f"{cfg.algorithm} needs continuous actions; {cfg.env.name} has discrete actions "
+            "(use algorithm=mappo, iql or qmix, or env.continuous_actions=true where supported)"
+        )
+    iterations = check_common(cfg)
+    replay, loss, train = cfg.replay, cfg.loss, cfg.train
+    if replay.batch_size < 1:
+        raise ValueError(f"replay.batch_size must be >= 1, got {replay.batch_size}")
+    if replay.buffer_size < replay.batch_size:
+        raise ValueError(
+            f"replay.buffer_size={replay.buffer_size} is smaller than replay.batch_size={replay.batch_size}; "
+            "the buffer must hold at least one batch"
+        )
+    if not 0 <= replay.warmup_frames < cfg.collector.total_frames:
+        raise ValueError(
+            f"replay.warmup_frames={replay.warmup_frames} must be >= 0 and below the total frames "
+            f"({cfg.collector.total_frames}), or nothing would be learnt"
+        )
+    if loss.target_update not in TARGET_UPDATES:
+        raise ValueError(f"loss.target_update={loss.target_update!r}; accepted: {list(TARGET_UPDATES)}")
+    if not 0.0 < loss.tau <= 1.0:
+        raise ValueError(f"loss.tau must be in (0, 1], got {loss.tau}")
+    if loss.loss_function not in LOSS_CRITIC_TYPES:
+        raise ValueError(f"loss.loss_function={loss.loss_function!r}; accepted: {list(LOSS_CRITIC_TYPES)}")
+    if not 0.0 < loss.gamma <= 1.0:
+        raise ValueError(f"loss.gamma must be in (0, 1], got {loss.gamma}")
+    if train.optimiser_steps < 0 or train.lr <= 0 or train.max_grad_norm <= 0:
+        raise ValueError(
+            f"train.optimiser_steps ({train.optimiser_steps}) must be >= 0, train.lr ({train.lr}) and "
+            f"train.max_grad_norm ({train.max_grad_norm}) > 0"
+        )
+    for group, k in train.freeze_after.items():
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"train.freeze_after[{group!r}] must be an iteration count >= 0, got {k!r}")
+    return iterations
+
+
+def _buffer(cfg: Any, run: RunDir, group: str) -> ReplayBuffer:
+    if cfg.replay.memmap:
+        storage = LazyMemmapStorage(cfg.replay.buffer_size, scratch_dir=run.path / "buffers" / group)
+    else:
+        storage = LazyTensorStorage(cfg.replay.buffer_size, device=resolve_device(cfg.device))
+    return ReplayBuffer(storage=storage, sampler=RandomSampler(), batch_size=cfg.replay.batch_size)
+
+
+def _transitions(batch: TensorDictBase, group: str) -> TensorDictBase:
+    """The part of a collected batch a group's loss reads, flattened to ``[frames]``."""
+    keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
+            ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
+    return batch.select(*keys).reshape(-1)
+
+
+BuildGroup = Callable[[EnvBase, str, Any, torch.device], GroupAgent]
+
+
+def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any], int]) -> TrainResult:
+    """Train with the off-policy loop; ``build_group`` makes each group's modules and loss."""
+    iterations = validate(cfg)
+    cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
+    device = resolve_device(cfg.device)
+    run = RunDir(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, cfg.seed))
+    torch.manual_seed(cfg.seed)
+
+    env = build_env(cfg.env, device=device, seed=cfg.seed)
+    groups = list(env.group_map)
+    unknown = sorted(set(cfg.train.freeze_after) - set(groups))
+    if unknown:
+        raise ConfigError(f"train.freeze_after names unknown groups {unknown}; this env's groups: {groups}")
+    try:
+        agents = {group: build_group(env, group, cfg, device) for group in groups}
+    except ValueError as err:  # e.g. discrete actions, known only from the env's specs
+        raise ConfigError(str(err)) from err
+    optimisers = {
+        group: torch.optim.Adam(agent.loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+        for group, agent in agents.items()
+    }
+    policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
+    collector = make_collector(env, policy, cfg.collector, device=device,
+                               init_random_frames=cfg.replay.warmup_frames)
+    run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
+    buffers = {group: _buffer(cfg, run, group) for group in groups}
+
+    bar = tqdm(total=cfg.collector.total_frames, unit="frames", disable=not cfg.logger.progress)
+    frames, steps, row = 0, 0, {}
+    rewards = {group: math.nan for group in groups}
+    start = iter_start = time.perf_counter()
+    for iteration, batch in enumerate(collector):
+        collection_s = time.perf_counter() - iter_start
+        train_start = time.perf_counter()
+        frames += batch.numel()
+        for group in groups:
+            buffers[group].extend(_transitions(batch, group))
+            if agents[group].exploration is not None:
+                agents[group].exploration.anneal(frames)
+        learning = [
+            group for group in groups
+            if frames >= cfg.replay.warmup_frames and iteration < cfg.train.freeze_after.get(group, math.inf)
+        ]
+        terms: dict[str, list[TensorDictBase]] = {group: [] for group in groups}
+        for _ in range(cfg.train.optimiser_steps if learning else 0):
+            for group in learning:
+                agent = agents[group]
+                minibatch = buffers[group].sample().to(device)
+                out = agent.loss(minibatch)
+                total = sum(out[key] for key in agent.loss_terms)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(agent.loss.parameters(), cfg.train.max_grad_norm)
+                optimisers[group].step()
+                optimisers[group].zero_grad(set_to_none=True)
+                agent.target_updater.step()
+                terms[group].append(scalar_entries(out))
+                steps += 1
+        collector.update_policy_weights_()
+        training_s = time.perf_counter() - train_start
+
+        iteration_s = time.perf_counter() - iter_start
+        means = episode_reward_means(batch, groups)
+        rewards.update({g: r for g, r in means.items() if not math.isnan(r)})
+        row = {"iteration": iteration, "frames": frames, "time_s": time.perf_counter() - start,
+               "frames_per_s": batch.numel() / iteration_s}
+        for group in groups:
+            row[f"{group}/episode_reward_mean"] = means[group]
+            row[f"{group}/learning"] = float(group in learning)
+            row.update(mean_entries(terms[group], group))
+            if agents[group].exploration is not None:
+                row[f"{group}/sigma"] = float(agents[group].exploration.sigma)
+        row.update({"counters/optimiser_steps": steps, "timers/collection_s": collection_s,
+                    "timers/training_s": training_s})
+        run.log(row)
+        bar.update(batch.numel())
+        bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in rewards.items()})
+        iter_start = time.perf_counter()
+    bar.close()
+    collector.shutdown()  # closes the env too
+
+    time_s = time.perf_counter() - start
+    result = TrainResult(run.path, row, rewards, frames, time_s, frames / time_s)
+    run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": frames, "iterations": iterations,
+                 "time_s": time_s, "frames_per_s": result.frames_per_s, "optimiser_steps": steps,
+                 "episode_reward_mean": rewards, "final_metrics": row, "versions": versions()})
+    return result
