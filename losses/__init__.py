@@ -195,7 +195,9 @@ def make_target_updater(
     if mode == "hard":
         if hard_update_interval < 1:
             raise ValueError(f"hard_update_interval must be >= 1, got {hard_update_interval}")
-        return HardUpdate(loss, value_network_update_interval=hard_update_interval)
+        # TorchRL's HardUpdate copies when its counter, which starts at 0, reaches the interval:
+        # on step interval + 1. Passing N - 1 makes the copy land on every N-th step.
+        return HardUpdate(loss, value_network_update_interval=hard_update_interval - 1)
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     return SoftUpdate(loss, tau=tau)
