@@ -140,6 +140,17 @@ def make_encoder(
     return encoder, int(torch.Size(shape).numel())
 
 
+def _observation_encoder(
+    env: EnvBase, group: str, share_params: bool, device: torch.device | str | None
+) -> tuple[torch.device | str, int, nn.Module, int]:
+    """What every factory starts from: the device, the group's agent count and its encoder."""
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    return device, n_agents, encoder, features
+
+
 def _mlp(
     in_features: int,
     out_features: int,
@@ -178,11 +189,8 @@ def make_stochastic_actor(
     unbounded); discrete actions get a categorical over indices or one-hot vectors, whichever the
     env uses, masked by ``(group, "action_mask")`` when the env provides it.
     """
-    device = env.device if device is None else device
-    obs_spec = group_spec(env, group, "observation")
     action_spec = group_spec(env, group, "action")
-    n_agents = obs_spec.shape[0]
-    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
 
     def net(out_features: int) -> MultiAgentMLP:
@@ -252,10 +260,7 @@ def make_value_critic(
     ``centralised=True`` (MAPPO) lets every agent's value see all agents' observations of the group;
     ``False`` (IPPO) sees only its own.
     """
-    device = env.device if device is None else device
-    obs_spec = group_spec(env, group, "observation")
-    n_agents = obs_spec.shape[0]
-    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     mlp = _mlp(features, 1, n_agents, centralised=centralised, share_params=share_params,
                num_cells=num_cells, activation=activation, device=device)
     return TensorDictModule(
@@ -289,11 +294,8 @@ def make_deterministic_actor(
     device: torch.device | str | None = None,
 ) -> ProbabilisticActor:
     """Deterministic policy for one group: ``MultiAgentMLP`` -> ``TanhDelta`` within the action bounds."""
-    device = env.device if device is None else device
-    obs_spec = group_spec(env, group, "observation")
     action_spec = continuous_action_bounds(env, group, "a deterministic actor")
-    n_agents = obs_spec.shape[0]
-    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     mlp = _mlp(features, action_spec.shape[-1], n_agents, centralised=False, share_params=share_params,
                num_cells=num_cells, activation=activation, device=device)
     module = TensorDictModule(
@@ -337,11 +339,8 @@ def make_q_critic(
     ``centralised=True`` (MADDPG, MASAC) gives each agent's Q all the group's observations and
     actions; ``False`` (IDDPG, ISAC) only its own.
     """
-    device = env.device if device is None else device
-    obs_spec = group_spec(env, group, "observation")
     action_spec = group_spec(env, group, "action")
-    n_agents = obs_spec.shape[0]
-    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     mlp = _mlp(features + action_spec.shape[-1], 1, n_agents, centralised=centralised,
                share_params=share_params, num_cells=num_cells, activation=activation, device=device)
     return TensorDictModule(

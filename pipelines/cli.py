@@ -117,5 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def script_main(algorithms: tuple[str, ...], argv: list[str] | None = None) -> int:
+    """``python pipelines/<file>.py [algorithm] [...]``: ``marlkit train`` with the file's first
+    algorithm as the default."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in algorithms:
+        args = [algorithms[0], *args]
+    return main(["train", *args])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import platform
+import time
 from dataclasses import dataclass
 from collections.abc import Mapping
 from datetime import datetime
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 from tensordict import TensorDictBase
+from tqdm.auto import tqdm
 
 from marlkit.envs import make_env, MultiAgentEnv, split_env_name
 from marlkit.envs._common import device_of
@@ -241,3 +243,63 @@ class TrainResult:
     """Wall seconds of the training loop."""
     frames_per_s: float
     """frames / time_s."""
+
+
+class Progress:
+    """The bookkeeping every training loop shares, so the loop itself shows only the algorithm.
+
+    Per iteration: call :meth:`collected` when the batch arrives and :meth:`log` after training;
+    they time both phases, build the ``metrics.csv`` row (frames, time, frames/s, each group's mean
+    episode return and mean loss entries), move the tqdm bar and keep the latest return per group.
+    :meth:`finish` writes ``summary.json`` and returns the :class:`TrainResult`.
+    """
+
+    def __init__(self, run: RunDir, groups: list[str], total_frames: int, show: bool):
+        self.run, self.groups = run, groups
+        self.bar = tqdm(total=total_frames, unit="frames", disable=not show)
+        self.frames, self.row = 0, {}
+        self.rewards = {group: math.nan for group in groups}
+        self.start = self._iteration_start = self._train_start = time.perf_counter()
+        self._collection_s = 0.0
+
+    def collected(self) -> None:
+        """The batch has arrived: collection time ends, training time starts."""
+        self._train_start = time.perf_counter()
+        self._collection_s = self._train_start - self._iteration_start
+
+    def log(
+        self,
+        iteration: int,
+        batch: TensorDictBase,
+        terms: Mapping[str, list[TensorDictBase]],
+        extra: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Write the iteration's row (``terms``: each group's loss outputs this iteration)."""
+        now = time.perf_counter()
+        self.frames += batch.numel()
+        means = episode_reward_means(batch, self.groups)
+        self.rewards.update({g: r for g, r in means.items() if not math.isnan(r)})
+        row = {"iteration": iteration, "frames": self.frames, "time_s": now - self.start,
+               "frames_per_s": batch.numel() / (now - self._iteration_start)}
+        for group in self.groups:
+            row[f"{group}/episode_reward_mean"] = means[group]
+            row.update(mean_entries(terms.get(group, []), group))
+        row.update(extra or {})
+        row.update({"timers/collection_s": self._collection_s, "timers/training_s": now - self._train_start})
+        self.run.log(row)
+        self.bar.update(batch.numel())
+        self.bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in self.rewards.items()})
+        self.row = row
+        self._iteration_start = time.perf_counter()
+        return row
+
+    def finish(self, cfg: Any, iterations: int, **summary: Any) -> TrainResult:
+        """Close the bar, write ``summary.json`` and return the result."""
+        self.bar.close()
+        time_s = time.perf_counter() - self.start
+        result = TrainResult(self.run.path, self.row, dict(self.rewards), self.frames, time_s, self.frames / time_s)
+        self.run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": self.frames,
+                          "iterations": iterations, "time_s": time_s, "frames_per_s": result.frames_per_s,
+                          **summary, "episode_reward_mean": result.episode_reward_mean,
+                          "final_metrics": self.row, "versions": versions()})
+        return result

@@ -77,6 +77,26 @@ class LoggerConfig:
     """Show a tqdm bar with frames and the current mean return."""
 
 
+@dataclass
+class RunConfig:
+    """The fields every pipeline's config starts with; pipelines add their own sections."""
+
+    algorithm: str = ""
+    """Algorithm name (see marlkit train --help)."""
+    seed: int = 0
+    """Seed for torch and the env (--seed)."""
+    device: str = "cpu"
+    """Device for sampling and training (--device): cpu or cuda."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Networks."""
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    """Collection."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Outputs."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of dataclass ``cls`` (attribute docstrings, as in BenchMARL)."""
     docs: dict[str, str] = {}

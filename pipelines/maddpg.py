@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tensordict.nn import TensorDictSequential
@@ -18,7 +17,7 @@ from torchrl.envs import EnvBase
 from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
 from marlkit.modules import continuous_action_bounds, GaussianNoise, make_deterministic_actor, make_q_critic
 from marlkit.pipelines.common import TrainResult
-from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
+from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
     GroupAgent,
@@ -44,31 +43,19 @@ class ExplorationConfig:
 
 
 @dataclass
-class MaddpgConfig:
+class MaddpgConfig(RunConfig):
     """MADDPG / IDDPG configuration."""
 
     algorithm: str = "maddpg"
     """maddpg (centralised Q critic) or iddpg (local Q critic)."""
-    seed: int = 0
-    """Seed for torch and the env (--seed)."""
-    device: str = "cpu"
-    """Device for sampling and training (--device); the memmap buffers stay on disk."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """Environment."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Networks."""
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     """Exploration noise."""
-    collector: CollectorConfig = field(default_factory=CollectorConfig)
-    """Collection."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Replay buffers."""
     loss: OffPolicyLossConfig = field(default_factory=OffPolicyLossConfig)
     """Objective."""
     train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
     """Optimisation."""
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    """Outputs."""
 
     @property
     def centralised_critic(self) -> bool:
@@ -114,14 +101,11 @@ def train(cfg: MaddpgConfig) -> TrainResult:
     return train_offpolicy(cfg, build_group, validate)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """``python pipelines/maddpg.py [maddpg|iddpg] [--env ...] [overrides]``: as marlkit train."""
-    from marlkit.pipelines.cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:
+    """``python pipelines/maddpg.py [maddpg|iddpg] [--env ...] [overrides]``: the same arguments as marlkit train."""
+    from marlkit.pipelines.cli import script_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ALGORITHMS:
-        args = ["maddpg", *args]
-    return cli_main(["train", *args])
+    return script_main(ALGORITHMS, argv)
 
 
 if __name__ == "__main__":

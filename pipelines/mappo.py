@@ -9,16 +9,12 @@ back to the collector -> log.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
-from tqdm.auto import tqdm
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import make_stochastic_actor, make_value_critic
@@ -27,16 +23,14 @@ from marlkit.pipelines.common import (
     build_env,
     check_common,
     default_run_dir,
-    episode_reward_means,
-    mean_entries,
+    Progress,
     resolve_device,
     resolve_env_config,
     RunDir,
     scalar_entries,
     TrainResult,
-    versions,
 )
-from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
+from marlkit.pipelines.config import RunConfig
 
 ALGORITHMS = ("mappo", "ippo")
 
@@ -80,27 +74,15 @@ class TrainConfig:
 
 
 @dataclass
-class MappoConfig:
+class MappoConfig(RunConfig):
     """MAPPO / IPPO configuration."""
 
     algorithm: str = "mappo"
     """mappo (centralised critic) or ippo (local critic)."""
-    seed: int = 0
-    """Seed for torch and the env (--seed)."""
-    device: str = "cpu"
-    """Device for sampling, training and the batch (--device): cpu or cuda."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """Environment."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Networks."""
-    collector: CollectorConfig = field(default_factory=CollectorConfig)
-    """Collection."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Objective."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    """Outputs."""
 
     @property
     def centralised_critic(self) -> bool:
@@ -171,12 +153,9 @@ def train(cfg: MappoConfig) -> TrainResult:
 
     run.create(cfg, extra={"centralised_critic": cfg.centralised_critic, "iterations": iterations,
                            "groups": env.group_map, "minibatches_per_epoch": minibatches})
-    bar = tqdm(total=cfg.collector.total_frames, unit="frames", disable=not cfg.logger.progress)
-    frames, row, rewards = 0, {}, {group: math.nan for group in groups}
-    start = iter_start = time.perf_counter()
+    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress)
     for iteration, batch in enumerate(collector):
-        collection_s = time.perf_counter() - iter_start
-        train_start = time.perf_counter()
+        progress.collected()
         with torch.no_grad():
             for group in groups:  # GAE writes (group, "advantage") and (group, "value_target")
                 loss = losses[group]
@@ -197,42 +176,17 @@ def train(cfg: MappoConfig) -> TrainResult:
                     optimisers[group].zero_grad(set_to_none=True)
                     terms[group].append(scalar_entries(out))
         collector.update_policy_weights_()
-        training_s = time.perf_counter() - train_start
-
-        frames += batch.numel()
-        iteration_s = time.perf_counter() - iter_start
-        means = episode_reward_means(batch, groups)
-        rewards.update({g: r for g, r in means.items() if not math.isnan(r)})
-        row = {"iteration": iteration, "frames": frames, "time_s": time.perf_counter() - start,
-               "frames_per_s": batch.numel() / iteration_s}
-        for group in groups:
-            row[f"{group}/episode_reward_mean"] = means[group]
-            row.update(mean_entries(terms[group], group))
-        row.update({"timers/collection_s": collection_s, "timers/training_s": training_s})
-        run.log(row)
-        bar.update(batch.numel())
-        bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in rewards.items()})
-        iter_start = time.perf_counter()
-    bar.close()
+        progress.log(iteration, batch, terms)
     collector.shutdown()  # closes the env too
-
-    time_s = time.perf_counter() - start
-    result = TrainResult(run.path, row, rewards, frames, time_s, frames / time_s)
-    run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": frames, "iterations": iterations,
-                 "time_s": time_s, "frames_per_s": result.frames_per_s,
-                 "episode_reward_mean": rewards, "final_metrics": row, "versions": versions()})
-    return result
+    return progress.finish(cfg, iterations)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """``python pipelines/mappo.py [mappo|ippo] [--env ...] [overrides]``: same arguments as marlkit train."""
-    from marlkit.pipelines.cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:
+    """``python pipelines/mappo.py [mappo|ippo] [--env ...] [overrides]``: the same arguments as marlkit train."""
+    from marlkit.pipelines.cli import script_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ALGORITHMS:
-        args = ["mappo", *args]
-    return cli_main(["train", *args])
+    return script_main(ALGORITHMS, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

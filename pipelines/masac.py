@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torchrl.envs import EnvBase
@@ -17,7 +16,7 @@ from torchrl.envs import EnvBase
 from marlkit.losses import make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import continuous_action_bounds, make_q_critic, make_stochastic_actor
 from marlkit.pipelines.common import TrainResult
-from marlkit.pipelines.config import CollectorConfig, EnvConfig, LoggerConfig, ModelConfig
+from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
     GroupAgent,
@@ -45,29 +44,17 @@ class SacLossConfig(OffPolicyLossConfig):
 
 
 @dataclass
-class MasacConfig:
+class MasacConfig(RunConfig):
     """MASAC / ISAC configuration."""
 
     algorithm: str = "masac"
     """masac (centralised Q critic) or isac (local Q critic)."""
-    seed: int = 0
-    """Seed for torch and the env (--seed)."""
-    device: str = "cpu"
-    """Device for sampling and training (--device); the memmap buffers stay on disk."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """Environment."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Networks."""
-    collector: CollectorConfig = field(default_factory=CollectorConfig)
-    """Collection."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Replay buffers."""
     loss: SacLossConfig = field(default_factory=SacLossConfig)
     """Objective."""
     train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
     """Optimisation."""
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    """Outputs."""
 
     @property
     def centralised_critic(self) -> bool:
@@ -110,14 +97,11 @@ def train(cfg: MasacConfig) -> TrainResult:
     return train_offpolicy(cfg, build_group, validate)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """``python pipelines/masac.py [masac|isac] [--env ...] [overrides]``: as marlkit train."""
-    from marlkit.pipelines.cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:
+    """``python pipelines/masac.py [masac|isac] [--env ...] [overrides]``: the same arguments as marlkit train."""
+    from marlkit.pipelines.cli import script_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ALGORITHMS:
-        args = ["masac", *args]
-    return cli_main(["train", *args])
+    return script_main(ALGORITHMS, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,6 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, Re
 from torchrl.envs import EnvBase
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import TargetNetUpdater
-from tqdm.auto import tqdm
 
 from marlkit.envs import split_env_name
 from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
@@ -34,14 +32,12 @@ from marlkit.pipelines.common import (
     build_env,
     check_common,
     default_run_dir,
-    episode_reward_means,
-    mean_entries,
+    Progress,
     resolve_device,
     resolve_env_config,
     RunDir,
     scalar_entries,
     TrainResult,
-    versions,
 )
 
 # Families whose actions are always discrete: rejected by name, before anything is built.
@@ -198,13 +194,10 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
     buffers = {group: _buffer(cfg, run, group) for group in groups}
 
-    bar = tqdm(total=cfg.collector.total_frames, unit="frames", disable=not cfg.logger.progress)
-    frames, steps, row = 0, 0, {}
-    rewards = {group: math.nan for group in groups}
-    start = iter_start = time.perf_counter()
+    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress)
+    frames, steps = 0, 0
     for iteration, batch in enumerate(collector):
-        collection_s = time.perf_counter() - iter_start
-        train_start = time.perf_counter()
+        progress.collected()
         frames += batch.numel()
         for group in groups:
             buffers[group].extend(_transitions(batch, group))
@@ -229,31 +222,9 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
                 terms[group].append(scalar_entries(out))
                 steps += 1
         collector.update_policy_weights_()
-        training_s = time.perf_counter() - train_start
-
-        iteration_s = time.perf_counter() - iter_start
-        means = episode_reward_means(batch, groups)
-        rewards.update({g: r for g, r in means.items() if not math.isnan(r)})
-        row = {"iteration": iteration, "frames": frames, "time_s": time.perf_counter() - start,
-               "frames_per_s": batch.numel() / iteration_s}
-        for group in groups:
-            row[f"{group}/episode_reward_mean"] = means[group]
-            row[f"{group}/learning"] = float(group in learning)
-            row.update(mean_entries(terms[group], group))
-            if agents[group].exploration is not None:
-                row[f"{group}/sigma"] = float(agents[group].exploration.sigma)
-        row.update({"counters/optimiser_steps": steps, "timers/collection_s": collection_s,
-                    "timers/training_s": training_s})
-        run.log(row)
-        bar.update(batch.numel())
-        bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in rewards.items()})
-        iter_start = time.perf_counter()
-    bar.close()
+        extra = {f"{group}/learning": float(group in learning) for group in groups}
+        extra.update({f"{g}/sigma": float(a.exploration.sigma) for g, a in agents.items() if a.exploration is not None})
+        extra["counters/optimiser_steps"] = steps
+        progress.log(iteration, batch, terms, extra)
     collector.shutdown()  # closes the env too
-
-    time_s = time.perf_counter() - start
-    result = TrainResult(run.path, row, rewards, frames, time_s, frames / time_s)
-    run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": frames, "iterations": iterations,
-                 "time_s": time_s, "frames_per_s": result.frames_per_s, "optimiser_steps": steps,
-                 "episode_reward_mean": rewards, "final_metrics": row, "versions": versions()})
-    return result
+    return progress.finish(cfg, iterations, optimiser_steps=steps)
