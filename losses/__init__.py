@@ -21,6 +21,16 @@ with a TD(0) target from target networks:
   ``entropy`` (SAC). Each term only reaches its own network's parameters, so one optimiser over the
   loss's parameters on the sum of the terms is exact.
 
+:func:`make_dqn_loss` (IQL: one DQN per agent, double-Q optional) reads ``(g, "observation")``,
+``(g, "action")``, ``("next", g, ...)`` reward / done / terminated / observation, writes
+``(g, "td_error")`` (per agent, for priorities) and returns ``loss``.
+
+:func:`make_qmixer_loss` (VDN / QMIX) mixes the agents' chosen Q values into one team value at
+``("team", "chosen_action_value")`` and learns it from the team reward ``("next", "team", "reward")``
+and the episode flags ``("next", "team", "done" / "terminated")``; it returns ``loss`` and writes
+``("team", "td_error")``. The mixer reads the global ``state`` when the env has one, else the
+group's observations.
+
 :func:`make_target_updater` keeps their target networks in step (soft, Polyak ``tau``, or hard).
 """
 
@@ -28,8 +38,10 @@ from __future__ import annotations
 
 from tensordict.nn import TensorDictModule
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
-from torchrl.objectives import DDPGLoss, HardUpdate, LossModule, SACLoss, SoftUpdate, ValueEstimators
-from torchrl.objectives.multiagent import MAPPOLoss
+from torch import nn
+from torchrl.modules import QMixer, VDNMixer
+from torchrl.objectives import DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate, ValueEstimators
+from torchrl.objectives.multiagent import MAPPOLoss, QMixerLoss
 from torchrl.objectives.utils import TargetNetUpdater
 
 LOSS_CRITIC_TYPES = ("l1", "l2", "smooth_l1")
@@ -38,6 +50,8 @@ PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 DDPG_LOSS_TERMS = ("loss_actor", "loss_value")
 SAC_LOSS_TERMS = ("loss_actor", "loss_qvalue", "loss_alpha")
 TARGET_UPDATES = ("soft", "hard")
+MIXERS = ("vdn", "qmix")
+TEAM = "team"  # root entry holding a mixed group's team-level value, reward and flags
 
 __all__ = [
     "DDPG_LOSS_TERMS",
@@ -45,7 +59,11 @@ __all__ = [
     "PPO_LOSS_TERMS",
     "SAC_LOSS_TERMS",
     "TARGET_UPDATES",
+    "MIXERS",
+    "TEAM",
     "make_ddpg_loss",
+    "make_dqn_loss",
+    "make_qmixer_loss",
     "make_ppo_loss",
     "make_sac_loss",
     "make_target_updater",
@@ -201,3 +219,71 @@ def make_target_updater(
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     return SoftUpdate(loss, tau=tau)
+
+
+def make_dqn_loss(
+    q_network: nn.Module,
+    group: str,
+    *,
+    gamma: float = 0.9,
+    loss_function: str = "l2",
+    double_dqn: bool = True,
+) -> DQNLoss:
+    """Independent DQN for every agent of a group (IQL); double-Q targets when ``double_dqn``."""
+    _check_common(loss_function, gamma)
+    loss = DQNLoss(q_network, loss_function=loss_function, delay_value=True, double_dqn=double_dqn,
+                   action_space="categorical")
+    loss.set_keys(
+        action_value=(group, "action_value"),
+        action=(group, "action"),
+        value=(group, "chosen_action_value"),
+        priority=(group, "td_error"),
+        reward=(group, "reward"),
+        done=(group, "done"),
+        terminated=(group, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+    return loss
+
+
+def make_qmixer_loss(
+    q_network: nn.Module,
+    group: str,
+    *,
+    mixer: str,
+    n_agents: int,
+    state_key: tuple[str, ...] | str,
+    state_shape: tuple[int, ...],
+    gamma: float = 0.9,
+    loss_function: str = "l2",
+    mixing_embed_dim: int = 32,
+) -> QMixerLoss:
+    """VDN (sum) or QMIX (monotonic hypernetwork on ``state_key``) over one group's agents."""
+    _check_common(loss_function, gamma)
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer={mixer!r} is not supported; accepted: {list(MIXERS)}")
+    if n_agents < 2:
+        raise ValueError(
+            f"{mixer} mixes the values of several agents; group {group!r} has {n_agents}: use algorithm=iql"
+        )
+    device = next(q_network.parameters()).device
+    if mixer == "vdn":
+        net, in_keys = VDNMixer(n_agents=n_agents, device=device), [(group, "chosen_action_value")]
+    else:
+        net = QMixer(state_shape=state_shape, mixing_embed_dim=mixing_embed_dim, n_agents=n_agents, device=device)
+        in_keys = [(group, "chosen_action_value"), state_key]
+    mixer_module = TensorDictModule(net, in_keys=in_keys, out_keys=[(TEAM, "chosen_action_value")])
+    loss = QMixerLoss(q_network, mixer_module, loss_function=loss_function, delay_value=True,
+                      action_space="categorical")
+    loss.set_keys(
+        action_value=(group, "action_value"),
+        local_value=(group, "chosen_action_value"),
+        global_value=(TEAM, "chosen_action_value"),
+        action=(group, "action"),
+        priority=(TEAM, "td_error"),
+        reward=(TEAM, "reward"),
+        done=(TEAM, "done"),
+        terminated=(TEAM, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+    return loss

@@ -10,8 +10,10 @@ Every size comes from the env's specs. For a group ``g``:
 * :func:`make_value_critic` reads ``(g, "observation")`` and writes ``(g, "state_value")``.
 * :func:`make_q_critic` reads ``(g, "observation")`` and ``(g, "action")`` and writes
   ``(g, "state_action_value")``.
+* :func:`make_q_network` (IQL, VDN, QMIX) reads ``(g, "observation")`` (and ``(g, "action_mask")``)
+  and writes ``(g, "action_value")``, the greedy ``(g, "action")`` and ``(g, "chosen_action_value")``.
 * :mod:`marlkit.modules.exploration` holds the exploration modules composed after a policy
-  (:class:`GaussianNoise`), annealed explicitly by frame count.
+  (:class:`GaussianNoise`, :class:`EpsilonGreedy`), annealed explicitly by frame count.
 
 Observations of any shape work: vectors go straight to a ``MultiAgentMLP``, images (``H x W x C``
 with ``C <= 4``, as in pistonball or pursuit) go through a ``MultiAgentConvNet`` first, anything else
@@ -23,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tensordict.nn import NormalParamExtractor, TensorDictModule
+from tensordict.nn import NormalParamExtractor, TensorDictModule, TensorDictSequential
 from torch import nn
 from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
 from torchrl.envs import EnvBase
@@ -36,6 +38,7 @@ from torchrl.modules import (
     MultiAgentMLP,
     OneHotCategorical,
     ProbabilisticActor,
+    QValueModule,
     TanhNormal,
 )
 
@@ -48,6 +51,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 __all__ = [
     "ACTIVATIONS",
+    "EpsilonGreedy",
     "GaussianNoise",
     "activation_class",
     "continuous_action_bounds",
@@ -55,6 +59,7 @@ __all__ = [
     "make_deterministic_actor",
     "make_encoder",
     "make_q_critic",
+    "make_q_network",
     "make_stochastic_actor",
     "make_value_critic",
 ]
@@ -350,4 +355,58 @@ def make_q_critic(
     )
 
 
-from .exploration import GaussianNoise  # noqa: E402  (kept last: it needs nothing from above)
+def discrete_actions(env: EnvBase, group: str, algorithm: str) -> int:
+    """The group's number of discrete actions, or a ``ValueError`` saying which algorithms fit."""
+    spec = group_spec(env, group, "action")
+    if isinstance(spec, OneHot):
+        return spec.shape[-1]
+    if isinstance(spec, Categorical) and spec.shape == spec.shape[:1]:
+        return spec.space.n
+    raise ValueError(
+        f"{algorithm} needs one discrete action per agent; group {group!r} of "
+        f"{getattr(env, 'env_name', 'this env')} has {type(spec).__name__} actions of shape "
+        f"{tuple(spec.shape)}: use algorithm=maddpg, masac or mappo, or set env.continuous_actions=false "
+        "where the env supports it"
+    )
+
+
+class _DuelingHead(nn.Module):
+    """Q = V + A - mean(A) from an MLP output of size ``n_actions + 1`` (value first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, advantage = x[..., :1], x[..., 1:]
+        return value + advantage - advantage.mean(-1, keepdim=True)
+
+
+def make_q_network(
+    env: EnvBase,
+    group: str,
+    *,
+    num_cells: Sequence[int] = (256, 256),
+    activation: str = "tanh",
+    share_params: bool = True,
+    dueling: bool = False,
+    device: torch.device | str | None = None,
+    algorithm: str = "Q-learning",
+) -> TensorDictSequential:
+    """Per-agent action values and the greedy action for one group (masked when the env gives masks)."""
+    n_actions = discrete_actions(env, group, algorithm)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
+    mlp = _mlp(features, n_actions + int(dueling), n_agents, centralised=False, share_params=share_params,
+               num_cells=num_cells, activation=activation, device=device)
+    layers = [encoder, mlp, _DuelingHead()] if dueling else [encoder, mlp]
+    values = TensorDictModule(nn.Sequential(*layers), in_keys=[(group, "observation")],
+                              out_keys=[(group, "action_value")])
+    has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
+    one_hot = isinstance(group_spec(env, group, "action"), OneHot)
+    greedy = QValueModule(
+        action_space="one_hot" if one_hot else "categorical",
+        action_value_key=(group, "action_value"),
+        action_mask_key=(group, "action_mask") if has_mask else None,
+        out_keys=[(group, "action"), (group, "action_value"), (group, "chosen_action_value")],
+        spec=group_spec(env, group, "action")[0],  # one agent's: checked against the group's batch
+    )
+    return TensorDictSequential(values, greedy)
+
+
+from .exploration import EpsilonGreedy, GaussianNoise  # noqa: E402  (kept last: needs nothing above)

@@ -17,6 +17,9 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "iddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
     "masac": ("marlkit.pipelines.masac", "navigation-offpolicy"),
     "isac": ("marlkit.pipelines.masac", "navigation-offpolicy"),
+    "iql": ("marlkit.pipelines.qlearning", "navigation-discrete"),
+    "vdn": ("marlkit.pipelines.qlearning", "navigation-discrete"),
+    "qmix": ("marlkit.pipelines.qlearning", "navigation-discrete"),
 }
 DEFAULT_ALGORITHM = "mappo"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tensordict.nn import TensorDictSequential
@@ -20,6 +21,7 @@ from marlkit.pipelines.common import TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
+    group_replay,
     GroupAgent,
     OffPolicyLossConfig,
     OffPolicyTrainConfig,
@@ -79,7 +81,7 @@ def validate(cfg: MaddpgConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device, scratch_dir: Path) -> GroupAgent:
     """Deterministic actor + Gaussian noise, Q critic, DDPG loss and target updater for one group."""
     m, x, lc = cfg.model, cfg.exploration, cfg.loss
     action_spec = continuous_action_bounds(env, group, cfg.algorithm)
@@ -93,7 +95,8 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     loss = make_ddpg_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, noise)
+    replay = group_replay(cfg, group, scratch_dir, device)
+    return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
 
 
 def train(cfg: MaddpgConfig) -> TrainResult:

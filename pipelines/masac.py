@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torchrl.envs import EnvBase
@@ -19,6 +20,7 @@ from marlkit.pipelines.common import TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
+    group_replay,
     GroupAgent,
     OffPolicyLossConfig,
     OffPolicyTrainConfig,
@@ -76,7 +78,7 @@ def validate(cfg: MasacConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device, scratch_dir: Path) -> GroupAgent:
     """TanhNormal actor, Q critics, SAC loss and target updater for one group."""
     m, lc = cfg.model, cfg.loss
     continuous_action_bounds(env, group, cfg.algorithm)
@@ -89,7 +91,7 @@ def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device
                          fixed_alpha=lc.fixed_alpha, target_entropy=lc.target_entropy)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS)
+    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device))
 
 
 def train(cfg: MasacConfig) -> TrainResult:

@@ -14,12 +14,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
 from torchrl.envs import EnvBase
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import TargetNetUpdater
@@ -28,6 +28,7 @@ from marlkit.envs import split_env_name
 from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.config import ConfigError
+from marlkit.pipelines.replay import GroupReplay
 from marlkit.pipelines.common import (
     build_env,
     check_common,
@@ -102,16 +103,29 @@ class GroupAgent:
     """Keeps the loss's target networks in step."""
     loss_terms: tuple[str, ...]
     """Keys of the loss output whose sum is minimised."""
+    replay: Any
+    """The group's replay (``extend``, ``sample``, ``update_priority``), see :mod:`.replay`."""
     exploration: Any = None
     """Annealed exploration module (``anneal(frames)``), or None."""
+    priority_key: Any = None
+    """Where the loss writes the TD error that updates replay priorities, or None."""
 
 
-def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...]) -> int:
-    """Checks that need no env; raises ``ValueError`` naming the bad value. Returns iterations."""
+def group_replay(cfg: Any, group: str, scratch_dir: Path | None, device: torch.device, **kwargs: Any) -> GroupReplay:
+    """A group's buffer as ``cfg.replay`` says (on disk under ``scratch_dir`` when memmap)."""
+    return GroupReplay(group, cfg.replay.buffer_size, cfg.replay.batch_size,
+                       scratch_dir=scratch_dir if cfg.replay.memmap else None, device=device, **kwargs)
+
+
+def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...], discrete: bool = False) -> int:
+    """Checks that need no env; raises ``ValueError`` naming the bad value. Returns iterations.
+
+    ``discrete``: the algorithm wants discrete actions (Q-learning) rather than continuous ones.
+    """
     if cfg.algorithm not in algorithm_names:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(algorithm_names)}")
     family, _ = split_env_name(cfg.env.name)
-    if family in DISCRETE_FAMILIES or cfg.env.kwargs.get("continuous_actions") is False:
+    if not discrete and (family in DISCRETE_FAMILIES or cfg.env.kwargs.get("continuous_actions") is False):
         raise ValueError(
             f"{cfg.algorithm} needs continuous actions; {cfg.env.name} has discrete actions "
             "(use algorithm=mappo, iql or qmix, or env.continuous_actions=true where supported)"
@@ -149,22 +163,7 @@ def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...]) -> int:
     return iterations
 
 
-def _buffer(cfg: Any, run: RunDir, group: str) -> ReplayBuffer:
-    if cfg.replay.memmap:
-        storage = LazyMemmapStorage(cfg.replay.buffer_size, scratch_dir=run.path / "buffers" / group)
-    else:
-        storage = LazyTensorStorage(cfg.replay.buffer_size, device=resolve_device(cfg.device))
-    return ReplayBuffer(storage=storage, sampler=RandomSampler(), batch_size=cfg.replay.batch_size)
-
-
-def _transitions(batch: TensorDictBase, group: str) -> TensorDictBase:
-    """The part of a collected batch a group's loss reads, flattened to ``[frames]``."""
-    keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
-            ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
-    return batch.select(*keys).reshape(-1)
-
-
-BuildGroup = Callable[[EnvBase, str, Any, torch.device], GroupAgent]
+BuildGroup = Callable[[EnvBase, str, Any, torch.device, Path], GroupAgent]
 
 
 def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any], int]) -> TrainResult:
@@ -181,7 +180,7 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     if unknown:
         raise ConfigError(f"train.freeze_after names unknown groups {unknown}; this env's groups: {groups}")
     try:
-        agents = {group: build_group(env, group, cfg, device) for group in groups}
+        agents = {group: build_group(env, group, cfg, device, run.path / "buffers" / group) for group in groups}
     except ValueError as err:  # e.g. discrete actions, known only from the env's specs
         raise ConfigError(str(err)) from err
     optimisers = {
@@ -192,15 +191,15 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     collector = make_collector(env, policy, cfg.collector, device=device,
                                init_random_frames=cfg.replay.warmup_frames)
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
-    buffers = {group: _buffer(cfg, run, group) for group in groups}
 
     progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress)
     frames, steps = 0, 0
     for iteration, batch in enumerate(collector):
         progress.collected()
         frames += batch.numel()
+        extra: dict[str, float] = {}
         for group in groups:
-            buffers[group].extend(_transitions(batch, group))
+            extra.update(agents[group].replay.extend(batch))
             if agents[group].exploration is not None:
                 agents[group].exploration.anneal(frames)
         learning = [
@@ -211,7 +210,7 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         for _ in range(cfg.train.optimiser_steps if learning else 0):
             for group in learning:
                 agent = agents[group]
-                minibatch = buffers[group].sample().to(device)
+                minibatch = agent.replay.sample()
                 out = agent.loss(minibatch)
                 total = sum(out[key] for key in agent.loss_terms)
                 total.backward()
@@ -219,11 +218,13 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
                 optimisers[group].step()
                 optimisers[group].zero_grad(set_to_none=True)
                 agent.target_updater.step()
+                if agent.priority_key is not None:
+                    agent.replay.update_priority(minibatch, minibatch.get(agent.priority_key))
                 terms[group].append(scalar_entries(out))
                 steps += 1
         collector.update_policy_weights_()
-        extra = {f"{group}/learning": float(group in learning) for group in groups}
-        extra.update({f"{g}/sigma": float(a.exploration.sigma) for g, a in agents.items() if a.exploration is not None})
+        extra.update({f"{group}/learning": float(group in learning) for group in groups})
+        extra.update({f"{g}/{a.exploration.name}": a.exploration.value for g, a in agents.items() if a.exploration is not None})
         extra["counters/optimiser_steps"] = steps
         progress.log(iteration, batch, terms, extra)
     collector.shutdown()  # closes the env too

@@ -186,8 +186,8 @@ def test_freeze_after_keeps_group_bit_identical(tmp_run_dir, monkeypatch):
     snapshots, agents = [], {}
     build = maddpg.build_group
 
-    def recording_build(env, group, cfg, device):
-        agents[group] = build(env, group, cfg, device)
+    def recording_build(env, group, cfg, device, scratch_dir):
+        agents[group] = build(env, group, cfg, device, scratch_dir)
         return agents[group]
 
     make_collector = offpolicy.make_collector

@@ -1,0 +1,203 @@
+"""Value-based MARL: IQL (independent double DQN, dueling optional), VDN and QMIX, and SUPER.
+
+``marlkit train iql|vdn|qmix --env vmas/navigation env.continuous_actions=false`` or
+``python pipelines/qlearning.py ...``. With ``algorithm=iql`` and ``sharing.mode`` other than ``none``
+every agent keeps its own buffer and relays selected experiences to the others (SUPER; ``all`` and
+``random`` are its baselines). The loop is in :mod:`marlkit.pipelines.offpolicy`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictSequential
+from torchrl.envs import EnvBase
+
+from marlkit.envs import split_env_name
+from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, TEAM
+from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
+from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.config import ModelConfig, RunConfig
+from marlkit.pipelines.offpolicy import (
+    check_offpolicy,
+    group_replay,
+    GroupAgent,
+    OffPolicyLossConfig,
+    OffPolicyTrainConfig,
+    ReplayConfig,
+    train_offpolicy,
+)
+from marlkit.pipelines.replay import ExperienceSelector, SharedReplay, SHARING_MODES
+
+ALGORITHMS = ("iql", "vdn", "qmix")
+
+
+@dataclass
+class QModelConfig(ModelConfig):
+    """Per-agent Q networks (MultiAgentMLP, MultiAgentConvNet in front for images) and the mixer."""
+
+    dueling: bool = False
+    """Dueling head: Q = V + A - mean(A)."""
+    mixing_embed_dim: int = 32
+    """QMIX hypernetwork width."""
+
+
+@dataclass
+class EpsilonConfig:
+    """Epsilon-greedy exploration, annealed linearly."""
+
+    eps_init: float = 1.0
+    """Probability of a random action at the start."""
+    eps_end: float = 0.05
+    """Probability of a random action after annealing_frames."""
+    annealing_frames: int | None = None
+    """Frames over which epsilon anneals; None = half the total frames."""
+
+
+@dataclass
+class QReplayConfig(ReplayConfig):
+    """Replay buffers (per group; per agent with experience sharing), uniform or prioritized."""
+
+    prioritized: bool = False
+    """Prioritized replay: P(i) ~ |TD_i|^alpha, importance weights ^beta."""
+    alpha: float = 0.6
+    """Priority exponent."""
+    beta: float = 0.4
+    """Importance-weight exponent."""
+
+
+@dataclass
+class QLossConfig(OffPolicyLossConfig):
+    """TD(0) Q-learning targets and target networks."""
+
+    double_dqn: bool = True
+    """IQL: pick the next action with the online net, value it with the target net."""
+
+
+@dataclass
+class SharingConfig:
+    """SUPER selective experience sharing between IQL agents."""
+
+    mode: str = "none"
+    """none, all, random, quantile, gaussian or stochastic."""
+    beta: float = 0.1
+    """Bandwidth: the fraction of transitions meant to be shared, in (0, 1]."""
+    window: int = 1500
+    """Number of recent |TD errors| the quantile and gaussian heuristics look at."""
+
+
+@dataclass
+class QlearningConfig(RunConfig):
+    """IQL / VDN / QMIX configuration."""
+
+    algorithm: str = "qmix"
+    """iql (independent double DQN), vdn (sum mixer) or qmix (monotonic mixer)."""
+    model: QModelConfig = field(default_factory=QModelConfig)
+    """Networks."""
+    exploration: EpsilonConfig = field(default_factory=EpsilonConfig)
+    """Exploration."""
+    replay: QReplayConfig = field(default_factory=QReplayConfig)
+    """Replay buffers."""
+    loss: QLossConfig = field(default_factory=QLossConfig)
+    """Objective."""
+    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
+    """Optimisation."""
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    """Experience sharing (IQL only)."""
+
+
+CONFIG = QlearningConfig
+
+
+def validate(cfg: QlearningConfig) -> int:
+    """Every check that needs no env; returns the number of iterations."""
+    family, _ = split_env_name(cfg.env.name)
+    if family == "vmas" and cfg.env.kwargs.get("continuous_actions", True) is not False:
+        raise ValueError(
+            f"{cfg.algorithm} needs discrete actions; {cfg.env.name} has continuous actions by default: "
+            "set env.continuous_actions=false, or use algorithm=maddpg, masac or mappo"
+        )
+    iterations = check_offpolicy(cfg, ALGORITHMS, discrete=True)
+    s, x, r = cfg.sharing, cfg.exploration, cfg.replay
+    if s.mode not in SHARING_MODES:
+        raise ValueError(f"sharing.mode={s.mode!r} is not supported; accepted: {list(SHARING_MODES)}")
+    if not 0.0 < s.beta <= 1.0:
+        raise ValueError(f"sharing.beta must be in (0, 1], got {s.beta}")
+    if s.window < 1:
+        raise ValueError(f"sharing.window must be >= 1, got {s.window}")
+    if s.mode != "none" and cfg.algorithm != "iql":
+        raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
+    for name, value in (("eps_init", x.eps_init), ("eps_end", x.eps_end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"exploration.{name} must be in [0, 1], got {value}")
+    if r.prioritized and (r.alpha < 0 or not 0.0 <= r.beta <= 1.0):
+        raise ValueError(f"replay.alpha must be >= 0 and replay.beta in [0, 1], got {r.alpha}, {r.beta}")
+    return iterations
+
+
+def _score_with(loss, group: str):
+    """|TD error| of new transitions under each agent's own online and target nets (double-Q)."""
+
+    def score(data: TensorDictBase) -> torch.Tensor:
+        data = data.clone(False)
+        loss(data)  # writes the squared TD error per agent
+        return data.get((group, "td_error")).reshape(data.shape[0], -1).sqrt()
+
+    return score
+
+
+def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device,
+                scratch_dir: Path) -> GroupAgent:
+    """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
+    m, x, lc, r = cfg.model, cfg.exploration, cfg.loss, cfg.replay
+    q_net = make_q_network(env, group, num_cells=m.num_cells, activation=m.activation,
+                           share_params=m.share_params, dueling=m.dueling, device=device, algorithm=cfg.algorithm)
+    n_agents = env.n_agents(group)
+    has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
+    annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
+    explore = EpsilonGreedy(group_spec(env, group, "action"), (group, "action"),
+                            mask_key=(group, "action_mask") if has_mask else None,
+                            eps_init=x.eps_init, eps_end=x.eps_end, annealing_frames=annealing).to(device)
+    prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta}
+    if cfg.algorithm == "iql":
+        loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn)
+        priority_key = (group, "td_error")
+        if cfg.sharing.mode == "none":
+            replay = group_replay(cfg, group, scratch_dir, device, **prioritized)
+        else:
+            selector = ExperienceSelector(cfg.sharing.mode, n_agents, cfg.sharing.beta, cfg.sharing.window)
+            replay = SharedReplay(group, n_agents, r.buffer_size, r.batch_size, device=device,
+                                  scratch_dir=scratch_dir if r.memmap else None, selector=selector,
+                                  score=_score_with(loss, group), **prioritized)
+    else:
+        has_state = "state" in env.full_observation_spec.keys()
+        state_key = "state" if has_state else (group, "observation")
+        state_shape = tuple(group_spec(env, group, "observation").shape) if not has_state else tuple(
+            env.full_observation_spec["state"].shape[len(env.batch_size):])
+        loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
+                                state_shape=state_shape, gamma=lc.gamma, loss_function=lc.loss_function,
+                                mixing_embed_dim=m.mixing_embed_dim)
+        priority_key = (TEAM, "td_error")
+        replay = group_replay(cfg, group, scratch_dir, device, team=True, state=has_state, **prioritized)
+    updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
+    return GroupAgent(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
+
+
+def train(cfg: QlearningConfig) -> TrainResult:
+    """Train IQL / VDN / QMIX (or SUPER) as configured; write the run directory; return the final metrics."""
+    return train_offpolicy(cfg, build_group, validate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python pipelines/qlearning.py [iql|vdn|qmix] [--env ...] [overrides]``: as marlkit train."""
+    from marlkit.pipelines.cli import script_main
+
+    return script_main(ALGORITHMS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

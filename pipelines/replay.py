@@ -1,0 +1,285 @@
+"""Replay for the off-policy pipelines: one buffer per group, or per agent with SUPER experience sharing.
+
+* :class:`GroupReplay` keeps a group's transitions (``[frames]`` entries whose group fields are
+  ``[n_agents, ...]``) in one buffer, on disk (``LazyMemmapStorage``) or in memory, sampled
+  uniformly or by priority.
+* :class:`SharedReplay` gives every agent of a group its own buffer and relays a selected few of each
+  agent's new transitions to every *other* agent's buffer (SUPER, Gerstgrasser, Danino & Keren,
+  NeurIPS 2023); :class:`ExperienceSelector` implements the selection heuristics.
+* :class:`ProportionalPrioritizedSampler` is prioritized replay in plain PyTorch (TorchRL's own
+  sampler needs its compiled extension, which does not load against every torch build).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
+from torchrl.data.replay_buffers.samplers import Sampler
+
+SHARING_MODES = ("none", "all", "random", "quantile", "gaussian", "stochastic")
+
+
+class ProportionalPrioritizedSampler(Sampler):
+    """Proportional prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha, weights (N P(i))^-beta.
+
+    New transitions get the largest priority seen so far; :meth:`update_priority` sets
+    ``p_i = |td_error_i| + eps``. Sampling is ``torch.multinomial`` over the filled part.
+    """
+
+    def __init__(self, max_capacity: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6):
+        super().__init__()
+        if not 0.0 <= alpha or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"need alpha >= 0 and beta in [0, 1], got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self.priorities = torch.zeros(max_capacity)
+        self.max_priority = 1.0
+
+    def sample(self, storage: Any, batch_size: int) -> tuple[torch.Tensor, dict]:
+        n = len(storage)
+        if n == 0:
+            raise RuntimeError("cannot sample from an empty buffer")
+        probs = self.priorities[:n].pow(self.alpha)
+        probs = probs / probs.sum()
+        index = torch.multinomial(probs, batch_size, replacement=True)
+        weights = (n * probs[index]).pow(-self.beta)
+        weights = weights / (n * probs.min()).pow(-self.beta)  # so the largest possible weight is 1
+        return index, {"priority_weight": weights}
+
+    def extend(self, index: torch.Tensor) -> None:
+        self.priorities[torch.as_tensor(index)] = self.max_priority
+
+    def add(self, index: int) -> None:
+        self.priorities[index] = self.max_priority
+
+    def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
+        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs().reshape(-1) + self.eps
+        self.priorities[torch.as_tensor(index).cpu().reshape(-1)] = priority
+        self.max_priority = max(self.max_priority, float(priority.max()))
+
+    def _empty(self) -> None:
+        self.priorities.zero_()
+        self.max_priority = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"priorities": self.priorities.clone(), "max_priority": self.max_priority}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.priorities.copy_(state_dict["priorities"])
+        self.max_priority = float(state_dict["max_priority"])
+
+    def dumps(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), Path(path) / "sampler.pt")
+
+    def loads(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(Path(path) / "sampler.pt", weights_only=True))
+
+
+def make_buffer(
+    size: int,
+    batch_size: int,
+    *,
+    scratch_dir: Path | None,
+    device: torch.device,
+    prioritized: bool = False,
+    alpha: float = 0.6,
+    beta: float = 0.4,
+) -> ReplayBuffer:
+    """A buffer of ``size`` transitions on disk (``scratch_dir`` given) or in ``device`` memory."""
+    if scratch_dir is not None:
+        storage = LazyMemmapStorage(size, scratch_dir=scratch_dir)
+    else:
+        storage = LazyTensorStorage(size, device=device)
+    sampler = ProportionalPrioritizedSampler(size, alpha, beta) if prioritized else RandomSampler()
+    return ReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size)
+
+
+def transitions(batch: TensorDictBase, group: str, team: bool = False, state: bool = False) -> TensorDictBase:
+    """The part of a collected ``[envs, time]`` batch a group's loss reads, flattened to ``[frames]``.
+
+    ``team`` adds the team-level entries a mixer learns from: ``("next", "team", "reward")`` (the
+    mean of the group's rewards) and the episode's ``done``/``terminated``; ``state`` keeps the
+    global ``state`` and ``("next", "state")``.
+    """
+    keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
+            ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
+    for key in ((group, "action_mask"), ("next", group, "action_mask")):
+        if key in batch.keys(True, True):
+            keys.append(key)
+    if state:
+        keys += ["state", ("next", "state")]
+    out = batch.select(*keys).reshape(-1)
+    if team:
+        out.set(("next", "team", "reward"), batch.get(("next", group, "reward")).mean(-2).reshape(-1, 1))
+        out.set(("next", "team", "done"), batch.get(("next", "done")).reshape(-1, 1))
+        out.set(("next", "team", "terminated"), batch.get(("next", "terminated")).reshape(-1, 1))
+    return out
+
+
+class GroupReplay:
+    """One buffer for a group's transitions; ``sample()`` gives a minibatch on the training device."""
+
+    def __init__(self, group: str, buffer_size: int, batch_size: int, *, scratch_dir: Path | None,
+                 device: torch.device, prioritized: bool = False, alpha: float = 0.6, beta: float = 0.4,
+                 team: bool = False, state: bool = False):
+        self.group, self.device, self.team, self.state = group, device, team, state
+        self.buffer = make_buffer(buffer_size, batch_size, scratch_dir=scratch_dir, device=device,
+                                  prioritized=prioritized, alpha=alpha, beta=beta)
+        self.prioritized = prioritized
+
+    def extend(self, batch: TensorDictBase) -> dict[str, float]:
+        """Store a collected batch; returns metrics to log (none here)."""
+        self.buffer.extend(transitions(batch, self.group, self.team, self.state))
+        return {}
+
+    def sample(self) -> TensorDictBase:
+        """A minibatch; with priorities it carries ``priority_weight`` and ``index``."""
+        data, info = self.buffer.sample(return_info=True)
+        data = data.to(self.device)
+        if self.prioritized:
+            data.set("index", torch.as_tensor(info["index"], device=self.device))
+            weights = info["priority_weight"].to(self.device)
+            if not self.team:  # per-agent losses [B, n_agents] need one weight per entry
+                n_agents = data.get((self.group, "action")).shape[1]
+                weights = weights.unsqueeze(-1).expand(-1, n_agents)
+            data.set("priority_weight", weights)
+        return data
+
+    def update_priority(self, minibatch: TensorDictBase, td_error: torch.Tensor) -> None:
+        """New priorities from a loss's TD errors (per transition: the largest over its agents)."""
+        if self.prioritized:
+            priority = td_error.detach().reshape(minibatch.shape[0], -1).abs().amax(-1)
+            self.buffer.update_priority(minibatch.get("index"), priority)
+
+    def priorities(self) -> torch.Tensor:
+        """The sampler's current priorities (prioritized buffers only)."""
+        return self.buffer.sampler.priorities
+
+
+class ExperienceSelector:
+    """Chooses which new transitions each agent relays to the others (SUPER's heuristics).
+
+    :meth:`select` takes ``|TD error|`` of shape ``[M, n_agents]`` (M new transitions per agent) and
+    returns a boolean mask of the same shape:
+
+    * ``all``: everything; ``none``: nothing;
+    * ``random``: ``round(beta * M)`` transitions per agent, uniformly at random;
+    * ``quantile``: those above the ``(1 - beta)`` quantile (linear interpolation) of the agent's
+      window of its last ``window`` |TD errors|, the new ones included;
+    * ``gaussian``: those above ``mean + Phi^-1(1 - beta) * std`` of that window (population std);
+    * ``stochastic``: each independently with probability ``min(1, beta * M * |TD_i| / sum_j |TD_j|)``.
+    """
+
+    def __init__(self, mode: str, n_agents: int, beta: float = 0.1, window: int = 1500,
+                 generator: torch.Generator | None = None):
+        if mode not in SHARING_MODES:
+            raise ValueError(f"sharing.mode={mode!r} is not supported; accepted: {list(SHARING_MODES)}")
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"sharing.beta must be in (0, 1], got {beta}")
+        if window < 1:
+            raise ValueError(f"sharing.window must be >= 1, got {window}")
+        self.mode, self.n_agents, self.beta, self.window = mode, n_agents, beta, window
+        self.generator = generator
+        self.history = torch.zeros(0, n_agents)
+
+    def select(self, td_error: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``[M, n_agents]`` of the transitions to share."""
+        td = td_error.detach().abs().float().cpu().reshape(-1, self.n_agents)
+        m = td.shape[0]
+        if self.mode in ("quantile", "gaussian"):
+            self.history = torch.cat([self.history, td])[-self.window:]
+        if self.mode == "none":
+            return torch.zeros_like(td, dtype=torch.bool)
+        if self.mode == "all":
+            return torch.ones_like(td, dtype=torch.bool)
+        if self.mode == "random":
+            k = round(self.beta * m)
+            ranks = torch.rand(td.shape, generator=self.generator).argsort(0).argsort(0)
+            return ranks < k
+        if self.mode == "quantile":
+            threshold = torch.quantile(self.history, 1.0 - self.beta, dim=0)
+            return td > threshold
+        if self.mode == "gaussian":
+            z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - self.beta)) if self.beta < 1 else -math.inf
+            threshold = self.history.mean(0) + z * self.history.std(0, correction=0)
+            return td > threshold
+        total = td.sum(0, keepdim=True).clamp_min(1e-12)
+        probability = (self.beta * m * td / total).clamp(max=1.0)
+        return torch.rand(td.shape, generator=self.generator) < probability
+
+
+class SharedReplay(GroupReplay):
+    """One buffer per agent of a group; each agent's selected new transitions go to the others'.
+
+    ``score`` maps the new transitions (``[M]`` entries, group fields ``[n_agents, ...]``) to each
+    agent's |TD error| ``[M, n_agents]`` under that agent's own online and target networks.
+    """
+
+    def __init__(self, group: str, n_agents: int, buffer_size: int, batch_size: int, *,
+                 scratch_dir: Path | None, device: torch.device, selector: ExperienceSelector,
+                 score: Callable[[TensorDictBase], torch.Tensor], prioritized: bool = False,
+                 alpha: float = 0.6, beta: float = 0.4):
+        self.group, self.device, self.prioritized = group, device, prioritized
+        self.team = self.state = False
+        self.n_agents, self.selector, self.score = n_agents, selector, score
+        self.buffers = [
+            make_buffer(buffer_size, batch_size, device=device, prioritized=prioritized, alpha=alpha, beta=beta,
+                        scratch_dir=None if scratch_dir is None else scratch_dir / f"agent_{i}")
+            for i in range(n_agents)
+        ]
+
+    def _per_agent(self, data: TensorDictBase) -> TensorDictBase:
+        """``[M]`` group transitions -> ``[M, n_agents]`` so ``[:, i]`` is agent i's own."""
+        g = self.group
+        return TensorDict({g: data.get(g), "next": {g: data.get(("next", g))}},
+                          batch_size=(data.shape[0], self.n_agents))
+
+    def extend(self, batch: TensorDictBase) -> dict[str, float]:
+        """Store each agent's transitions in its buffer, then relay the selected ones to the others."""
+        data = transitions(batch, self.group)
+        with torch.no_grad():
+            share = self.selector.select(self.score(data.to(self.device)))  # [M, n_agents]
+        per_agent = self._per_agent(data)
+        for i, buffer in enumerate(self.buffers):
+            buffer.extend(per_agent[:, i])
+        for sender in range(self.n_agents):
+            chosen = per_agent[:, sender][share[:, sender].to(per_agent.device)]
+            if chosen.shape[0]:
+                for receiver, buffer in enumerate(self.buffers):
+                    if receiver != sender:
+                        buffer.extend(chosen)
+        return {f"{self.group}/share_fraction": share.float().mean().item()}
+
+    def sample(self) -> TensorDictBase:
+        """Agent i's column comes from agent i's buffer: one ``[B]`` batch with ``[B, n_agents]`` fields."""
+        samples, indices, weights = [], [], []
+        for buffer in self.buffers:
+            data, info = buffer.sample(return_info=True)
+            samples.append(data)
+            indices.append(torch.as_tensor(info["index"]))
+            if self.prioritized:
+                weights.append(info["priority_weight"])
+        stacked = torch.stack(samples, dim=1)
+        g = self.group
+        out = TensorDict({g: stacked.get(g), "next": {g: stacked.get(("next", g))}},
+                         batch_size=stacked.shape[:1]).to(self.device)
+        if self.prioritized:
+            out.set("index", torch.stack(indices, 1).to(self.device))
+            out.set("priority_weight", torch.stack(weights, 1).to(self.device))  # agent i's own weights
+        return out
+
+    def update_priority(self, minibatch: TensorDictBase, td_error: torch.Tensor) -> None:
+        """Agent i's buffer gets agent i's TD errors."""
+        if self.prioritized:
+            errors = td_error.detach().reshape(minibatch.shape[0], self.n_agents)
+            for i, buffer in enumerate(self.buffers):
+                buffer.update_priority(minibatch.get("index")[:, i], errors[:, i].abs())
+
+    def priorities(self) -> torch.Tensor:
+        """Agent 0's sampler priorities."""
+        return self.buffers[0].sampler.priorities
