@@ -1,0 +1,252 @@
+"""IQL / VDN / QMIX and SUPER: losses, selection heuristics, sharing, priorities, tiny runs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.data import Categorical
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from helpers import SpecOnlyEnv
+from marlkit.losses import make_dqn_loss, make_qmixer_loss
+from marlkit.modules import EpsilonGreedy, make_q_network
+from marlkit.pipelines import qlearning
+from marlkit.pipelines.cli import main as cli_main
+from marlkit.pipelines.config import apply_overrides
+from marlkit.pipelines.replay import ExperienceSelector, GroupReplay, ProportionalPrioritizedSampler, SharedReplay
+
+B, N, OBS, A = 16, 3, 4, 5
+DISCRETE = Categorical(A, shape=(B, N))
+
+
+def _batch(team: bool = False) -> TensorDict:
+    g = torch.Generator().manual_seed(2)
+    done = torch.zeros(B, N, 1, dtype=torch.bool)
+    done[:4] = True
+    td = TensorDict({
+        "agents": {"observation": torch.randn(B, N, OBS, generator=g), "action": torch.randint(0, A, (B, N), generator=g)},
+        "next": {"agents": {"observation": torch.randn(B, N, OBS, generator=g), "reward": torch.randn(B, N, 1, generator=g),
+                            "done": done, "terminated": done.clone()}},
+    }, batch_size=(B,))
+    if team:
+        td["next", "team", "reward"] = td["next", "agents", "reward"].mean(-2)
+        td["next", "team", "done"] = done[:, 0]
+        td["next", "team", "terminated"] = done[:, 0].clone()
+    return td
+
+
+def _q(dueling=False):
+    return make_q_network(SpecOnlyEnv((OBS,), DISCRETE, batch=B), "agents", num_cells=[16], dueling=dueling)
+
+
+@pytest.mark.parametrize("double_dqn", [True, False])
+@pytest.mark.parametrize("dueling", [True, False])
+def test_dqn_loss_on_hand_made_batch(double_dqn, dueling):
+    q = _q(dueling)
+    loss = make_dqn_loss(q, "agents", double_dqn=double_dqn)
+    td = _batch()
+    out = loss(td)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
+    assert td["agents", "td_error"].shape[:2] == (B, N)  # one priority per agent
+
+
+@pytest.mark.parametrize("mixer", ["vdn", "qmix"])
+def test_qmixer_loss_on_hand_made_batch(mixer):
+    q = _q()
+    loss = make_qmixer_loss(q, "agents", mixer=mixer, n_agents=N, state_key=("agents", "observation"),
+                            state_shape=(N, OBS))
+    out = loss(_batch(team=True))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in q.parameters())
+    if mixer == "qmix":
+        assert all(p.grad is not None for p in loss.mixer_network_params.values(True, True))
+
+
+def test_mixer_needs_several_agents():
+    with pytest.raises(ValueError, match="group 'agents' has 1: use algorithm=iql"):
+        make_qmixer_loss(_q(), "agents", mixer="qmix", n_agents=1, state_key="state", state_shape=(3,))
+
+
+def test_epsilon_greedy_anneals_and_honours_masks():
+    spec = Categorical(A, shape=(N,))
+    explore = EpsilonGreedy(spec, ("agents", "action"), mask_key=("agents", "action_mask"), eps_init=1.0,
+                            eps_end=0.0, annealing_frames=10)
+    td = TensorDict({"agents": {"action": torch.zeros(1000, N, dtype=torch.long),
+                                "action_mask": torch.zeros(1000, N, A, dtype=torch.bool)}}, batch_size=(1000,))
+    td["agents", "action_mask"][..., 2:4] = True
+    out = explore(td.clone())["agents", "action"]
+    assert set(out.unique().tolist()) == {2, 3}  # random actions only among the allowed ones
+    assert explore.anneal(5) == pytest.approx(0.5) and explore.anneal(20) == 0.0
+    assert (explore(td.clone())["agents", "action"] == 0).all()
+    explore.anneal(0)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        assert (explore(td.clone())["agents", "action"] == 0).all()
+
+
+# |TD errors| of 10 new transitions for 2 agents, by hand.
+TD = torch.tensor([[0.1, 5.0], [0.2, 4.0], [0.3, 3.0], [0.4, 2.0], [0.5, 1.0],
+                   [0.6, 0.9], [0.7, 0.8], [0.8, 0.7], [0.9, 0.6], [1.0, 0.5]])
+
+
+def test_quantile_selection_exact_indices():
+    selector = ExperienceSelector("quantile", n_agents=2, beta=0.2, window=10)
+    mask = selector.select(TD)
+    # 0.8-quantile of agent 0's window [0.1..1.0] is 0.82: indices 8, 9; of agent 1's is 3.2: 0, 1.
+    assert mask[:, 0].nonzero().flatten().tolist() == [8, 9]
+    assert mask[:, 1].nonzero().flatten().tolist() == [0, 1]
+    # The window keeps the last k values, so larger past errors raise the bar for new ones: with two
+    # earlier 100s in a 12-value window the 0.8-quantiles become 0.98 and 4.8.
+    selector = ExperienceSelector("quantile", n_agents=2, beta=0.2, window=12)
+    selector.select(torch.full((2, 2), 100.0))
+    mask = selector.select(TD)
+    assert mask[:, 0].nonzero().flatten().tolist() == [9] and mask[:, 1].nonzero().flatten().tolist() == [0]
+    # Older values fall out of a short window.
+    selector = ExperienceSelector("quantile", n_agents=2, beta=0.2, window=10)
+    selector.select(torch.full((2, 2), 100.0))
+    assert torch.equal(selector.select(TD), ExperienceSelector("quantile", 2, beta=0.2, window=10).select(TD))
+
+
+def test_gaussian_selection_exact_indices():
+    selector = ExperienceSelector("gaussian", n_agents=2, beta=0.1, window=1500)
+    mask = selector.select(TD)
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.9))
+    threshold = TD.mean(0) + z * TD.std(0, correction=0)  # agent 0: 0.55 + 1.2816 * 0.287 = 0.918
+    assert torch.equal(mask, TD > threshold)             # agent 1: 1.85 + 1.2816 * 1.527 = 3.807
+    assert mask[:, 0].nonzero().flatten().tolist() == [9]
+    assert mask[:, 1].nonzero().flatten().tolist() == [0, 1]
+
+
+def test_stochastic_selection_frequencies():
+    td = torch.tensor([[1.0], [2.0], [3.0], [4.0], [40.0]])  # n = 5, sum = 50
+    selector = ExperienceSelector("stochastic", n_agents=1, beta=0.4, generator=torch.Generator().manual_seed(0))
+    draws = torch.stack([selector.select(td)[:, 0] for _ in range(4000)]).float().mean(0)
+    expected = torch.tensor([0.04, 0.08, 0.12, 0.16, 1.0])  # min(1, 0.4 * 5 * td / 50)
+    torch.testing.assert_close(draws, expected, atol=0.02, rtol=0)
+
+
+def test_random_all_none_selection():
+    gen = torch.Generator().manual_seed(0)
+    assert ExperienceSelector("random", 2, beta=0.3, generator=gen).select(TD).sum(0).tolist() == [3, 3]
+    assert ExperienceSelector("all", 2).select(TD).all() and not ExperienceSelector("none", 2).select(TD).any()
+
+
+def _collected(n_frames: int = 6) -> TensorDict:
+    """A collected [1, T] batch where agent i's observation is filled with i (to trace transitions)."""
+    obs = torch.arange(N).float().view(1, 1, N, 1).expand(1, n_frames, N, OBS).clone()
+    obs = obs + 10 * torch.arange(n_frames).float().view(1, n_frames, 1, 1)  # frame id in the tens
+    done = torch.zeros(1, n_frames, N, 1, dtype=torch.bool)
+    return TensorDict({
+        "agents": {"observation": obs, "action": torch.zeros(1, n_frames, N, dtype=torch.long)},
+        "next": {"agents": {"observation": obs.clone(), "reward": torch.zeros(1, n_frames, N, 1),
+                            "done": done, "terminated": done.clone()},
+                 "done": done[..., 0, :], "terminated": done[..., 0, :]},
+    }, batch_size=(1, n_frames))
+
+
+def test_shared_transitions_land_only_in_other_agents_buffers():
+    # Agent 0 scores frame 1 high and shares it; agent 2 shares frame 4; agent 1 shares nothing.
+    scores = torch.zeros(6, N)
+    scores[1, 0], scores[4, 2] = 10.0, 10.0
+    replay = SharedReplay("agents", N, 100, 4, scratch_dir=None, device=torch.device("cpu"),
+                          selector=ExperienceSelector("quantile", N, beta=0.2, window=6), score=lambda d: scores)
+    metrics = replay.extend(_collected())
+    contents = [buf.storage[: len(buf)]["agents", "observation"][:, 0].tolist() for buf in replay.buffers]
+    assert contents[0] == [0, 10, 20, 30, 40, 50, 42]   # its own six, plus agent 2's frame 4
+    assert contents[1] == [1, 11, 21, 31, 41, 51, 10, 42]  # its own, agent 0's frame 1, agent 2's frame 4
+    assert contents[2] == [2, 12, 22, 32, 42, 52, 10]   # its own, plus agent 0's frame 1 — never its own again
+    assert metrics["agents/share_fraction"] == pytest.approx(2 / 18)
+    sample = replay.sample()
+    assert sample["agents", "observation"].shape == (4, N, OBS)
+    assert (sample["agents", "observation"][:, 0, 0] % 10 != 1).all()  # agent 0's column is never agent 1's own
+
+
+def test_prioritized_priorities_change_after_update():
+    replay = GroupReplay("agents", 64, 8, scratch_dir=None, device=torch.device("cpu"), prioritized=True)
+    replay.extend(_collected(10))
+    before = replay.priorities()[:10].clone()
+    assert torch.equal(before, torch.ones(10))  # new transitions get the max priority
+    sample = replay.sample()
+    assert sample["priority_weight"].shape == (8, N)
+    replay.update_priority(sample, torch.full((8, N, 1), 0.25))
+    after = replay.priorities()[:10]
+    changed = sample["index"].unique()
+    assert torch.allclose(after[changed], torch.tensor(0.25 + 1e-6))
+    assert not torch.equal(before, after)
+
+
+def test_prioritized_sampler_prefers_high_priority():
+    sampler = ProportionalPrioritizedSampler(4, alpha=1.0, beta=1.0)
+    sampler.extend(torch.arange(4))
+    sampler.update_priority(torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 97.0]))
+    storage = [0, 1, 2, 3]
+    index, info = sampler.sample(storage, 2000)
+    assert (index == 3).float().mean() > 0.9
+    assert info["priority_weight"].max() <= 1.0 + 1e-6
+
+
+def tiny(algorithm: str, env: str, run_dir, **overrides):
+    cfg = qlearning.CONFIG(algorithm=algorithm)
+    apply_overrides(cfg, {
+        "env.name": env, "env.num_envs": 4, "collector.frames_per_batch": 80, "collector.total_frames": 160,
+        "replay.batch_size": 16, "replay.buffer_size": 1000, "train.optimiser_steps": 2, "model.num_cells": [16],
+        "logger.progress": False, "logger.run_dir": str(run_dir), **overrides,
+    })
+    return cfg
+
+
+ENVS = [
+    ("vmas/navigation", {"env.n_agents": 2, "env.continuous_actions": False, "env.max_steps": 10}),
+    ("pettingzoo/sisl/pursuit_v5", {"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 3, "env.n_evaders": 2,
+                                    "env.max_steps": 10}),
+    ("gridworld", {"env.grid_size": 4, "env.max_steps": 10}),
+]
+RUNS = [(a, e, o, {}) for a in ("iql", "vdn", "qmix") for e, o in ENVS]
+RUNS += [("iql", e, o, {"sharing.mode": m}) for m in ("all", "random", "quantile", "gaussian", "stochastic")
+         for e, o in ENVS]
+RUNS += [("iql", "gridworld", {"env.max_steps": 10}, {"replay.prioritized": True, "model.dueling": True}),
+         ("qmix", "matrix/two_step", {}, {"replay.prioritized": True})]
+
+
+@pytest.mark.parametrize("algorithm,env,env_overrides,overrides", RUNS,
+                         ids=[f"{r[0]}-{r[1]}-{r[3].get('sharing.mode', '')}" for r in RUNS])
+def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
+    result = qlearning.train(tiny(algorithm, env, tmp_run_dir, **env_overrides, **overrides))
+    with (tmp_run_dir / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert result.frames == 160 and len(rows) == 2
+    group = next(iter(result.episode_reward_mean))
+    assert rows[-1][f"{group}/loss"] != "" and float(rows[-1]["counters/optimiser_steps"]) == 4
+    mode = overrides.get("sharing.mode")
+    if mode:
+        fraction = float(rows[-1][f"{group}/share_fraction"])
+        assert fraction == 1.0 if mode == "all" else 0.0 <= fraction < 1.0
+        assert len(list((tmp_run_dir / "buffers" / group).glob("agent_*"))) >= 2  # one buffer per agent
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "qmix", "--env", "vmas/navigation"], "qmix needs discrete actions.*env.continuous_actions=false.*maddpg"),
+    (["train", "iql", "--env", "pettingzoo/mpe2/simple_spread_v3", "--frames", "600", "env.num_envs=2",
+      "collector.frames_per_batch=300", "env.continuous_actions=true"], "iql needs one discrete action per agent"),
+    (["train", "iql", "sharing.beta=0"], r"sharing.beta must be in \(0, 1\], got 0.0"),
+    (["train", "iql", "sharing.beta=1.5"], r"sharing.beta must be in \(0, 1\], got 1.5"),
+    (["train", "iql", "sharing.window=0"], "sharing.window must be >= 1"),
+    (["train", "iql", "sharing.mode=sometimes"], "sharing.mode='sometimes' is not supported; accepted"),
+    (["train", "qmix", "sharing.mode=all"], "use algorithm=iql"),
+    (["train", "vdn", "--env", "gym/CartPole-v1", "--frames", "600", "env.num_envs=2",
+      "collector.frames_per_batch=300"], "vdn mixes the values of several agents; group 'agents' has 1"),
+    (["train", "iql", "exploration.eps_init=2"], r"exploration.eps_init must be in \[0, 1\]"),
+])
+def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
