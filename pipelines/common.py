@@ -243,6 +243,8 @@ class TrainResult:
     """Wall seconds of the training loop."""
     frames_per_s: float
     """frames / time_s."""
+    policy: Any = None
+    """The trained acting policy; exploration switches off under ExplorationType.DETERMINISTIC."""
 
 
 class Progress:
@@ -293,11 +295,12 @@ class Progress:
         self._iteration_start = time.perf_counter()
         return row
 
-    def finish(self, cfg: Any, iterations: int, **summary: Any) -> TrainResult:
-        """Close the bar, write ``summary.json`` and return the result."""
+    def finish(self, cfg: Any, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
+        """Close the bar, write ``summary.json`` and return the result (with the trained ``policy``)."""
         self.bar.close()
         time_s = time.perf_counter() - self.start
-        result = TrainResult(self.run.path, self.row, dict(self.rewards), self.frames, time_s, self.frames / time_s)
+        result = TrainResult(self.run.path, self.row, dict(self.rewards), self.frames, time_s,
+                             self.frames / time_s, policy)
         self.run.summary({"algorithm": cfg.algorithm, "env": cfg.env.name, "frames": self.frames,
                           "iterations": iterations, "time_s": time_s, "frames_per_s": result.frames_per_s,
                           **summary, "episode_reward_mean": result.episode_reward_mean,

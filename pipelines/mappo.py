@@ -178,7 +178,7 @@ def train(cfg: MappoConfig) -> TrainResult:
         collector.update_policy_weights_()
         progress.log(iteration, batch, terms)
     collector.shutdown()  # closes the env too
-    return progress.finish(cfg, iterations)
+    return progress.finish(cfg, iterations, policy)
 
 
 def main(argv: list[str] | None = None) -> int:

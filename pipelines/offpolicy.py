@@ -228,4 +228,4 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         extra["counters/optimiser_steps"] = steps
         progress.log(iteration, batch, terms, extra)
     collector.shutdown()  # closes the env too
-    return progress.finish(cfg, iterations, optimiser_steps=steps)
+    return progress.finish(cfg, iterations, policy, optimiser_steps=steps)
