@@ -150,10 +150,11 @@ class GroupReplay:
             data.set("priority_weight", weights)
         return data
 
-    def update_priority(self, minibatch: TensorDictBase, td_error: torch.Tensor) -> None:
-        """New priorities from a loss's TD errors (per transition: the largest over its agents)."""
+    def update_priority(self, minibatch: TensorDictBase, squared_td_error: torch.Tensor) -> None:
+        """New priorities |TD| from the squared TD errors TorchRL's Q losses write (per transition:
+        the largest over its agents)."""
         if self.prioritized:
-            priority = td_error.detach().reshape(minibatch.shape[0], -1).abs().amax(-1)
+            priority = squared_td_error.detach().reshape(minibatch.shape[0], -1).amax(-1).sqrt()
             self.buffer.update_priority(minibatch.get("index"), priority)
 
     def priorities(self) -> torch.Tensor:
@@ -273,12 +274,12 @@ class SharedReplay(GroupReplay):
             out.set("priority_weight", torch.stack(weights, 1).to(self.device))  # agent i's own weights
         return out
 
-    def update_priority(self, minibatch: TensorDictBase, td_error: torch.Tensor) -> None:
-        """Agent i's buffer gets agent i's TD errors."""
+    def update_priority(self, minibatch: TensorDictBase, squared_td_error: torch.Tensor) -> None:
+        """Agent i's buffer gets agent i's |TD| (from the squared TD errors the loss writes)."""
         if self.prioritized:
-            errors = td_error.detach().reshape(minibatch.shape[0], self.n_agents)
+            errors = squared_td_error.detach().reshape(minibatch.shape[0], self.n_agents).sqrt()
             for i, buffer in enumerate(self.buffers):
-                buffer.update_priority(minibatch.get("index")[:, i], errors[:, i].abs())
+                buffer.update_priority(minibatch.get("index")[:, i], errors[:, i])
 
     def priorities(self) -> torch.Tensor:
         """Agent 0's sampler priorities."""

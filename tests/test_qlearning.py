@@ -174,10 +174,10 @@ def test_prioritized_priorities_change_after_update():
     assert torch.equal(before, torch.ones(10))  # new transitions get the max priority
     sample = replay.sample()
     assert sample["priority_weight"].shape == (8, N)
-    replay.update_priority(sample, torch.full((8, N, 1), 0.25))
+    replay.update_priority(sample, torch.full((8, N, 1), 0.25))  # squared TD errors, as the losses write
     after = replay.priorities()[:10]
     changed = sample["index"].unique()
-    assert torch.allclose(after[changed], torch.tensor(0.25 + 1e-6))
+    assert torch.allclose(after[changed], torch.tensor(0.5 + 1e-6))  # priority |TD| = 0.5
     assert not torch.equal(before, after)
 
 
