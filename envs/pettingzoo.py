@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -57,8 +59,10 @@ def _import_env_module(family: str, env_id: str):
     except ModuleNotFoundError as err:
         if err.name is not None and not err.name.startswith(package):
             raise missing_package(err.name, _PIP_NAMES[package], f"pettingzoo/{family}") from err
+        # Listed from the package itself: dir() would only show submodules imported so far.
         available = sorted(
-            name for name in dir(family_module) if name[-3:-1] == "_v" or name[-4:-2] == "_v"
+            info.name for info in pkgutil.iter_modules(family_module.__path__)
+            if re.search(r"_v\d+$", info.name)
         )
         raise ValueError(
             f"unknown PettingZoo env {f'pettingzoo/{family}/{env_id}'!r}; available in {family}: "

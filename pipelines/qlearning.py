@@ -154,6 +154,14 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                 scratch_dir: Path) -> GroupAgent:
     """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
     m, x, lc, r = cfg.model, cfg.exploration, cfg.loss, cfg.replay
+    if cfg.sharing.mode != "none" and len(env.group_map) > 1:
+        spaces = {g: (tuple(group_spec(env, g, "observation").shape[1:]), tuple(group_spec(env, g, "action").shape[1:]))
+                  for g in env.group_map}
+        raise ValueError(
+            f"sharing.mode={cfg.sharing.mode!r} needs agents with identical observation and action spaces; "
+            f"{cfg.env.name} has several groups (observation, action shapes per agent: {spaces}): "
+            "use an env with one group of agents (e.g. pettingzoo/sisl/pursuit_v5) or sharing.mode=none"
+        )
     q_net = make_q_network(env, group, num_cells=m.num_cells, activation=m.activation,
                            share_params=m.share_params, dueling=m.dueling, device=device, algorithm=cfg.algorithm)
     n_agents = env.n_agents(group)

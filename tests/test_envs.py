@@ -295,3 +295,9 @@ def test_import_from_outside_repository(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).name == "__init__.py"
+
+
+def test_missing_simulator_package_says_what_to_install():
+    # PettingZoo's Atari family needs multi_agent_ale_py, which marlkit does not install.
+    with pytest.raises(ImportError, match=r"pip install 'pettingzoo\[atari\]'"):
+        make_env("pettingzoo/atari/pong_v3")

@@ -242,6 +242,8 @@ def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
     (["train", "vdn", "--env", "gym/CartPole-v1", "--frames", "600", "env.num_envs=2",
       "collector.frames_per_batch=300"], "vdn mixes the values of several agents; group 'agents' has 1"),
     (["train", "iql", "exploration.eps_init=2"], r"exploration.eps_init must be in \[0, 1\]"),
+    (["train", "iql", "--env", "vmas/simple_tag", "--frames", "600", "env.num_envs=2", "env.continuous_actions=false",
+      "collector.frames_per_batch=300", "sharing.mode=quantile"], "needs agents with identical observation and action"),
 ])
 def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
