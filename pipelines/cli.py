@@ -31,7 +31,11 @@ def _train_epilog() -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"train": "train an algorithm and write a run directory"}
+COMMANDS = {
+    "train": "train an algorithm and write a run directory",
+    "render": "record a rollout video (.mp4 / .gif) of an environment with random actions",
+    "plot": "draw training curves of one or more run directories to a PNG",
+}
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -51,6 +55,64 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help=f"YAML preset: {', '.join(available_presets())}")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
+
+
+def _render_parser() -> argparse.ArgumentParser:
+    render = argparse.ArgumentParser(
+        prog="marlkit render",
+        description="Record a rollout of an environment with uniformly random actions to a video.",
+    )
+    render.add_argument("--env", required=True, help="environment name, e.g. vmas/navigation")
+    render.add_argument("--out", default="rollout.mp4", help="output file: .mp4 or .gif (default rollout.mp4)")
+    render.add_argument("--steps", type=int, default=100, help="frames to record, one per env step")
+    render.add_argument("--env-index", type=int, default=0, help="which copy of a batched env to film")
+    render.add_argument("--num-envs", type=int, default=1, help="copies to build")
+    render.add_argument("--seed", type=int, default=0, help="seed")
+    render.add_argument("--fps", type=int, default=20, help="frames per second of the video")
+    render.add_argument("overrides", nargs="*", help="scenario keywords, env.<name>=value (e.g. env.n_agents=3)")
+    return render
+
+
+def _render(argv: list[str]) -> int:
+    from .config import EnvConfig
+    from .common import build_env, resolve_env_config
+    from .render import check_video_path, record_rollout
+
+    parser = _render_parser()
+    args = parser.parse_intermixed_args(argv)
+    try:
+        out = check_video_path(args.out)  # before anything is built
+        env_cfg = apply_overrides(EnvConfig(name=args.env, num_envs=args.num_envs),
+                                  {k.removeprefix("env."): v for k, v in
+                                   (item.split("=", 1) for item in args.overrides if "=" in item)})
+        bad = [item for item in args.overrides if "=" not in item]
+        if bad:
+            raise ValueError(f"overrides must look like env.<name>=value, got {bad}")
+        env = build_env(resolve_env_config(env_cfg), device="cpu", seed=args.seed)
+        record_rollout(env, out, steps=args.steps, env_index=args.env_index, fps=args.fps)
+    except ValueError as err:
+        parser.exit(2, f"marlkit render: error: {err}\n")
+    print(f"wrote {out} ({args.steps} frames)")
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    from .plots import plot_runs
+
+    parser = argparse.ArgumentParser(
+        prog="marlkit plot",
+        description="Per-group mean return vs frames and the loss terms; several runs of one config are "
+                    "drawn as their mean with a shaded 95%% interval over seeds.",
+    )
+    parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.csv)")
+    parser.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_runs(args.run_dirs, args.out)
+    except ValueError as err:
+        parser.exit(2, f"marlkit plot: error: {err}\n")
+    print(f"wrote {out}")
+    return 0
 
 
 def _usage() -> str:
@@ -98,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"marlkit: error: unknown command {command!r}; accepted: {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
+    if command == "render":
+        return _render(rest)
+    if command == "plot":
+        return _plot(rest)
     parser = _train_parser()
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)

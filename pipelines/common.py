@@ -298,6 +298,10 @@ class Progress:
     def finish(self, cfg: Any, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
         """Close the bar, write ``summary.json`` and return the result (with the trained ``policy``)."""
         self.bar.close()
+        if self.row:
+            from .plots import plot_runs
+
+            plot_runs([self.run.path], self.run.path / "plots" / "curves.png")
         time_s = time.perf_counter() - self.start
         result = TrainResult(self.run.path, self.row, dict(self.rewards), self.frames, time_s,
                              self.frames / time_s, policy)

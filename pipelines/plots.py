@@ -1,0 +1,84 @@
+"""Training curves from run directories' ``metrics.csv`` (matplotlib, headless).
+
+One panel per group's mean episode return against frames, then one per loss term. Several run
+directories (seeds of one config) are drawn as their mean with a shaded 95% interval
+(mean ± 1.96 standard errors over runs, at each iteration they share).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REWARD_SUFFIX = "/episode_reward_mean"
+LOSS_PREFIX = "loss"
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """A run's ``metrics.csv`` as columns of floats (empty cells are NaN)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: it has no metrics.csv")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path} has no rows yet")
+    return {key: np.array([float(r[key]) if r.get(key, "") != "" else math.nan for r in rows])
+            for key in rows[0]}
+
+
+def _band(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    length = min(len(r) for r in runs)
+    stacked = np.stack([r[:length] for r in runs])
+    with warnings.catch_warnings():  # iterations where some run finished no episode are NaN there
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(stacked, axis=0)
+        if len(runs) == 1:
+            return mean, np.zeros_like(mean)
+        counts = np.maximum(np.sum(~np.isnan(stacked), axis=0), 1)
+        sem = np.nan_to_num(np.nanstd(stacked, axis=0, ddof=1)) / np.sqrt(counts)
+    return mean, 1.96 * sem
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Draw the curves of ``run_dirs`` (one config, several seeds) into the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"plots are written as PNG; got {str(out)!r} (use a .png name)")
+    runs = [read_metrics(d) for d in run_dirs]
+    keys = [k for k in runs[0] if k.endswith(REWARD_SUFFIX)]
+    keys += [k for k in runs[0] if k.split("/")[-1].startswith(LOSS_PREFIX) and "/" in k]
+    keys = [k for k in keys if all(k in r for r in runs)]
+    if not keys:
+        raise ValueError("the runs share no reward or loss columns to plot")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        length = min(len(r["frames"]) for r in runs)
+        frames = runs[0]["frames"][:length]
+        mean, half = _band([r[key] for r in runs])
+        ax.plot(frames, mean, color="tab:blue")
+        if len(runs) > 1:
+            ax.fill_between(frames, mean - half, mean + half, color="tab:blue", alpha=0.25, linewidth=0)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("frames")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    label = f"{len(runs)} runs: mean and 95% interval" if len(runs) > 1 else str(run_dirs[0])
+    fig.suptitle(label, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
