@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import torch
 from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
@@ -28,3 +32,16 @@ class SpecOnlyEnv(EnvBase):
 
     def _set_seed(self, seed):  # pragma: no cover - specs only
         return None
+
+
+def assert_cli_rejects(args: list[str], match: str, capsys, workdir: Path, monkeypatch) -> None:
+    """``marlkit <args>`` exits with 2, prints an error matching ``match`` and writes no run."""
+    from marlkit.pipelines.cli import main as cli_main
+
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not (workdir / "runs").exists()  # nothing was built or written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import assert_cli_rejects
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides, load_preset
 from marlkit.pipelines.mappo import MappoConfig, train, validate
@@ -162,13 +162,7 @@ def test_navigation_matched_preset_matches_anchor_config():
     (["train", "model.activation=swish"], "activation='swish' is not supported"),
 ])
 def test_bad_input_fails_before_building(args, match, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert re.search(match, err), err
-    assert not (tmp_path / "runs").exists()  # nothing was built or written
+    assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_run_dir):

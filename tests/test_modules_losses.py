@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.modules import TanhNormal
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded, Categorical
 from torchrl.envs import EnvBase
 
 from helpers import SpecOnlyEnv

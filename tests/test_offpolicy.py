@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 
 import pytest
 import torch
@@ -11,11 +10,10 @@ from tensordict import TensorDict
 from torchrl.data import Bounded, Categorical
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from helpers import SpecOnlyEnv
+from helpers import SpecOnlyEnv, assert_cli_rejects
 from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import GaussianNoise, make_deterministic_actor, make_q_critic, make_stochastic_actor
 from marlkit.pipelines import maddpg, masac, offpolicy
-from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides
 
 B, N, OBS, ACT = 8, 3, 5, 2
@@ -232,9 +230,4 @@ def test_freeze_after_keeps_group_bit_identical(tmp_run_dir, monkeypatch):
       "collector.frames_per_batch=300", "train.freeze_after.nobody=1"], r"unknown groups \['nobody'\].*adversary"),
 ])
 def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
-    assert not (tmp_path / "runs").exists()
+    assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 
 import pytest
 import torch
@@ -11,11 +10,10 @@ from tensordict import TensorDict
 from torchrl.data import Categorical
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from helpers import SpecOnlyEnv
+from helpers import SpecOnlyEnv, assert_cli_rejects
 from marlkit.losses import make_dqn_loss, make_qmixer_loss
 from marlkit.modules import EpsilonGreedy, make_q_network
 from marlkit.pipelines import qlearning
-from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides
 from marlkit.pipelines.replay import ExperienceSelector, GroupReplay, ProportionalPrioritizedSampler, SharedReplay
 
@@ -246,9 +244,4 @@ def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
       "collector.frames_per_batch=300", "sharing.mode=quantile"], "needs agents with identical observation and action"),
 ])
 def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
-    assert not (tmp_path / "runs").exists()
+    assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
