@@ -8,10 +8,13 @@ job: MAPPO on ``vmas/navigation`` (the ``navigation-matched`` preset) on CPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, pipeline_for
+from .common import default_run_dir
 from .config import apply_overrides, available_presets, ConfigError, describe, load_preset
 
 
@@ -33,8 +36,9 @@ def _train_epilog() -> str:
 
 COMMANDS = {
     "train": "train an algorithm and write a run directory",
-    "render": "record a rollout video (.mp4 / .gif) of an environment with random actions",
+    "render": "record a rollout video (.mp4 / .gif) of a trained run or of random actions",
     "plot": "draw training curves of one or more run directories to a PNG",
+    "eval": "evaluate a trained run's deterministic policy; writes eval.json",
 }
 
 
@@ -53,6 +57,8 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu or cuda (device)")
     train.add_argument("--run-dir", help="run directory (logger.run_dir)")
     train.add_argument("--preset", help=f"YAML preset: {', '.join(available_presets())}")
+    train.add_argument("--seeds", help="comma-separated seeds run one after another into <run-dir>_seed<k>, "
+                                       "then plotted together into <run-dir>_seeds.png")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
 
@@ -60,9 +66,12 @@ def _train_parser() -> argparse.ArgumentParser:
 def _render_parser() -> argparse.ArgumentParser:
     render = argparse.ArgumentParser(
         prog="marlkit render",
-        description="Record a rollout of an environment with uniformly random actions to a video.",
+        description="Record a rollout to a video: a trained run's deterministic policy (marlkit render RUN_DIR) "
+                    "or uniformly random actions on an environment (marlkit render --env NAME).",
     )
-    render.add_argument("--env", required=True, help="environment name, e.g. vmas/navigation")
+    render.add_argument("run_dir", nargs="?", help="run directory whose checkpoint drives the policy")
+    render.add_argument("--checkpoint", default="last", help="with RUN_DIR: last, or a checkpoint file")
+    render.add_argument("--env", help="environment name for a random-policy video, e.g. vmas/navigation")
     render.add_argument("--out", default="rollout.mp4", help="output file: .mp4 or .gif (default rollout.mp4)")
     render.add_argument("--steps", type=int, default=100, help="frames to record, one per env step")
     render.add_argument("--env-index", type=int, default=0, help="which copy of a batched env to film")
@@ -80,8 +89,21 @@ def _render(argv: list[str]) -> int:
 
     parser = _render_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.run_dir is not None and "=" in args.run_dir:  # an override landed in the run-dir slot
+        args.overrides.insert(0, args.run_dir)
+        args.run_dir = None
+    if (args.run_dir is None) == (args.env is None):
+        parser.exit(2, "marlkit render: error: give either a run directory or --env NAME (not both)\n")
     try:
         out = check_video_path(args.out)  # before anything is built
+        if args.run_dir is not None:
+            from .checkpoint import load_run
+
+            loaded = load_run(args.run_dir, args.checkpoint, num_envs=max(args.num_envs, args.env_index + 1))
+            record_rollout(loaded.env, out, steps=args.steps, env_index=args.env_index, policy=loaded.policy,
+                           fps=args.fps)
+            print(f"wrote {out} ({args.steps} frames)")
+            return 0
         env_cfg = apply_overrides(EnvConfig(name=args.env, num_envs=args.num_envs),
                                   {k.removeprefix("env."): v for k, v in
                                    (item.split("=", 1) for item in args.overrides if "=" in item)})
@@ -112,6 +134,26 @@ def _plot(argv: list[str]) -> int:
     except ValueError as err:
         parser.exit(2, f"marlkit plot: error: {err}\n")
     print(f"wrote {out}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluate import evaluate
+
+    parser = argparse.ArgumentParser(prog="marlkit eval", description="Evaluate the deterministic (greedy / "
+                                     "mean-action) policy of a run on a fresh env; prints and writes eval.json.")
+    parser.add_argument("run_dir", help="run directory")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes (one per env copy)")
+    parser.add_argument("--checkpoint", default="last", help="last, or a path to a checkpoint file")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint)
+    except ValueError as err:
+        parser.exit(2, f"marlkit eval: error: {err}\n")
+    for group, stats in result["groups"].items():
+        low, high = stats["ci95"]
+        print(f"{group}: mean return {stats['mean']:.3f} (95% CI {low:.3f} to {high:.3f}) over {args.episodes} episodes")
+    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
 
 
@@ -164,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return _render(rest)
     if command == "plot":
         return _plot(rest)
+    if command == "eval":
+        return _eval(rest)
     parser = _train_parser()
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)
@@ -173,13 +217,30 @@ def main(argv: list[str] | None = None) -> int:
         module.validate(cfg)
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
-    try:
-        result = module.train(cfg)
-    except ConfigError as err:  # found once the env was built; nothing was written
-        parser.exit(2, f"marlkit train: error: {err}\n")
-    rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
-    print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "
-          f"{result.frames_per_s:.0f}  mean episode return: {rewards}")
+    seeds = [cfg.seed]
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.exit(2, f"marlkit train: error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
+    base = Path(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, seeds[0]))
+    run_dirs = []
+    for seed in seeds:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.seed = seed
+        run_cfg.logger.run_dir = str(base.with_name(f"{base.name}_seed{seed}") if args.seeds else base)
+        try:
+            result = module.train(run_cfg)
+        except ConfigError as err:  # found once the env was built; nothing was written
+            parser.exit(2, f"marlkit train: error: {err}\n")
+        run_dirs.append(result.run_dir)
+        rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
+        print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "
+              f"{result.frames_per_s:.0f}  mean episode return: {rewards}")
+    if args.seeds:
+        from .plots import plot_runs
+
+        print(f"wrote {plot_runs(run_dirs, base.with_name(f'{base.name}_seeds.png'))}")
     return 0
 
 

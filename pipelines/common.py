@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import yaml
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.objectives import LossModule
 from tqdm.auto import tqdm
 
 from marlkit.envs import make_env, MultiAgentEnv, split_env_name
@@ -228,6 +230,26 @@ def episode_reward_means(batch: TensorDictBase, groups: list[str]) -> dict[str, 
 
 
 @dataclass
+class GroupAgent:
+    """What a pipeline builds for one group (``build_group``); checkpoints and eval rebuild it."""
+
+    policy: TensorDictModuleBase
+    """The module that acts in the env (actor, then exploration when there is one)."""
+    loss: LossModule
+    """The group's loss; its parameters are what the optimiser trains."""
+    target_updater: Any
+    """Keeps the loss's target networks in step (None for on-policy losses)."""
+    loss_terms: tuple[str, ...]
+    """Keys of the loss output whose sum is minimised."""
+    replay: Any = None
+    """The group's replay (``extend``, ``sample``, ``update_priority``), see :mod:`.replay`; None on-policy."""
+    exploration: Any = None
+    """Annealed exploration module (``anneal(frames)``), or None."""
+    priority_key: Any = None
+    """Where the loss writes the TD error that updates replay priorities, or None."""
+
+
+@dataclass
 class TrainResult:
     """What :func:`train` returns."""
 
@@ -294,6 +316,18 @@ class Progress:
         self.row = row
         self._iteration_start = time.perf_counter()
         return row
+
+    def checkpoint(self, cfg: Any, iteration: int, final: bool, *, agents: Mapping[str, Any],
+                   optimisers: Mapping[str, Any], optimiser_steps: int = 0) -> None:
+        """Write ``checkpoints/last.pt`` every ``logger.checkpoint_every`` iterations and at the end."""
+        every = cfg.logger.checkpoint_every
+        if not final and (every <= 0 or (iteration + 1) % every):
+            return
+        from .checkpoint import checkpoint_state, save_checkpoint
+
+        state = checkpoint_state(cfg, iteration=iteration, frames=self.frames, optimiser_steps=optimiser_steps,
+                                 agents=dict(agents), optimisers=dict(optimisers))
+        save_checkpoint(self.run.path / "checkpoints" / "last.pt", state)
 
     def finish(self, cfg: Any, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
         """Close the bar, write ``summary.json`` and return the result (with the trained ``policy``)."""

@@ -75,6 +75,8 @@ class LoggerConfig:
     """Run directory (--run-dir); default runs/<algorithm>-<env>-<seed>-<timestamp>."""
     progress: bool = True
     """Show a tqdm bar with frames and the current mean return."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints/last.pt (always written at the end too); 0 = only at the end."""
 
 
 @dataclass

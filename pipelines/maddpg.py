@@ -17,12 +17,11 @@ from torchrl.envs import EnvBase
 
 from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
 from marlkit.modules import continuous_action_bounds, GaussianNoise, make_deterministic_actor, make_q_critic
-from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
     group_replay,
-    GroupAgent,
     OffPolicyLossConfig,
     OffPolicyTrainConfig,
     ReplayConfig,

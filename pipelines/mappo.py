@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+from torchrl.envs import EnvBase
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import make_stochastic_actor, make_value_critic
@@ -23,6 +25,7 @@ from marlkit.pipelines.common import (
     build_env,
     check_common,
     default_run_dir,
+    GroupAgent,
     Progress,
     resolve_device,
     resolve_env_config,
@@ -111,6 +114,22 @@ def validate(cfg: MappoConfig) -> int:
     return iterations
 
 
+def build_group(
+    env: EnvBase, group: str, cfg: MappoConfig, device: torch.device, scratch_dir: Path | None = None
+) -> GroupAgent:
+    """Stochastic actor, value critic and PPO loss for one group (``scratch_dir`` unused: no replay)."""
+    model, lc = cfg.model, cfg.loss
+    actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
+                                  share_params=model.share_params, device=device)
+    critic = make_value_critic(env, group, centralised=cfg.centralised_critic, num_cells=model.num_cells,
+                               activation=model.activation, share_params=model.critic_share_params, device=device)
+    loss = make_ppo_loss(actor, critic, group, gamma=lc.gamma, lmbda=lc.lmbda, clip_epsilon=lc.clip_epsilon,
+                         entropy_coef=lc.entropy_coef, critic_coef=lc.critic_coef,
+                         loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
+                         normalize_value_target=lc.normalize_value_target)
+    return GroupAgent(actor, loss, None, PPO_LOSS_TERMS)
+
+
 def train(cfg: MappoConfig) -> TrainResult:
     """Train MAPPO / IPPO as configured; write the run directory; return the final metrics."""
     iterations = validate(cfg)
@@ -121,28 +140,13 @@ def train(cfg: MappoConfig) -> TrainResult:
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
     groups = list(env.group_map)
-    model, loss_cfg = cfg.model, cfg.loss
-    actors, losses, optimisers = {}, {}, {}
-    for group in groups:
-        actors[group] = make_stochastic_actor(
-            env, group, num_cells=model.num_cells, activation=model.activation,
-            share_params=model.share_params, device=device,
-        )
-        critic = make_value_critic(
-            env, group, centralised=cfg.centralised_critic, num_cells=model.num_cells,
-            activation=model.activation, share_params=model.critic_share_params, device=device,
-        )
-        losses[group] = make_ppo_loss(
-            actors[group], critic, group, gamma=loss_cfg.gamma, lmbda=loss_cfg.lmbda,
-            clip_epsilon=loss_cfg.clip_epsilon, entropy_coef=loss_cfg.entropy_coef,
-            critic_coef=loss_cfg.critic_coef, loss_critic_type=loss_cfg.loss_critic_type,
-            normalize_advantage=loss_cfg.normalize_advantage,
-            normalize_value_target=loss_cfg.normalize_value_target,
-        )
-        optimisers[group] = torch.optim.Adam(
-            losses[group].parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps
-        )
-    policy = TensorDictSequential(*actors.values())
+    agents = {group: build_group(env, group, cfg, device) for group in groups}
+    losses = {group: agent.loss for group, agent in agents.items()}
+    optimisers = {
+        group: torch.optim.Adam(loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+        for group, loss in losses.items()
+    }
+    policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
     collector = make_collector(env, policy, cfg.collector, device=device)
     buffer = ReplayBuffer(
         storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=device),
@@ -177,6 +181,7 @@ def train(cfg: MappoConfig) -> TrainResult:
                     terms[group].append(scalar_entries(out))
         collector.update_policy_weights_()
         progress.log(iteration, batch, terms)
+        progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy)
 

@@ -16,12 +16,11 @@ from torchrl.envs import EnvBase
 
 from marlkit.losses import make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import continuous_action_bounds, make_q_critic, make_stochastic_actor
-from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
     group_replay,
-    GroupAgent,
     OffPolicyLossConfig,
     OffPolicyTrainConfig,
     ReplayConfig,

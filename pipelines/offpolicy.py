@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase, TensorDictSequential
+from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
-from torchrl.objectives import LossModule
-from torchrl.objectives.utils import TargetNetUpdater
 
 from marlkit.envs import split_env_name
 from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
@@ -33,6 +31,7 @@ from marlkit.pipelines.common import (
     build_env,
     check_common,
     default_run_dir,
+    GroupAgent,
     Progress,
     resolve_device,
     resolve_env_config,
@@ -89,26 +88,6 @@ class OffPolicyTrainConfig:
     """Gradient steps per group for each collected batch."""
     freeze_after: dict[str, int] = field(default_factory=dict)
     """Group -> iterations it learns for; then its parameters freeze while its policy acts (e.g. {agent: 5})."""
-
-
-@dataclass
-class GroupAgent:
-    """What a pipeline builds for one group."""
-
-    policy: TensorDictModuleBase
-    """The module that acts in the env (actor, then exploration when there is one)."""
-    loss: LossModule
-    """The group's loss; its parameters are what the optimiser trains."""
-    target_updater: TargetNetUpdater
-    """Keeps the loss's target networks in step."""
-    loss_terms: tuple[str, ...]
-    """Keys of the loss output whose sum is minimised."""
-    replay: Any
-    """The group's replay (``extend``, ``sample``, ``update_priority``), see :mod:`.replay`."""
-    exploration: Any = None
-    """Annealed exploration module (``anneal(frames)``), or None."""
-    priority_key: Any = None
-    """Where the loss writes the TD error that updates replay priorities, or None."""
 
 
 def group_replay(cfg: Any, group: str, scratch_dir: Path | None, device: torch.device, **kwargs: Any) -> GroupReplay:
@@ -227,5 +206,7 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         extra.update({f"{g}/{a.exploration.name}": a.exploration.value for g, a in agents.items() if a.exploration is not None})
         extra["counters/optimiser_steps"] = steps
         progress.log(iteration, batch, terms, extra)
+        progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers,
+                            optimiser_steps=steps)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy, optimiser_steps=steps)

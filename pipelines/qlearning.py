@@ -20,12 +20,11 @@ from torchrl.envs import EnvBase
 from marlkit.envs import split_env_name
 from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, TEAM
 from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
-from marlkit.pipelines.common import TrainResult
+from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import ModelConfig, RunConfig
 from marlkit.pipelines.offpolicy import (
     check_offpolicy,
     group_replay,
-    GroupAgent,
     OffPolicyLossConfig,
     OffPolicyTrainConfig,
     ReplayConfig,

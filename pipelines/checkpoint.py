@@ -1,0 +1,149 @@
+"""Checkpoints of a run, and loading a trained run back (for ``marlkit eval`` / ``marlkit render``).
+
+``<run-dir>/checkpoints/last.pt`` holds every group's loss state (actor, critic and target networks,
+value normalisation, SAC temperature), the optimisers, the frame / iteration / optimiser-step counters
+(exploration schedules are a function of frames), torch's RNG state and the resolved config. Writes
+are atomic: the file is written beside the old one and renamed over it, so a kill at any moment
+leaves the previous checkpoint intact. Loading never runs code from the run directory
+(``torch.load(weights_only=True)``, ``yaml.safe_load``) and refuses a checkpoint written for another
+algorithm or config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tensordict.nn import TensorDictSequential
+
+from .config import apply_overrides, to_dict
+
+FORMAT = 1
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v for k, v in config.items() if k not in ("logger", "derived", "device")}
+    if "collector" in data:
+        data["collector"] = {k: v for k, v in data["collector"].items() if k != "total_frames"}
+    return data
+
+
+def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: int,
+                     agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """Everything needed to rebuild the policy and continue training, as plain tensors and values."""
+    return {
+        "format": FORMAT,
+        "algorithm": cfg.algorithm,
+        "config": to_dict(cfg),
+        "iteration": iteration,
+        "frames": frames,
+        "optimiser_steps": optimiser_steps,
+        "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
+        "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` (``yaml.safe_load``), or ``ValueError`` if it is not a run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: it has no config.yaml")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "algorithm" not in data:
+        raise ValueError(f"{path} is not a marlkit config (no algorithm)")
+    return data
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str = "last") -> Path:
+    """``last`` -> ``<run-dir>/checkpoints/last.pt``; anything else is a path to a checkpoint file."""
+    path = Path(run_dir) / "checkpoints" / "last.pt" if checkpoint == "last" else Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}; checkpoints are written to <run-dir>/checkpoints/last.pt")
+    return path
+
+
+def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint safely and check it belongs to ``config`` (a run's ``config.yaml``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many kinds of errors
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a marlkit checkpoint (format {FORMAT})")
+    if state["algorithm"] != config["algorithm"]:
+        raise ValueError(
+            f"{path} was written by algorithm={state['algorithm']!r}, not {config['algorithm']!r}"
+        )
+    if _comparable(state["config"]) != _comparable(config):
+        raise ValueError(f"{path} was written for another configuration than {config.get('env', {}).get('name')}'s run")
+    return state
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its directory."""
+
+    cfg: Any
+    """The run's config dataclass."""
+    env: Any
+    """A fresh env built from the config."""
+    policy: TensorDictSequential
+    """Every group's acting policy with the checkpoint's weights."""
+    state: dict[str, Any]
+    """The raw checkpoint."""
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """The config dataclass of ``data["algorithm"]`` filled from a ``config.yaml`` dict."""
+    from . import pipeline_for
+    from .config import _flatten
+
+    module = pipeline_for(data["algorithm"])
+    cfg = module.CONFIG(algorithm=data["algorithm"])
+    apply_overrides(cfg, _flatten({k: v for k, v in data.items() if k != "derived"}))
+    return cfg
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | None = None,
+             device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's env and policy from ``config.yaml`` and a checkpoint (nothing is written)."""
+    from . import pipeline_for
+    from .common import build_env
+
+    config = read_config(run_dir)
+    state = load_checkpoint(checkpoint_path(run_dir, checkpoint), config)
+    cfg = config_from_dict(config)
+    if num_envs is not None:
+        cfg.env.num_envs = num_envs
+    torch_device = torch.device(device)
+    env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
+    module = pipeline_for(cfg.algorithm)
+    agents = {group: module.build_group(env, group, cfg, torch_device, None) for group in env.group_map}
+    missing = sorted(set(agents) - set(state["losses"]))
+    if missing:
+        raise ValueError(f"checkpoint has no weights for groups {missing}")
+    for group, agent in agents.items():
+        agent.loss.load_state_dict(state["losses"][group])
+        if agent.exploration is not None:
+            agent.exploration.anneal(state["frames"])
+    policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
+    return LoadedRun(cfg, env, policy, state)

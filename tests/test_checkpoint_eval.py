@@ -1,0 +1,132 @@
+"""Checkpoints (atomic, safe loading), eval.json, rendering a trained run, multi-seed runs."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v2 as imageio
+import pytest
+import torch
+import yaml
+
+from marlkit.pipelines import checkpoint as ckpt
+from marlkit.pipelines import qlearning
+from marlkit.pipelines.checkpoint import load_run
+from marlkit.pipelines.cli import main as cli_main
+from marlkit.pipelines.config import apply_overrides
+from marlkit.pipelines.evaluate import evaluate
+from marlkit.pipelines.mappo import MappoConfig, train
+
+TINY = {"env.num_envs": 4, "collector.frames_per_batch": 40, "collector.total_frames": 120,
+        "train.minibatch_size": 20, "model.num_cells": [8], "logger.progress": False}
+
+
+def tiny_mappo(run_dir, env="gridworld", **overrides):
+    cfg = apply_overrides(MappoConfig(), {**TINY, "env.name": env, "env.max_steps": 10,
+                                          "logger.run_dir": str(run_dir), **overrides})
+    return train(cfg)
+
+
+def test_checkpoint_restores_the_trained_policy(tmp_run_dir):
+    result = tiny_mappo(tmp_run_dir, **{"logger.checkpoint_every": 1})
+    state = torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["iteration"], state["frames"]) == (2, 120)
+    assert set(state["losses"]) == set(state["optimisers"]) == {"agents"}
+    loaded = load_run(tmp_run_dir)
+    trained = dict(result.policy.named_parameters())
+    for name, value in loaded.policy.named_parameters():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_offpolicy_checkpoint_includes_exploration_frames(tmp_run_dir):
+    cfg = qlearning.CONFIG(algorithm="iql")
+    apply_overrides(cfg, {"env.name": "gridworld", "env.num_envs": 4, "collector.frames_per_batch": 40,
+                          "collector.total_frames": 80, "replay.batch_size": 8, "train.optimiser_steps": 1,
+                          "model.num_cells": [8], "exploration.annealing_frames": 160, "logger.progress": False,
+                          "logger.run_dir": str(tmp_run_dir)})
+    qlearning.train(cfg)
+    loaded = load_run(tmp_run_dir)
+    explore = loaded.policy[0][-1]  # the group's q network, then epsilon-greedy
+    assert loaded.state["frames"] == 80 and explore.value == pytest.approx(1.0 + (0.05 - 1.0) * 0.5)
+    assert loaded.state["optimiser_steps"] == 2
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_run_dir, monkeypatch):
+    tiny_mappo(tmp_run_dir)
+    path = tmp_run_dir / "checkpoints" / "last.pt"
+    before = path.read_bytes()
+
+    def dying_save(state, file, *args, **kwargs):
+        with open(file, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(path, {"format": 1})
+    assert path.read_bytes() == before  # the previous checkpoint is intact and still loads
+    assert load_run(tmp_run_dir).state["frames"] == 120
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    tiny_mappo(first)
+    tiny_mappo(second, env="matrix/coordination", **{"env.max_steps": None})
+    other = second / "checkpoints" / "last.pt"
+    with pytest.raises(ValueError, match="written for another configuration"):
+        load_run(first, checkpoint=str(other))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        load_run(first, checkpoint=str(corrupt))
+    with pytest.raises(ValueError, match="is not a run directory"):
+        load_run(tmp_path)
+    config = yaml.safe_load((first / "config.yaml").read_text())
+    config["algorithm"] = "ippo"
+    (first / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="written by algorithm='mappo', not 'ippo'"):
+        load_run(first)
+
+
+def test_eval_writes_eval_json(tmp_run_dir, capsys):
+    tiny_mappo(tmp_run_dir)
+    assert cli_main(["eval", str(tmp_run_dir), "--episodes", "6"]) == 0
+    result = json.loads((tmp_run_dir / "eval.json").read_text())
+    stats = result["groups"]["agents"]
+    assert result["episodes"] == 6 and len(stats["returns"]) == 6
+    assert stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
+    assert "agents: mean return" in capsys.readouterr().out
+
+
+def test_eval_on_non_run_directory_changes_nothing(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is not a run directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_eval_is_deterministic(tmp_run_dir):
+    tiny_mappo(tmp_run_dir, env="matrix/climbing", **{"env.max_steps": None})
+    assert evaluate(tmp_run_dir, episodes=3)["groups"] == evaluate(tmp_run_dir, episodes=3)["groups"]
+
+
+def test_render_trained_run(tmp_run_dir, tmp_path):
+    tiny_mappo(tmp_run_dir, **{"env.grid_size": 4})
+    out = tmp_path / "trained.mp4"
+    assert cli_main(["render", str(tmp_run_dir), "--out", str(out), "--steps", "9"]) == 0
+    frames = [frame for frame in imageio.get_reader(out)]  # list() would ask len(): inf for streams
+    assert len(frames) == 9 and frames[0].shape == (128, 128, 3)
+
+
+def test_seeds_run_siblings_and_plot(tmp_path):
+    base = tmp_path / "runs" / "coord"
+    args = ["train", "ippo", "--env", "matrix/coordination", "--frames", "40", "--seeds", "3,4",
+            "--run-dir", str(base), "env.num_envs=4", "collector.frames_per_batch=20",
+            "train.minibatch_size=10", "model.num_cells=[8]", "logger.progress=false"]
+    assert cli_main(args) == 0
+    for seed in (3, 4):
+        config = yaml.safe_load((base.parent / f"coord_seed{seed}" / "config.yaml").read_text())
+        assert config["seed"] == seed
+    assert (base.parent / "coord_seeds.png").stat().st_size > 0
