@@ -2,7 +2,8 @@
 
 ``<run-dir>/checkpoints/last.pt`` holds every group's loss state (actor, critic and target networks,
 value normalisation, SAC temperature), the optimisers, the frame / iteration / optimiser-step counters
-(exploration schedules are a function of frames), torch's RNG state and the resolved config. Writes
+(exploration schedules are a function of frames), the torch / numpy / Python RNG states and the
+resolved config. Writes
 are atomic: the file is written beside the old one and renamed over it, so a kill at any moment
 leaves the previous checkpoint intact. Loading never runs code from the run directory
 (``torch.load(weights_only=True)``, ``yaml.safe_load``) and refuses a checkpoint written for another
@@ -12,10 +13,12 @@ algorithm or config.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tensordict.nn import TensorDictSequential
@@ -30,9 +33,22 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _env_generator(env: Any) -> torch.Generator | None:
+    """The native envs' own generator (grid world); simulators on torch's global RNG have none."""
+    base = getattr(env, "base_env", env)
+    rng = getattr(base, "_rng", None)
+    return rng if isinstance(rng, torch.Generator) else None
+
+
 def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: int,
-                     agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    """Everything needed to rebuild the policy and continue training, as plain tensors and values."""
+                     agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
+                     env: Any = None) -> dict[str, Any]:
+    """Everything needed to rebuild the policy and continue training, as plain tensors and values.
+
+    Off-policy replays are flushed in place first (their files already live in the run directory).
+    """
+    replay = {group: agent.replay.dump() for group, agent in agents.items() if agent.replay is not None}
+    generator = _env_generator(env)
     return {
         "format": FORMAT,
         "algorithm": cfg.algorithm,
@@ -42,8 +58,81 @@ def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: 
         "optimiser_steps": optimiser_steps,
         "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
         "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
-        "rng": torch.get_rng_state(),
+        "rng": _global_rng_state(),
+        "env_rng": generator.get_state() if generator is not None else None,
+        "replay": replay,
     }
+
+
+def _pack(torch_state: torch.Tensor, numpy_state: tuple, python_state: tuple) -> dict[str, Any]:
+    """RNG states as tensors and lists, so ``weights_only`` loading accepts them."""
+    kind, keys, pos, has_gauss, gauss = numpy_state
+    version, internal, gauss_next = python_state
+    return {"torch": torch_state.clone(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def _unpack(state: dict[str, Any]) -> tuple[torch.Tensor, tuple, tuple]:
+    n, p = state["numpy"], state["python"]
+    numpy_state = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    return state["torch"], numpy_state, (p["version"], tuple(p["internal"]), p["gauss_next"])
+
+
+def _vmas_rng() -> list | None:
+    """VMAS keeps its own torch / numpy / Python generator states and swaps them in around its calls."""
+    try:
+        from vmas.simulator.environment.environment import Environment
+    except ImportError:
+        return None
+    return Environment.vmas_random_state
+
+
+def _global_rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's global generators, and VMAS's private ones."""
+    state = {"global": _pack(torch.get_rng_state(), np.random.get_state(), random.getstate())}
+    vmas_state = _vmas_rng()
+    if vmas_state is not None:
+        state["vmas"] = _pack(*vmas_state)
+    return state
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    torch_state, numpy_state, python_state = _unpack(state["global"])
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+    vmas_state = _vmas_rng()
+    if vmas_state is not None and "vmas" in state:
+        vmas_state[:] = list(_unpack(state["vmas"]))
+
+
+def restore_training(state: dict[str, Any], agents: dict[str, Any],
+                     optimisers: dict[str, torch.optim.Optimizer]) -> None:
+    """Load modules, optimisers, exploration schedules and replays from a checkpoint."""
+    missing = sorted(set(agents) - set(state["losses"]))
+    if missing:
+        raise ValueError(f"checkpoint has no weights for groups {missing}")
+    for group, agent in agents.items():
+        agent.loss.load_state_dict(state["losses"][group])
+        optimisers[group].load_state_dict(state["optimisers"][group])
+        if agent.exploration is not None:
+            agent.exploration.anneal(state["frames"])
+        if agent.replay is not None:
+            agent.replay.load(state["replay"].get(group, {}))
+
+
+def restore_rng(state: dict[str, Any], env: Any) -> None:
+    """Put the global RNGs (and the env's own generator) back where the checkpoint left them.
+
+    Called right before the first collection of a resumed run, after everything that consumes
+    random numbers while being built.
+    """
+    _set_global_rng_state(state["rng"])
+    generator = _env_generator(env)
+    if generator is not None and state.get("env_rng") is not None:
+        generator.set_state(state["env_rng"])
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -57,6 +57,8 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu or cuda (device)")
     train.add_argument("--run-dir", help="run directory (logger.run_dir)")
     train.add_argument("--preset", help=f"YAML preset: {', '.join(available_presets())}")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from checkpoints/last.pt with its own config (--frames: new total)")
     train.add_argument("--seeds", help="comma-separated seeds run one after another into <run-dir>_seed<k>, "
                                        "then plotted together into <run-dir>_seeds.png")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
@@ -164,6 +166,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def resume_config(args: argparse.Namespace) -> Any:
+    """A resumed run's own config (``config.yaml``), with only the frame budget changeable."""
+    from .checkpoint import config_from_dict, read_config
+
+    other = [name for name in ("algorithm", "env", "seed", "device", "run_dir", "preset", "seeds")
+             if getattr(args, name) is not None] + list(args.overrides)
+    if other:
+        raise ValueError(f"--resume continues a run with its own config; only --frames may change it (got {other})")
+    cfg = config_from_dict(read_config(args.resume))
+    cfg.logger.run_dir = args.resume
+    if args.frames is not None:
+        cfg.collector.total_frames = args.frames
+    return cfg
+
+
 def build_config(args: argparse.Namespace) -> Any:
     """Defaults < preset < dotted overrides < flags; checks the algorithm and every name."""
     overrides = list(args.overrides)
@@ -212,11 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)
     try:
-        cfg = build_config(args)
+        cfg = resume_config(args) if args.resume else build_config(args)
         module = pipeline_for(cfg.algorithm)
         module.validate(cfg)
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
+    if args.resume:
+        try:
+            result = module.train(cfg, resume=True)
+        except ValueError as err:  # e.g. no checkpoint, or one from another config: nothing was changed
+            parser.exit(2, f"marlkit train: error: {err}\n")
+        print(f"resumed {result.run_dir}: {result.frames} frames")
+        return 0
     seeds = [cfg.seed]
     if args.seeds:
         try:

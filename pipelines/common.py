@@ -156,14 +156,36 @@ class RunDir:
     Refuses a directory that already holds a run, so nothing a user has is overwritten.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, resume: bool = False):
         self.path = Path(path)
-        if (self.path / "metrics.csv").exists() or (self.path / "config.yaml").exists():
+        self._columns: list[str] | None = None
+        if resume:
+            if not (self.path / "config.yaml").is_file():
+                raise ValueError(f"cannot resume {self.path}: it is not a run directory (no config.yaml)")
+        elif (self.path / "metrics.csv").exists() or (self.path / "config.yaml").exists():
             raise ValueError(
                 f"{self.path} already holds a run (config.yaml / metrics.csv); choose another "
-                "--run-dir so the existing results are kept"
+                "--run-dir so the existing results are kept, or continue it with --resume"
             )
-        self._columns: list[str] | None = None
+
+    def keep_rows_through(self, iteration: int) -> float:
+        """On resume: drop metrics rows after the checkpoint's ``iteration`` (they are run again, so
+        none is duplicated); returns the last kept row's ``time_s``."""
+        file = self.path / "metrics.csv"
+        if not file.exists():
+            return 0.0
+        with file.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = [row for row in reader if int(row["iteration"]) <= iteration]
+        tmp = file.with_name(".metrics.csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(file)
+        self._columns = columns
+        return float(rows[-1]["time_s"]) if rows else 0.0
 
     def create(self, config: Any, extra: Mapping[str, Any] | None = None) -> None:
         """Create the directory and write the resolved config (plus derived values in ``extra``)."""
@@ -278,12 +300,13 @@ class Progress:
     :meth:`finish` writes ``summary.json`` and returns the :class:`TrainResult`.
     """
 
-    def __init__(self, run: RunDir, groups: list[str], total_frames: int, show: bool):
+    def __init__(self, run: RunDir, groups: list[str], total_frames: int, show: bool,
+                 start_frames: int = 0, start_time_s: float = 0.0):
         self.run, self.groups = run, groups
-        self.bar = tqdm(total=total_frames, unit="frames", disable=not show)
-        self.frames, self.row = 0, {}
+        self.bar = tqdm(total=total_frames, initial=start_frames, unit="frames", disable=not show)
+        self.frames, self.row = start_frames, {}
         self.rewards = {group: math.nan for group in groups}
-        self.start = self._iteration_start = self._train_start = time.perf_counter()
+        self.start = self._iteration_start = self._train_start = time.perf_counter() - start_time_s
         self._collection_s = 0.0
 
     def collected(self) -> None:
@@ -318,7 +341,7 @@ class Progress:
         return row
 
     def checkpoint(self, cfg: Any, iteration: int, final: bool, *, agents: Mapping[str, Any],
-                   optimisers: Mapping[str, Any], optimiser_steps: int = 0) -> None:
+                   optimisers: Mapping[str, Any], optimiser_steps: int = 0, env: Any = None) -> None:
         """Write ``checkpoints/last.pt`` every ``logger.checkpoint_every`` iterations and at the end."""
         every = cfg.logger.checkpoint_every
         if not final and (every <= 0 or (iteration + 1) % every):
@@ -326,7 +349,7 @@ class Progress:
         from .checkpoint import checkpoint_state, save_checkpoint
 
         state = checkpoint_state(cfg, iteration=iteration, frames=self.frames, optimiser_steps=optimiser_steps,
-                                 agents=dict(agents), optimisers=dict(optimisers))
+                                 agents=dict(agents), optimisers=dict(optimisers), env=env)
         save_checkpoint(self.run.path / "checkpoints" / "last.pt", state)
 
     def finish(self, cfg: Any, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
@@ -344,3 +367,36 @@ class Progress:
                           **summary, "episode_reward_mean": result.episode_reward_mean,
                           "final_metrics": self.row, "versions": versions()})
         return result
+
+
+@dataclass
+class Resume:
+    """Where a resumed run picks up (all zeros for a fresh run)."""
+
+    state: dict[str, Any] | None = None
+    """The checkpoint, or None for a fresh run."""
+    iteration: int = 0
+    """The first iteration to run."""
+    frames: int = 0
+    """Frames already collected."""
+    optimiser_steps: int = 0
+    """Optimiser steps already taken."""
+    time_s: float = 0.0
+    """Wall seconds of training already spent (metrics.csv's time_s continues from here)."""
+
+
+def start_run(cfg: Any, resume: bool) -> tuple[RunDir, Resume]:
+    """The run directory, and for ``resume`` its checkpoint (checked against ``cfg``) and counters."""
+    path = cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, cfg.seed)
+    run = RunDir(path, resume=resume)
+    if not resume:
+        return run, Resume()
+    from .checkpoint import checkpoint_path, load_checkpoint
+
+    state = load_checkpoint(checkpoint_path(run.path), to_dict(cfg))
+    if state["frames"] >= cfg.collector.total_frames:
+        raise ValueError(
+            f"{run.path} already has {state['frames']} frames; pass --frames larger than that to continue"
+        )
+    time_s = run.keep_rows_through(state["iteration"])
+    return run, Resume(state, state["iteration"] + 1, state["frames"], state["optimiser_steps"], time_s)

@@ -51,6 +51,8 @@ class CollectorConfig:
     """Frames collected per iteration (env steps x num_envs); must be divisible by env.num_envs."""
     total_frames: int = 120_000
     """Total frame budget (--frames); must be a multiple of frames_per_batch."""
+    reset_at_each_iter: bool = False
+    """Reset every env at the start of each batch: episodes never span batches, and --resume is exact."""
 
 
 @dataclass

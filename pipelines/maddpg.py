@@ -98,9 +98,9 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
 
 
-def train(cfg: MaddpgConfig) -> TrainResult:
+def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
     """Train MADDPG / IDDPG as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate)
+    return train_offpolicy(cfg, build_group, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,17 +20,17 @@ from torchrl.envs import EnvBase
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import make_stochastic_actor, make_value_critic
+from marlkit.pipelines.checkpoint import restore_rng, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.common import (
     build_env,
     check_common,
-    default_run_dir,
     GroupAgent,
     Progress,
     resolve_device,
     resolve_env_config,
-    RunDir,
     scalar_entries,
+    start_run,
     TrainResult,
 )
 from marlkit.pipelines.config import RunConfig
@@ -130,12 +130,13 @@ def build_group(
     return GroupAgent(actor, loss, None, PPO_LOSS_TERMS)
 
 
-def train(cfg: MappoConfig) -> TrainResult:
-    """Train MAPPO / IPPO as configured; write the run directory; return the final metrics."""
+def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
+    """Train MAPPO / IPPO as configured (``resume``: continue the run in ``logger.run_dir`` from its
+    checkpoint); write the run directory; return the final metrics."""
     iterations = validate(cfg)
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = resolve_device(cfg.device)
-    run = RunDir(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, cfg.seed))
+    run, start = start_run(cfg, resume)
     torch.manual_seed(cfg.seed)
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
@@ -146,8 +147,10 @@ def train(cfg: MappoConfig) -> TrainResult:
         group: torch.optim.Adam(loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
         for group, loss in losses.items()
     }
+    if start.state is not None:
+        restore_training(start.state, agents, optimisers)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    collector = make_collector(env, policy, cfg.collector, device=device)
+    collector = make_collector(env, policy, cfg.collector, device=device, frames_done=start.frames)
     buffer = ReplayBuffer(
         storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=device),
         sampler=SamplerWithoutReplacement(),
@@ -157,8 +160,10 @@ def train(cfg: MappoConfig) -> TrainResult:
 
     run.create(cfg, extra={"centralised_critic": cfg.centralised_critic, "iterations": iterations,
                            "groups": env.group_map, "minibatches_per_epoch": minibatches})
-    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress)
-    for iteration, batch in enumerate(collector):
+    if start.state is not None:
+        restore_rng(start.state, env)  # last: nothing after this consumes random numbers before collecting
+    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress, start.frames, start.time_s)
+    for iteration, batch in enumerate(collector, start=start.iteration):
         progress.collected()
         with torch.no_grad():
             for group in groups:  # GAE writes (group, "advantage") and (group, "value_target")
@@ -166,6 +171,7 @@ def train(cfg: MappoConfig) -> TrainResult:
                 loss.value_estimator(
                     batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params
                 )
+        buffer.empty()  # this batch only; the sampler starts afresh, so a resumed run samples the same
         buffer.extend(batch.reshape(-1))
         terms = {group: [] for group in groups}
         for _ in range(cfg.train.num_epochs):
@@ -181,7 +187,7 @@ def train(cfg: MappoConfig) -> TrainResult:
                     terms[group].append(scalar_entries(out))
         collector.update_policy_weights_()
         progress.log(iteration, batch, terms)
-        progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers)
+        progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers, env=env)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy)
 

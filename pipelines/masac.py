@@ -93,9 +93,9 @@ def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device
     return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device))
 
 
-def train(cfg: MasacConfig) -> TrainResult:
+def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
     """Train MASAC / ISAC as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate)
+    return train_offpolicy(cfg, build_group, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

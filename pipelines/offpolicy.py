@@ -24,19 +24,19 @@ from torchrl.envs import EnvBase
 
 from marlkit.envs import split_env_name
 from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
+from marlkit.pipelines.checkpoint import restore_rng, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.config import ConfigError
 from marlkit.pipelines.replay import GroupReplay
 from marlkit.pipelines.common import (
     build_env,
     check_common,
-    default_run_dir,
     GroupAgent,
     Progress,
     resolve_device,
     resolve_env_config,
-    RunDir,
     scalar_entries,
+    start_run,
     TrainResult,
 )
 
@@ -145,12 +145,14 @@ def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...], discrete: bool =
 BuildGroup = Callable[[EnvBase, str, Any, torch.device, Path], GroupAgent]
 
 
-def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any], int]) -> TrainResult:
-    """Train with the off-policy loop; ``build_group`` makes each group's modules and loss."""
+def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any], int],
+                    resume: bool = False) -> TrainResult:
+    """Train with the off-policy loop; ``build_group`` makes each group's modules, loss and replay;
+    ``resume`` continues the run in ``logger.run_dir`` from its checkpoint and on-disk buffers."""
     iterations = validate(cfg)
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = resolve_device(cfg.device)
-    run = RunDir(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, cfg.seed))
+    run, start = start_run(cfg, resume)
     torch.manual_seed(cfg.seed)
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
@@ -166,14 +168,18 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         group: torch.optim.Adam(agent.loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
         for group, agent in agents.items()
     }
+    if start.state is not None:
+        restore_training(start.state, agents, optimisers)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    collector = make_collector(env, policy, cfg.collector, device=device,
-                               init_random_frames=cfg.replay.warmup_frames)
+    collector = make_collector(env, policy, cfg.collector, device=device, frames_done=start.frames,
+                               init_random_frames=max(0, cfg.replay.warmup_frames - start.frames))
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
+    if start.state is not None:
+        restore_rng(start.state, env)
 
-    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress)
-    frames, steps = 0, 0
-    for iteration, batch in enumerate(collector):
+    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress, start.frames, start.time_s)
+    frames, steps = start.frames, start.optimiser_steps
+    for iteration, batch in enumerate(collector, start=start.iteration):
         progress.collected()
         frames += batch.numel()
         extra: dict[str, float] = {}
@@ -207,6 +213,6 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         extra["counters/optimiser_steps"] = steps
         progress.log(iteration, batch, terms, extra)
         progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers,
-                            optimiser_steps=steps)
+                            optimiser_steps=steps, env=env)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy, optimiser_steps=steps)

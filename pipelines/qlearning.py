@@ -194,9 +194,9 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
     return GroupAgent(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
 
 
-def train(cfg: QlearningConfig) -> TrainResult:
+def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
     """Train IQL / VDN / QMIX (or SUPER) as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate)
+    return train_offpolicy(cfg, build_group, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

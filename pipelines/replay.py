@@ -131,6 +131,30 @@ class GroupReplay:
         self.buffer = make_buffer(buffer_size, batch_size, scratch_dir=scratch_dir, device=device,
                                   prioritized=prioritized, alpha=alpha, beta=beta)
         self.prioritized = prioritized
+        self.scratch_dir = scratch_dir
+
+    def _buffers(self) -> list[tuple[ReplayBuffer, Path | None]]:
+        return [(self.buffer, self.scratch_dir)]
+
+    def dump(self) -> dict[str, Any]:
+        """Flush the on-disk buffers where they live (a metadata refresh, no copy); returns small state."""
+        for buffer, directory in self._buffers():
+            if directory is not None and buffer.storage.initialized:
+                buffer.storage.dumps(directory)
+                buffer.writer.dumps(directory / "writer")
+                buffer.sampler.dumps(directory)
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Reopen the on-disk buffers flushed by :meth:`dump`."""
+        for buffer, directory in self._buffers():
+            if directory is None:
+                raise ValueError("resuming an off-policy run needs replay.memmap=true (buffers in the run directory)")
+            if (directory / "storage_metadata.json").exists():
+                buffer.storage.loads(directory)
+                buffer.writer.loads(directory / "writer")
+                if (directory / "sampler.pt").exists():
+                    buffer.sampler.loads(directory)
 
     def extend(self, batch: TensorDictBase) -> dict[str, float]:
         """Store a collected batch; returns metrics to log (none here)."""
@@ -228,11 +252,25 @@ class SharedReplay(GroupReplay):
         self.group, self.device, self.prioritized = group, device, prioritized
         self.team = self.state = False
         self.n_agents, self.selector, self.score = n_agents, selector, score
+        self.dirs = [None if scratch_dir is None else scratch_dir / f"agent_{i}" for i in range(n_agents)]
         self.buffers = [
             make_buffer(buffer_size, batch_size, device=device, prioritized=prioritized, alpha=alpha, beta=beta,
-                        scratch_dir=None if scratch_dir is None else scratch_dir / f"agent_{i}")
-            for i in range(n_agents)
+                        scratch_dir=directory)
+            for directory in self.dirs
         ]
+
+    def _buffers(self) -> list[tuple[ReplayBuffer, Path | None]]:
+        return list(zip(self.buffers, self.dirs, strict=True))
+
+    def dump(self) -> dict[str, Any]:
+        """Flush every agent's buffer in place; the selector's |TD| window goes into the checkpoint."""
+        super().dump()
+        return {"history": self.selector.history.clone()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        super().load(state)
+        if "history" in state:
+            self.selector.history = state["history"].clone()
 
     def _per_agent(self, data: TensorDictBase) -> TensorDictBase:
         """``[M]`` group transitions -> ``[M, n_agents]`` so ``[:, i]`` is agent i's own."""
