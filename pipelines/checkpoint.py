@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 from tensordict.nn import TensorDictSequential
+from torchrl.envs import TransformedEnv
 
 from .config import apply_overrides, to_dict
 
@@ -35,8 +36,9 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _env_generator(env: Any) -> torch.Generator | None:
     """The native envs' own generator (grid world); simulators on torch's global RNG have none."""
-    base = getattr(env, "base_env", env)
-    rng = getattr(base, "_rng", None)
+    base = env.base_env if isinstance(env, TransformedEnv) else env
+    # vars(), not getattr(): batched envs (SerialEnv) forward unknown attributes and would recurse.
+    rng = vars(base).get("_rng")
     return rng if isinstance(rng, torch.Generator) else None
 
 

@@ -130,3 +130,73 @@ def test_seeds_run_siblings_and_plot(tmp_path):
         config = yaml.safe_load((base.parent / f"coord_seed{seed}" / "config.yaml").read_text())
         assert config["seed"] == seed
     assert (base.parent / "coord_seeds.png").stat().st_size > 0
+
+
+RESUME_CASES = [
+    ("mappo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2"]),
+    ("maddpg", ["--env", "vmas/navigation", "env.n_agents=2", "replay.batch_size=16", "train.optimiser_steps=2",
+                "exploration.annealing_frames=200"]),
+    ("iql", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2", "replay.prioritized=true",
+             "exploration.annealing_frames=200"]),
+]
+
+
+def _metrics(run_dir):
+    import csv
+
+    with (run_dir / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("algorithm,args", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resume_matches_uninterrupted_run(algorithm, args, tmp_path):
+    common = ["--seed", "5", *args, "env.max_steps=10", "env.num_envs=4", "collector.frames_per_batch=40",
+              "collector.reset_at_each_iter=true", "model.num_cells=[16]", "logger.progress=false",
+              "logger.checkpoint_every=1"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli_main(["train", algorithm, "--frames", "160", "--run-dir", str(whole), *common]) == 0
+    assert cli_main(["train", algorithm, "--frames", "80", "--run-dir", str(parts), *common]) == 0
+    assert cli_main(["train", "--resume", str(parts), "--frames", "160"]) == 0
+    uninterrupted, resumed = _metrics(whole), _metrics(parts)
+    assert [r["iteration"] for r in resumed] == ["0", "1", "2", "3"]  # no row lost or duplicated
+    keys = [k for k in uninterrupted[0] if "reward" in k or "loss" in k]
+    assert keys
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    common = ["--env", "matrix/coordination", "env.num_envs=4", "collector.frames_per_batch=20",
+              "train.minibatch_size=10", "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=2"]
+    assert cli_main(["train", "ippo", "--frames", "60", "--run-dir", str(run), *common]) == 0
+    # Checkpoints after iterations 1 and 2 (the end); pretend the run died after a row for iteration 3.
+    with (run / "metrics.csv").open("a") as handle:
+        handle.write("3,80,1.0,1.0\n")
+    assert cli_main(["train", "--resume", str(run), "--frames", "100"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--frames", "40"], "already has 40 frames; pass --frames larger"),
+    (["--frames", "80", "--seed", "2"], "only --frames may change it"),
+    (["--frames", "80", "train.lr=1"], "only --frames may change it"),
+])
+def test_resume_bad_input(extra, match, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", "ippo", "--env", "matrix/coordination", "--frames", "40", "--run-dir", str(run),
+                     "env.num_envs=4", "collector.frames_per_batch=20", "train.minibatch_size=10",
+                     "model.num_cells=[8]", "logger.progress=false"]) == 0
+    before = (run / "metrics.csv").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--resume", str(run), *extra])
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+    assert (run / "metrics.csv").read_text() == before
+
+
+def test_resume_non_run_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--resume", str(tmp_path)])
+    assert "is not a run directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
