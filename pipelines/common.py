@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import platform
@@ -105,12 +106,28 @@ def check_model_config(model: ModelConfig) -> None:
         raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {model.num_cells}")
 
 
+def check_logger_config(logger: Any) -> None:
+    """Validate the logger section (backend and its package, schedules, wandb mode)."""
+    from .loggers import check_logger
+
+    check_logger(logger.backend)
+    for name in ("checkpoint_every", "eval_every", "video_every"):
+        if getattr(logger, name) < 0:
+            raise ValueError(f"logger.{name} must be >= 0 (0 = never), got {getattr(logger, name)}")
+    for name in ("eval_episodes", "video_steps"):
+        if getattr(logger, name) < 1:
+            raise ValueError(f"logger.{name} must be >= 1, got {getattr(logger, name)}")
+    if logger.wandb_mode not in ("offline", "online"):
+        raise ValueError(f"logger.wandb_mode={logger.wandb_mode!r}; accepted: offline, online")
+
+
 def check_common(cfg: Any) -> int:
-    """The checks every pipeline shares (env, frames, model, device); returns the iteration count."""
+    """The checks every pipeline shares (env, frames, model, device, logger); returns the iteration count."""
     check_env_config(cfg.env)
     iterations = check_frames(cfg.collector, cfg.env.num_envs)
     check_model_config(cfg.model)
     device_of(cfg.device)
+    check_logger_config(cfg.logger)
     return iterations
 
 
@@ -300,10 +317,22 @@ class Progress:
     :meth:`finish` writes ``summary.json`` and returns the :class:`TrainResult`.
     """
 
-    def __init__(self, run: RunDir, groups: list[str], total_frames: int, show: bool,
-                 start_frames: int = 0, start_time_s: float = 0.0):
-        self.run, self.groups = run, groups
-        self.bar = tqdm(total=total_frames, initial=start_frames, unit="frames", disable=not show)
+    def __init__(self, run: RunDir, groups: list[str], cfg: Any, start: Any = None):
+        start_frames = start.frames if start is not None else 0
+        start_time_s = start.time_s if start is not None else 0.0
+        self.run, self.groups, self.cfg = run, groups, cfg
+        self.bar = tqdm(total=cfg.collector.total_frames, initial=start_frames, unit="frames",
+                        disable=not cfg.logger.progress)
+        from .loggers import make_logger
+
+        self.logger = make_logger(cfg.logger.backend, run.path, to_dict(cfg), cfg.logger.wandb_mode)
+        self.best_eval = start.state.get("best_eval", -math.inf) if start is not None and start.state else -math.inf
+        self._new_best = False
+        self._eval_env = None
+        if cfg.logger.eval_every or cfg.logger.video_every:
+            # Built now, before a resumed run restores its RNG: env construction may reseed.
+            self._eval_env = build_env(dataclasses.replace(cfg.env, num_envs=cfg.logger.eval_episodes),
+                                       device=device_of(cfg.device), seed=cfg.seed + 10_000)
         self.frames, self.row = start_frames, {}
         self.rewards = {group: math.nan for group in groups}
         self.start = self._iteration_start = self._train_start = time.perf_counter() - start_time_s
@@ -334,27 +363,58 @@ class Progress:
         row.update(extra or {})
         row.update({"timers/collection_s": self._collection_s, "timers/training_s": now - self._train_start})
         self.run.log(row)
+        self.logger.log(row)
         self.bar.update(batch.numel())
         self.bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in self.rewards.items()})
         self.row = row
         self._iteration_start = time.perf_counter()
         return row
 
+    def evaluate(self, iteration: int, policy: Any, final: bool) -> dict[str, float]:
+        """Every ``logger.eval_every`` iterations: the deterministic policy's mean return per group
+        (``eval/<group>/episode_reward_mean``); every ``logger.video_every``: ``videos/iter_<k>.mp4``."""
+        logger, out = self.cfg.logger, {}
+        due = lambda every: every > 0 and ((iteration + 1) % every == 0 or final)  # noqa: E731
+        if due(logger.eval_every):
+            from .evaluate import evaluate_policy
+
+            stats = evaluate_policy(self._eval_env, policy, max_steps=self.cfg.env.max_steps)
+            out = {f"eval/{g}/episode_reward_mean": s["mean"] for g, s in stats["groups"].items()}
+            score = sum(out.values()) / len(out)
+            self._new_best = score > self.best_eval
+            self.best_eval = max(self.best_eval, score)
+        if due(logger.video_every):
+            from .render import record_rollout
+
+            record_rollout(self._eval_env, self.run.path / "videos" / f"iter_{iteration:05d}.mp4",
+                           steps=logger.video_steps, policy=policy)
+        return out
+
     def checkpoint(self, cfg: Any, iteration: int, final: bool, *, agents: Mapping[str, Any],
                    optimisers: Mapping[str, Any], optimiser_steps: int = 0, env: Any = None) -> None:
-        """Write ``checkpoints/last.pt`` every ``logger.checkpoint_every`` iterations and at the end."""
+        """Write ``checkpoints/last.pt`` every ``logger.checkpoint_every`` iterations and at the end, and
+        ``checkpoints/best.pt`` when an evaluation just set a new best mean return."""
         every = cfg.logger.checkpoint_every
-        if not final and (every <= 0 or (iteration + 1) % every):
+        due = final or (every > 0 and (iteration + 1) % every == 0)
+        if not due and not self._new_best:
             return
         from .checkpoint import checkpoint_state, save_checkpoint
 
         state = checkpoint_state(cfg, iteration=iteration, frames=self.frames, optimiser_steps=optimiser_steps,
                                  agents=dict(agents), optimisers=dict(optimisers), env=env)
-        save_checkpoint(self.run.path / "checkpoints" / "last.pt", state)
+        state["best_eval"] = self.best_eval
+        if self._new_best:
+            save_checkpoint(self.run.path / "checkpoints" / "best.pt", state)
+            self._new_best = False
+        if due:
+            save_checkpoint(self.run.path / "checkpoints" / "last.pt", state)
 
     def finish(self, cfg: Any, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
         """Close the bar, write ``summary.json`` and return the result (with the trained ``policy``)."""
         self.bar.close()
+        self.logger.close()
+        if self._eval_env is not None:
+            self._eval_env.close()
         if self.row:
             from .plots import plot_runs
 

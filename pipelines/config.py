@@ -79,6 +79,18 @@ class LoggerConfig:
     """Show a tqdm bar with frames and the current mean return."""
     checkpoint_every: int = 10
     """Iterations between checkpoints/last.pt (always written at the end too); 0 = only at the end."""
+    backend: str = "csv"
+    """Metric logger (also as logger=NAME): csv, tensorboard, wandb or mlflow; metrics.csv is always written."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (no network needed) or online."""
+    eval_every: int = 0
+    """Iterations between evaluations of the deterministic policy (eval/ metrics, checkpoints/best.pt); 0 = never."""
+    eval_episodes: int = 10
+    """Episodes per evaluation (one per env copy)."""
+    video_every: int = 0
+    """Iterations between evaluation videos written to <run-dir>/videos/; 0 = never."""
+    video_steps: int = 100
+    """Frames per evaluation video."""
 
 
 @dataclass
@@ -210,6 +222,9 @@ def _set_path(cfg: Any, path: str, raw: Any) -> None:
             annotation = _hints(type(target))[part]
             current = getattr(target, part)
             if dataclasses.is_dataclass(current):
+                if isinstance(raw, str) and "backend" in {f.name for f in dataclasses.fields(current)}:
+                    current.backend = raw  # logger=tensorboard is logger.backend=tensorboard
+                    return
                 if not isinstance(raw, dict):
                     raise ValueError(f"{path} is a section; set its fields as {path}.<field>=value")
                 for key, value in raw.items():

@@ -160,9 +160,9 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
 
     run.create(cfg, extra={"centralised_critic": cfg.centralised_critic, "iterations": iterations,
                            "groups": env.group_map, "minibatches_per_epoch": minibatches})
+    progress = Progress(run, groups, cfg, start)
     if start.state is not None:
         restore_rng(start.state, env)  # last: nothing after this consumes random numbers before collecting
-    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress, start.frames, start.time_s)
     for iteration, batch in enumerate(collector, start=start.iteration):
         progress.collected()
         with torch.no_grad():
@@ -186,7 +186,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                     optimisers[group].zero_grad(set_to_none=True)
                     terms[group].append(scalar_entries(out))
         collector.update_policy_weights_()
-        progress.log(iteration, batch, terms)
+        final = iteration == iterations - 1
+        progress.log(iteration, batch, terms, progress.evaluate(iteration, policy, final))
         progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers, env=env)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy)

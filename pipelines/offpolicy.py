@@ -174,10 +174,10 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     collector = make_collector(env, policy, cfg.collector, device=device, frames_done=start.frames,
                                init_random_frames=max(0, cfg.replay.warmup_frames - start.frames))
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
+    progress = Progress(run, groups, cfg, start)
     if start.state is not None:
-        restore_rng(start.state, env)
+        restore_rng(start.state, env)  # last: nothing after this consumes random numbers before collecting
 
-    progress = Progress(run, groups, cfg.collector.total_frames, cfg.logger.progress, start.frames, start.time_s)
     frames, steps = start.frames, start.optimiser_steps
     for iteration, batch in enumerate(collector, start=start.iteration):
         progress.collected()
@@ -211,6 +211,7 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         extra.update({f"{group}/learning": float(group in learning) for group in groups})
         extra.update({f"{g}/{a.exploration.name}": a.exploration.value for g, a in agents.items() if a.exploration is not None})
         extra["counters/optimiser_steps"] = steps
+        extra.update(progress.evaluate(iteration, policy, iteration == iterations - 1))
         progress.log(iteration, batch, terms, extra)
         progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers,
                             optimiser_steps=steps, env=env)
