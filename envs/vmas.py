@@ -18,6 +18,17 @@ def vmas_scenarios() -> list[str]:
     return sorted(set(vmas.scenarios) | set(vmas.mpe_scenarios) | set(vmas.debug_scenarios))
 
 
+def check_scenario(scenario: str) -> None:
+    """``ValueError`` listing the scenarios when ``scenario`` is not one VMAS ships (no env is built)."""
+    available = vmas_scenarios()
+    if not available:
+        raise missing_package("vmas", "vmas", "vmas")
+    if scenario not in available:
+        raise ValueError(
+            f"unknown VMAS scenario {scenario!r}; available: {', '.join('vmas/' + s for s in available)}"
+        )
+
+
 def make_vmas_env(
     scenario: str,
     *,
@@ -35,13 +46,7 @@ def make_vmas_env(
         from torchrl.envs.libs.vmas import VmasEnv
     except ImportError as err:  # pragma: no cover - vmas is a core dependency
         raise missing_package("vmas", "vmas", "vmas") from err
-    available = vmas_scenarios()
-    if not available:
-        raise missing_package("vmas", "vmas", "vmas")
-    if scenario not in available:
-        raise ValueError(
-            f"unknown VMAS scenario {scenario!r}; available: {', '.join('vmas/' + s for s in available)}"
-        )
+    check_scenario(scenario)
     for key in ("n_agents", "max_steps"):
         if key in scenario_kwargs and scenario_kwargs[key] is not None:
             check_positive_int(key, scenario_kwargs[key])

@@ -59,6 +59,8 @@ __all__ = [
     "PPO_LOSS_TERMS",
     "SAC_LOSS_TERMS",
     "TARGET_UPDATES",
+    "check_target_update",
+    "check_td_settings",
     "MIXERS",
     "TEAM",
     "make_ddpg_loss",
@@ -70,13 +72,24 @@ __all__ = [
 ]
 
 
-def _check_common(loss_function: str, gamma: float) -> None:
+def check_td_settings(loss_function: str, gamma: float, prefix: str = "") -> None:
+    """Critic regression loss and discount: ``ValueError`` naming the bad value (``prefix``: its section)."""
     if loss_function not in LOSS_CRITIC_TYPES:
         raise ValueError(
-            f"loss_function={loss_function!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
+            f"{prefix}loss_function={loss_function!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
         )
     if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        raise ValueError(f"{prefix}gamma must be in (0, 1], got {gamma}")
+
+
+def check_target_update(mode: str, tau: float, hard_update_interval: int, prefix: str = "") -> None:
+    """Target-network settings: ``ValueError`` naming the bad value (``prefix``: its section)."""
+    if mode not in TARGET_UPDATES:
+        raise ValueError(f"{prefix}target_update={mode!r}; accepted: {list(TARGET_UPDATES)}")
+    if hard_update_interval < 1:
+        raise ValueError(f"{prefix}hard_update_interval must be >= 1, got {hard_update_interval}")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"{prefix}tau must be in (0, 1], got {tau}")
 
 
 def _bind_td_keys(loss: LossModule, group: str, gamma: float) -> None:
@@ -156,7 +169,7 @@ def make_ddpg_loss(
     loss_function: str = "l2",
 ) -> DDPGLoss:
     """DDPG loss for one group, with target actor and target critic (as in the MADDPG paper)."""
-    _check_common(loss_function, gamma)
+    check_td_settings(loss_function, gamma)
     loss = DDPGLoss(
         actor_network=actor, value_network=critic, delay_actor=True, delay_value=True,
         loss_function=loss_function,
@@ -182,7 +195,7 @@ def make_sac_loss(
     ``target_entropy`` defaults to ``-action_dim`` per agent (the usual SAC heuristic, applied to
     each agent's own action rather than the whole group's).
     """
-    _check_common(loss_function, gamma)
+    check_td_settings(loss_function, gamma)
     if num_qvalue_nets < 1:
         raise ValueError(f"num_qvalue_nets must be >= 1, got {num_qvalue_nets}")
     if alpha_init <= 0:
@@ -208,16 +221,11 @@ def make_target_updater(
     loss: LossModule, *, mode: str = "soft", tau: float = 0.005, hard_update_interval: int = 1000
 ) -> TargetNetUpdater:
     """Soft (Polyak, ``target <- (1 - tau) target + tau online``) or hard (copy every N steps) updates."""
-    if mode not in TARGET_UPDATES:
-        raise ValueError(f"target update mode={mode!r} is not supported; accepted: {list(TARGET_UPDATES)}")
+    check_target_update(mode, tau, hard_update_interval)
     if mode == "hard":
-        if hard_update_interval < 1:
-            raise ValueError(f"hard_update_interval must be >= 1, got {hard_update_interval}")
         # TorchRL's HardUpdate copies when its counter, which starts at 0, reaches the interval:
         # on step interval + 1. Passing N - 1 makes the copy land on every N-th step.
         return HardUpdate(loss, value_network_update_interval=hard_update_interval - 1)
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {tau}")
     return SoftUpdate(loss, tau=tau)
 
 
@@ -230,7 +238,7 @@ def make_dqn_loss(
     double_dqn: bool = True,
 ) -> DQNLoss:
     """Independent DQN for every agent of a group (IQL); double-Q targets when ``double_dqn``."""
-    _check_common(loss_function, gamma)
+    check_td_settings(loss_function, gamma)
     loss = DQNLoss(q_network, loss_function=loss_function, delay_value=True, double_dqn=double_dqn,
                    action_space="categorical")
     loss.set_keys(
@@ -259,7 +267,7 @@ def make_qmixer_loss(
     mixing_embed_dim: int = 32,
 ) -> QMixerLoss:
     """VDN (sum) or QMIX (monotonic hypernetwork on ``state_key``) over one group's agents."""
-    _check_common(loss_function, gamma)
+    check_td_settings(loss_function, gamma)
     if mixer not in MIXERS:
         raise ValueError(f"mixer={mixer!r} is not supported; accepted: {list(MIXERS)}")
     if n_agents < 2:

@@ -24,6 +24,23 @@ def linear_schedule(start: float, end: float, frames: int, annealing_frames: int
     return start + (end - start) * fraction
 
 
+def check_sigma(sigma_init: float, sigma_end: float, annealing_frames: int | None, prefix: str = "") -> None:
+    """Gaussian-noise schedule: ``ValueError`` naming the bad value (``prefix``: its config section)."""
+    if sigma_init < 0 or sigma_end < 0:
+        raise ValueError(f"exploration noise must be >= 0, got sigma_init={sigma_init}, sigma_end={sigma_end}")
+    if annealing_frames is not None and annealing_frames < 0:
+        raise ValueError(f"{prefix}annealing_frames must be >= 0, got {annealing_frames}")
+
+
+def check_epsilon(eps_init: float, eps_end: float, annealing_frames: int | None, prefix: str = "") -> None:
+    """Epsilon-greedy schedule: ``ValueError`` naming the bad value (``prefix``: its config section)."""
+    for name, value in (("eps_init", eps_init), ("eps_end", eps_end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{prefix}{name} must be in [0, 1], got {value}")
+    if annealing_frames is not None and annealing_frames < 0:
+        raise ValueError(f"{prefix}annealing_frames must be >= 0, got {annealing_frames}")
+
+
 def _explores() -> bool:
     return exploration_type() in (ExplorationType.RANDOM, None)
 
@@ -45,12 +62,7 @@ class GaussianNoise(TensorDictModuleBase):
         annealing_frames: int = 100_000,
     ):
         super().__init__()
-        if sigma_init < 0 or sigma_end < 0:
-            raise ValueError(
-                f"exploration noise must be >= 0, got sigma_init={sigma_init}, sigma_end={sigma_end}"
-            )
-        if annealing_frames < 0:
-            raise ValueError(f"annealing_frames must be >= 0, got {annealing_frames}")
+        check_sigma(sigma_init, sigma_end, annealing_frames)
         self.in_keys = [action_key]
         self.out_keys = [action_key]
         self.action_key = action_key
@@ -99,11 +111,7 @@ class EpsilonGreedy(TensorDictModuleBase):
         annealing_frames: int = 100_000,
     ):
         super().__init__()
-        for name, value in (("eps_init", eps_init), ("eps_end", eps_end)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if annealing_frames < 0:
-            raise ValueError(f"annealing_frames must be >= 0, got {annealing_frames}")
+        check_epsilon(eps_init, eps_end, annealing_frames)
         if not isinstance(action_spec, (Categorical, OneHot)):
             raise ValueError(f"epsilon-greedy needs discrete actions, got {type(action_spec).__name__}")
         self.one_hot = isinstance(action_spec, OneHot)

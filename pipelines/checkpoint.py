@@ -110,17 +110,23 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
         vmas_state[:] = list(_unpack(state["vmas"]))
 
 
-def restore_training(state: dict[str, Any], agents: dict[str, Any],
-                     optimisers: dict[str, torch.optim.Optimizer]) -> None:
-    """Load modules, optimisers, exploration schedules and replays from a checkpoint."""
+def restore_modules(state: dict[str, Any], agents: dict[str, Any]) -> None:
+    """Load every group's networks and exploration schedule from a checkpoint."""
     missing = sorted(set(agents) - set(state["losses"]))
     if missing:
         raise ValueError(f"checkpoint has no weights for groups {missing}")
     for group, agent in agents.items():
         agent.loss.load_state_dict(state["losses"][group])
-        optimisers[group].load_state_dict(state["optimisers"][group])
         if agent.exploration is not None:
             agent.exploration.anneal(state["frames"])
+
+
+def restore_training(state: dict[str, Any], agents: dict[str, Any],
+                     optimisers: dict[str, torch.optim.Optimizer]) -> None:
+    """Load modules, exploration schedules, optimisers and replays from a checkpoint."""
+    restore_modules(state, agents)
+    for group, agent in agents.items():
+        optimisers[group].load_state_dict(state["optimisers"][group])
         if agent.replay is not None:
             agent.replay.load(state["replay"].get(group, {}))
 
@@ -229,12 +235,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | N
     env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
     module = pipeline_for(cfg.algorithm)
     agents = {group: module.build_group(env, group, cfg, torch_device, None) for group in env.group_map}
-    missing = sorted(set(agents) - set(state["losses"]))
-    if missing:
-        raise ValueError(f"checkpoint has no weights for groups {missing}")
-    for group, agent in agents.items():
-        agent.loss.load_state_dict(state["losses"][group])
-        if agent.exploration is not None:
-            agent.exploration.anneal(state["frames"])
+    restore_modules(state, agents)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
     return LoadedRun(cfg, env, policy, state)

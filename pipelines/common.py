@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from marlkit.envs import make_env, MultiAgentEnv, split_env_name
 from marlkit.envs._common import device_of
-from marlkit.envs.vmas import vmas_scenarios
+from marlkit.envs.vmas import check_scenario
 
 from marlkit.modules import activation_class
 
@@ -51,10 +51,8 @@ _AGENT_COUNT_KEYWORDS = ("n_agents", "num_agents", "N", "n_pursuers", "n_pistons
 def check_env_config(env_cfg: EnvConfig) -> None:
     """Validate the env section without building anything (names, counts, sizes)."""
     family, rest = split_env_name(env_cfg.name)
-    if family == "vmas" and rest not in vmas_scenarios():
-        raise ValueError(
-            f"unknown VMAS scenario {rest!r}; available: {', '.join('vmas/' + s for s in vmas_scenarios())}"
-        )
+    if family == "vmas":
+        check_scenario(rest)
     if isinstance(env_cfg.num_envs, bool) or env_cfg.num_envs < 1:
         raise ValueError(f"env.num_envs must be >= 1, got {env_cfg.num_envs}")
     if env_cfg.max_steps is not None:

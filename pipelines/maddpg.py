@@ -16,6 +16,7 @@ from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
 from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
+from marlkit.modules.exploration import check_sigma
 from marlkit.modules import continuous_action_bounds, GaussianNoise, make_deterministic_actor, make_q_critic
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
@@ -71,12 +72,7 @@ def validate(cfg: MaddpgConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
     iterations = check_offpolicy(cfg, ALGORITHMS)
     x = cfg.exploration
-    if x.sigma_init < 0 or x.sigma_end < 0:
-        raise ValueError(
-            f"exploration noise must be >= 0, got sigma_init={x.sigma_init}, sigma_end={x.sigma_end}"
-        )
-    if x.annealing_frames is not None and x.annealing_frames < 0:
-        raise ValueError(f"exploration.annealing_frames must be >= 0 or null, got {x.annealing_frames}")
+    check_sigma(x.sigma_init, x.sigma_end, x.annealing_frames, prefix="exploration.")
     return iterations
 
 

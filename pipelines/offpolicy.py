@@ -23,7 +23,7 @@ from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
 from marlkit.envs import split_env_name
-from marlkit.losses import LOSS_CRITIC_TYPES, TARGET_UPDATES
+from marlkit.losses import check_target_update, check_td_settings
 from marlkit.pipelines.checkpoint import restore_rng, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.config import ConfigError
@@ -123,14 +123,8 @@ def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...], discrete: bool =
             f"replay.warmup_frames={replay.warmup_frames} must be >= 0 and below the total frames "
             f"({cfg.collector.total_frames}), or nothing would be learnt"
         )
-    if loss.target_update not in TARGET_UPDATES:
-        raise ValueError(f"loss.target_update={loss.target_update!r}; accepted: {list(TARGET_UPDATES)}")
-    if not 0.0 < loss.tau <= 1.0:
-        raise ValueError(f"loss.tau must be in (0, 1], got {loss.tau}")
-    if loss.loss_function not in LOSS_CRITIC_TYPES:
-        raise ValueError(f"loss.loss_function={loss.loss_function!r}; accepted: {list(LOSS_CRITIC_TYPES)}")
-    if not 0.0 < loss.gamma <= 1.0:
-        raise ValueError(f"loss.gamma must be in (0, 1], got {loss.gamma}")
+    check_target_update(loss.target_update, loss.tau, loss.hard_update_interval, prefix="loss.")
+    check_td_settings(loss.loss_function, loss.gamma, prefix="loss.")
     if train.optimiser_steps < 0 or train.lr <= 0 or train.max_grad_norm <= 0:
         raise ValueError(
             f"train.optimiser_steps ({train.optimiser_steps}) must be >= 0, train.lr ({train.lr}) and "

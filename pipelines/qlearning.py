@@ -20,6 +20,7 @@ from torchrl.envs import EnvBase
 from marlkit.envs import split_env_name
 from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, TEAM
 from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
+from marlkit.modules.exploration import check_epsilon
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import ModelConfig, RunConfig
 from marlkit.pipelines.offpolicy import (
@@ -30,7 +31,7 @@ from marlkit.pipelines.offpolicy import (
     ReplayConfig,
     train_offpolicy,
 )
-from marlkit.pipelines.replay import ExperienceSelector, SharedReplay, SHARING_MODES
+from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SharedReplay
 
 ALGORITHMS = ("iql", "vdn", "qmix")
 
@@ -122,17 +123,10 @@ def validate(cfg: QlearningConfig) -> int:
         )
     iterations = check_offpolicy(cfg, ALGORITHMS, discrete=True)
     s, x, r = cfg.sharing, cfg.exploration, cfg.replay
-    if s.mode not in SHARING_MODES:
-        raise ValueError(f"sharing.mode={s.mode!r} is not supported; accepted: {list(SHARING_MODES)}")
-    if not 0.0 < s.beta <= 1.0:
-        raise ValueError(f"sharing.beta must be in (0, 1], got {s.beta}")
-    if s.window < 1:
-        raise ValueError(f"sharing.window must be >= 1, got {s.window}")
+    check_sharing(s.mode, s.beta, s.window)
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
-    for name, value in (("eps_init", x.eps_init), ("eps_end", x.eps_end)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"exploration.{name} must be in [0, 1], got {value}")
+    check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
     if r.prioritized and (r.alpha < 0 or not 0.0 <= r.beta <= 1.0):
         raise ValueError(f"replay.alpha must be >= 0 and replay.beta in [0, 1], got {r.alpha}, {r.beta}")
     return iterations

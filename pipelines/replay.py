@@ -186,6 +186,16 @@ class GroupReplay:
         return self.buffer.sampler.priorities
 
 
+def check_sharing(mode: str, beta: float, window: int) -> None:
+    """SUPER settings: ``ValueError`` naming the bad ``sharing.*`` value and what is accepted."""
+    if mode not in SHARING_MODES:
+        raise ValueError(f"sharing.mode={mode!r} is not supported; accepted: {list(SHARING_MODES)}")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"sharing.beta must be in (0, 1], got {beta}")
+    if window < 1:
+        raise ValueError(f"sharing.window must be >= 1, got {window}")
+
+
 class ExperienceSelector:
     """Chooses which new transitions each agent relays to the others (SUPER's heuristics).
 
@@ -202,12 +212,7 @@ class ExperienceSelector:
 
     def __init__(self, mode: str, n_agents: int, beta: float = 0.1, window: int = 1500,
                  generator: torch.Generator | None = None):
-        if mode not in SHARING_MODES:
-            raise ValueError(f"sharing.mode={mode!r} is not supported; accepted: {list(SHARING_MODES)}")
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"sharing.beta must be in (0, 1], got {beta}")
-        if window < 1:
-            raise ValueError(f"sharing.window must be >= 1, got {window}")
+        check_sharing(mode, beta, window)
         self.mode, self.n_agents, self.beta, self.window = mode, n_agents, beta, window
         self.generator = generator
         self.history = torch.zeros(0, n_agents)
