@@ -16,6 +16,8 @@ from tensordict import TensorDictBase
 from torchrl.data import Composite
 from torchrl.envs import Compose, EnvBase, RewardSum, StepCounter, Transform, TransformedEnv
 
+from ._snapshot import capture, capture_value, restore, restore_value
+
 
 def check_positive_int(name: str, value: Any) -> int:
     """Return ``value`` as an int, or raise ``ValueError`` naming the field when it is not >= 1."""
@@ -90,6 +92,40 @@ class GroupDones(Transform):
         return self._expand(tensordict_reset)
 
 
+# Packages whose objects a Python simulator's snapshot walks (besides the env's own package).
+SIMULATOR_PACKAGES = ("vmas", "pettingzoo", "mpe2", "gymnasium", "marlkit")
+
+
+class NativeState:
+    """Mixin for marlkit's own tensor envs: their state is the attributes named in ``STATE``."""
+
+    STATE: tuple[str, ...] = ()
+
+    def simulator_state(self) -> dict[str, Any]:
+        """Every state tensor (and generator) by name, as a snapshot."""
+        return capture_value({name: getattr(self, name) for name in self.STATE})
+
+    def load_simulator_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`simulator_state` returned."""
+        current = {name: getattr(self, name) for name in self.STATE}
+        for name, value in restore_value(state, current).items():
+            setattr(self, name, value)
+
+
+def _python_simulators(base: EnvBase) -> list[Any]:
+    """The Python objects that hold a wrapped simulator's state (VMAS world, PettingZoo copies)."""
+    from torchrl.envs import SerialEnv
+    from torchrl.envs.libs.vmas import VmasEnv
+
+    if isinstance(base, VmasEnv):
+        return [base._env]
+    if isinstance(base, SerialEnv):
+        if base.is_closed:
+            raise RuntimeError("the env is closed; its simulator state is gone")
+        return [copy._env for copy in base._envs]
+    raise NotImplementedError(f"no simulator state for {type(base).__name__}")
+
+
 class MultiAgentEnv(TransformedEnv):
     """The env type ``make_env`` returns: a ``TransformedEnv`` that also knows its agent groups.
 
@@ -131,6 +167,45 @@ class MultiAgentEnv(TransformedEnv):
         if self._render_fn is None:
             raise NotImplementedError(f"{self._marl_name} cannot be rendered")
         return self._render_fn(env_index=env_index, **kwargs)
+
+    def simulator_state(self) -> dict[str, Any]:
+        """The simulator's whole state (positions, episode progress, its generators) as tensors and
+        plain values that ``torch.save`` writes and ``torch.load(weights_only=True)`` reads.
+
+        With :meth:`load_simulator_state` on a fresh env of the same configuration, episodes in
+        flight continue exactly (checkpoints use it to resume mid-episode).
+
+        Raises:
+            NotImplementedError: part of the state lives in objects that cannot be saved (Box2D
+                bodies, pygame sprites); the message names their types.
+        """
+        base = self.base_env
+        if isinstance(base, NativeState):
+            return {"family": self._marl_name, "native": base.simulator_state()}
+        snapshots, unsaved = [], set()
+        for root in _python_simulators(base):
+            snapshot, left_out = capture(root, SIMULATOR_PACKAGES)
+            snapshots.append(snapshot)
+            unsaved.update(left_out)
+        if unsaved:
+            raise NotImplementedError(
+                f"{self._marl_name} keeps state in objects that cannot be saved: {', '.join(sorted(unsaved))}"
+            )
+        return {"family": self._marl_name, "objects": snapshots}
+
+    def load_simulator_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`simulator_state` (``ValueError`` if it is another env's)."""
+        if state.get("family") != self._marl_name:
+            raise ValueError(f"simulator state of {state.get('family')!r} cannot be loaded into {self._marl_name!r}")
+        base = self.base_env
+        if isinstance(base, NativeState):
+            base.load_simulator_state(state["native"])
+            return
+        roots = _python_simulators(base)
+        if len(roots) != len(state["objects"]):
+            raise ValueError(f"simulator state has {len(state['objects'])} copies, the env has {len(roots)}")
+        for root, snap in zip(roots, state["objects"]):
+            restore(root, snap, SIMULATOR_PACKAGES)
 
 
 def finalize(

@@ -27,7 +27,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from ._common import check_choice, check_positive_int, finalize, MultiAgentEnv
+from ._common import NativeState, check_choice, check_positive_int, finalize, MultiAgentEnv
 
 GROUP = "agents"
 MODES = ("cooperative", "competitive")
@@ -41,10 +41,11 @@ COMPETITIVE_COLLECT = 20.0
 COMPETITIVE_OTHERS = -5.0
 
 
-class GridWorldEnv(EnvBase):
+class GridWorldEnv(NativeState, EnvBase):
     """Batched multi-agent target-collection grid world; see the module docstring for the rules."""
 
     batch_locked = True
+    STATE = ("agent_pos", "target_pos", "remaining", "steps", "_rng")
 
     def __init__(
         self,

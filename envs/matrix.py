@@ -30,7 +30,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from ._common import check_positive_int, finalize, MultiAgentEnv
+from ._common import NativeState, check_positive_int, finalize, MultiAgentEnv
 
 GROUP = "agents"
 
@@ -92,10 +92,11 @@ def game_tables(game: str, payoffs: Any = None, n_agents: int | None = None) -> 
     )
 
 
-class MatrixGameEnv(EnvBase):
+class MatrixGameEnv(NativeState, EnvBase):
     """Batched repeated matrix game; see the module docstring."""
 
     batch_locked = True
+    STATE = ("stage", "steps", "last_action")
 
     def __init__(
         self,

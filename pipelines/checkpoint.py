@@ -2,8 +2,8 @@
 
 ``<run-dir>/checkpoints/last.pt`` holds every group's loss state (actor, critic and target networks,
 value normalisation, SAC temperature), the optimisers, the frame / iteration / optimiser-step counters
-(exploration schedules are a function of frames), the torch / numpy / Python RNG states and the
-resolved config. Writes
+(exploration schedules are a function of frames), the torch / numpy / Python RNG states, the
+episodes in flight (simulator state and the collector's carried step) and the resolved config. Writes
 are atomic: the file is written beside the old one and renamed over it, so a kill at any moment
 leaves the previous checkpoint intact. Loading never runs code from the run directory
 (``torch.load(weights_only=True)``, ``yaml.safe_load``) and refuses a checkpoint written for another
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 import yaml
 from tensordict.nn import TensorDictSequential
-from torchrl.envs import TransformedEnv
 
 from .config import apply_overrides, to_dict
 
-FORMAT = 1
+FORMAT = 2
+_READABLE_FORMATS = (1, 2)  # format 1 had no simulator state
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in config.items() if k not in ("logger", "derived", "device")}
     if "collector" in data:
@@ -34,23 +35,26 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _env_generator(env: Any) -> torch.Generator | None:
-    """The native envs' own generator (grid world); simulators on torch's global RNG have none."""
-    base = env.base_env if isinstance(env, TransformedEnv) else env
-    # vars(), not getattr(): batched envs (SerialEnv) forward unknown attributes and would recurse.
-    rng = vars(base).get("_rng")
-    return rng if isinstance(rng, torch.Generator) else None
+def _simulator_state(env: Any) -> dict[str, Any]:
+    """The env's simulator state, or why it cannot be saved (then a resumed run restarts episodes)."""
+    try:
+        return {"state": env.simulator_state()}
+    except NotImplementedError as err:
+        return {"unsaved": str(err)}
 
 
 def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: int,
                      agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
-                     env: Any = None) -> dict[str, Any]:
+                     env: Any, collector: Any) -> dict[str, Any]:
     """Everything needed to rebuild the policy and continue training, as plain tensors and values.
 
-    Off-policy replays are flushed in place first (their files already live in the run directory).
+    That includes the episodes in flight: the simulator's state and the collector's carried step, so
+    a resumed run continues them instead of starting from a reset. Off-policy replays are flushed in
+    place first (their files already live in the run directory).
     """
+    from .collectors import collector_state
+
     replay = {group: agent.replay.dump() for group, agent in agents.items() if agent.replay is not None}
-    generator = _env_generator(env)
     return {
         "format": FORMAT,
         "algorithm": cfg.algorithm,
@@ -61,7 +65,8 @@ def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: 
         "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
         "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
         "rng": _global_rng_state(),
-        "env_rng": generator.get_state() if generator is not None else None,
+        "simulator": _simulator_state(env),
+        "collector": collector_state(collector),
         "replay": replay,
     }
 
@@ -131,16 +136,23 @@ def restore_training(state: dict[str, Any], agents: dict[str, Any],
             agent.replay.load(state["replay"].get(group, {}))
 
 
-def restore_rng(state: dict[str, Any], env: Any) -> None:
-    """Put the global RNGs (and the env's own generator) back where the checkpoint left them.
+def restore_rollout(state: dict[str, Any], env: Any, collector: Any) -> None:
+    """Put the episodes in flight (simulator and collector) and the RNGs back where the checkpoint
+    left them.
 
     Called right before the first collection of a resumed run, after everything that consumes
-    random numbers while being built.
+    random numbers while being built. An env whose state could not be saved (or a format-1
+    checkpoint) starts its episodes afresh, with a warning.
     """
+    from .collectors import load_collector_state
+
+    simulator = state.get("simulator", {"unsaved": "the checkpoint predates simulator states"})
+    if "state" in simulator:
+        env.load_simulator_state(simulator["state"])
+        load_collector_state(collector, state["collector"])
+    else:
+        warnings.warn(f"resumed episodes restart from a reset: {simulator['unsaved']}", stacklevel=2)
     _set_global_rng_state(state["rng"])
-    generator = _env_generator(env)
-    if generator is not None and state.get("env_rng") is not None:
-        generator.set_state(state["env_rng"])
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -184,8 +196,8 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise many kinds of errors
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a marlkit checkpoint (format {FORMAT})")
+    if not isinstance(state, dict) or state.get("format") not in _READABLE_FORMATS:
+        raise ValueError(f"{path} is not a marlkit checkpoint (formats {_READABLE_FORMATS})")
     if state["algorithm"] != config["algorithm"]:
         raise ValueError(
             f"{path} was written by algorithm={state['algorithm']!r}, not {config['algorithm']!r}"

@@ -389,7 +389,7 @@ class Progress:
         return out
 
     def checkpoint(self, cfg: Any, iteration: int, final: bool, *, agents: Mapping[str, Any],
-                   optimisers: Mapping[str, Any], optimiser_steps: int = 0, env: Any = None) -> None:
+                   optimisers: Mapping[str, Any], env: Any, collector: Any, optimiser_steps: int = 0) -> None:
         """Write ``checkpoints/last.pt`` every ``logger.checkpoint_every`` iterations and at the end, and
         ``checkpoints/best.pt`` when an evaluation just set a new best mean return."""
         every = cfg.logger.checkpoint_every
@@ -399,7 +399,8 @@ class Progress:
         from .checkpoint import checkpoint_state, save_checkpoint
 
         state = checkpoint_state(cfg, iteration=iteration, frames=self.frames, optimiser_steps=optimiser_steps,
-                                 agents=dict(agents), optimisers=dict(optimisers), env=env)
+                                 agents=dict(agents), optimisers=dict(optimisers), env=env,
+                                 collector=collector)
         state["best_eval"] = self.best_eval
         if self._new_best:
             save_checkpoint(self.run.path / "checkpoints" / "best.pt", state)

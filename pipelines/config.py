@@ -52,7 +52,7 @@ class CollectorConfig:
     total_frames: int = 120_000
     """Total frame budget (--frames); must be a multiple of frames_per_batch."""
     reset_at_each_iter: bool = False
-    """Reset every env at the start of each batch: episodes never span batches, and --resume is exact."""
+    """Reset every env at the start of each batch, so episodes never span batches (as TorchRL allows)."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torchrl.envs import EnvBase
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import make_stochastic_actor, make_value_critic
-from marlkit.pipelines.checkpoint import restore_rng, restore_training
+from marlkit.pipelines.checkpoint import restore_rollout, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.common import (
     build_env,
@@ -150,7 +150,7 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     if start.state is not None:
         restore_training(start.state, agents, optimisers)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    collector = make_collector(env, policy, cfg.collector, device=device, frames_done=start.frames)
+    collector = make_collector(env, policy, cfg.collector, device=device)
     buffer = ReplayBuffer(
         storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=device),
         sampler=SamplerWithoutReplacement(),
@@ -162,8 +162,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                            "groups": env.group_map, "minibatches_per_epoch": minibatches})
     progress = Progress(run, groups, cfg, start)
     if start.state is not None:
-        restore_rng(start.state, env)  # last: nothing after this consumes random numbers before collecting
-    for iteration, batch in enumerate(collector, start=start.iteration):
+        restore_rollout(start.state, env, collector)  # last: nothing after this consumes random numbers before collecting
+    for iteration, batch in zip(range(start.iteration, iterations), collector):
         progress.collected()
         with torch.no_grad():
             for group in groups:  # GAE writes (group, "advantage") and (group, "value_target")
@@ -188,7 +188,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
         collector.update_policy_weights_()
         final = iteration == iterations - 1
         progress.log(iteration, batch, terms, progress.evaluate(iteration, policy, final))
-        progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers, env=env)
+        progress.checkpoint(cfg, iteration, final, agents=agents, optimisers=optimisers, env=env,
+                            collector=collector)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy)
 

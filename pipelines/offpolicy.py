@@ -24,7 +24,7 @@ from torchrl.envs import EnvBase
 
 from marlkit.envs import split_env_name
 from marlkit.losses import check_target_update, check_td_settings
-from marlkit.pipelines.checkpoint import restore_rng, restore_training
+from marlkit.pipelines.checkpoint import restore_rollout, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.config import ConfigError
 from marlkit.pipelines.replay import GroupReplay
@@ -165,15 +165,15 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     if start.state is not None:
         restore_training(start.state, agents, optimisers)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    collector = make_collector(env, policy, cfg.collector, device=device, frames_done=start.frames,
+    collector = make_collector(env, policy, cfg.collector, device=device,
                                init_random_frames=max(0, cfg.replay.warmup_frames - start.frames))
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
     progress = Progress(run, groups, cfg, start)
     if start.state is not None:
-        restore_rng(start.state, env)  # last: nothing after this consumes random numbers before collecting
+        restore_rollout(start.state, env, collector)  # last: nothing after this consumes random numbers before collecting
 
     frames, steps = start.frames, start.optimiser_steps
-    for iteration, batch in enumerate(collector, start=start.iteration):
+    for iteration, batch in zip(range(start.iteration, iterations), collector):
         progress.collected()
         frames += batch.numel()
         extra: dict[str, float] = {}
@@ -208,6 +208,6 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         extra.update(progress.evaluate(iteration, policy, iteration == iterations - 1))
         progress.log(iteration, batch, terms, extra)
         progress.checkpoint(cfg, iteration, iteration == iterations - 1, agents=agents, optimisers=optimisers,
-                            optimiser_steps=steps, env=env)
+                            optimiser_steps=steps, env=env, collector=collector)
     collector.shutdown()  # closes the env too
     return progress.finish(cfg, iterations, policy, optimiser_steps=steps)

@@ -138,6 +138,7 @@ RESUME_CASES = [
                 "exploration.annealing_frames=200"]),
     ("iql", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2", "replay.prioritized=true",
              "exploration.annealing_frames=200"]),
+    ("ippo", ["--env", "pettingzoo/mpe2/simple_spread_v3", "env.N=2", "train.minibatch_size=20"]),
 ]
 
 
@@ -148,11 +149,13 @@ def _metrics(run_dir):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.parametrize("reset", [False, True], ids=["mid-episode", "reset-each-batch"])
 @pytest.mark.parametrize("algorithm,args", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
-def test_resume_matches_uninterrupted_run(algorithm, args, tmp_path):
-    common = ["--seed", "5", *args, "env.max_steps=10", "env.num_envs=4", "collector.frames_per_batch=40",
-              "collector.reset_at_each_iter=true", "model.num_cells=[16]", "logger.progress=false",
-              "logger.checkpoint_every=1"]
+def test_resume_matches_uninterrupted_run(algorithm, args, reset, tmp_path):
+    # 15-step episodes and 10 steps per batch: without resets, the stop falls mid-episode.
+    common = ["--seed", "5", *args, "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40",
+              f"collector.reset_at_each_iter={str(reset).lower()}", "model.num_cells=[16]",
+              "logger.progress=false", "logger.checkpoint_every=1"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert cli_main(["train", algorithm, "--frames", "160", "--run-dir", str(whole), *common]) == 0
     assert cli_main(["train", algorithm, "--frames", "80", "--run-dir", str(parts), *common]) == 0
@@ -163,6 +166,21 @@ def test_resume_matches_uninterrupted_run(algorithm, args, tmp_path):
     assert keys
     for a, b in zip(uninterrupted, resumed, strict=True):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_resume_of_an_unsaveable_simulator_restarts_episodes_with_a_warning():
+    from marlkit.envs import make_env
+
+    env = make_env("pettingzoo/butterfly/knights_archers_zombies_v11", num_envs=1, seed=0)
+    env.rollout(2)
+    simulator = ckpt._simulator_state(env)
+    assert "pygame" in simulator["unsaved"]
+    torch.manual_seed(3)
+    state = {"simulator": simulator, "rng": ckpt._global_rng_state()}
+    before = torch.rand(1)
+    with pytest.warns(UserWarning, match="resumed episodes restart from a reset: .*knights_archers"):
+        ckpt.restore_rollout(state, env, collector=None)  # the collector is left as built
+    assert torch.equal(torch.rand(1), before)  # the RNGs are still restored
 
 
 def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):

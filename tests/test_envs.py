@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pettingzoo
 import pytest
 import torch
@@ -212,6 +213,120 @@ def test_same_seed_same_rollout(name, kwargs):
     first, second = run(7), run(7)
     for key in first.keys(True, True):
         assert torch.equal(first[key], second[key]), key
+
+
+def _random_steps(env, td, steps, seed):
+    torch.manual_seed(seed)
+    outputs = []
+    for _ in range(steps):
+        td, td_next = env.step_and_maybe_reset(env.rand_action(td))
+        outputs.append(td["next"].clone())
+        td = td_next
+    return td, outputs
+
+
+def _vmas_generators():
+    from vmas.simulator.environment.environment import Environment
+
+    return Environment.vmas_random_state
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("vmas/navigation", dict(n_agents=2, max_steps=9)),
+        ("vmas/balance", dict(n_agents=2, max_steps=9)),  # scenario class from an anonymous module
+        ("pettingzoo/mpe2/simple_spread_v3", dict(N=2, max_cycles=9)),
+        ("pettingzoo/sisl/pursuit_v5",
+         dict(x_size=6, y_size=6, n_pursuers=2, n_evaders=3, n_catch=1, max_cycles=9)),
+        ("gridworld", dict(grid_size=4, max_steps=9)),
+        ("matrix/climbing", dict(rounds=9)),
+        ("gym/CartPole-v1", {}),
+    ],
+)
+def test_simulator_state_continues_episodes_exactly(name, kwargs):
+    import copy
+    import io
+
+    env = make_env(name, num_envs=3, seed=1, **kwargs)
+    td, _ = _random_steps(env, env.reset(), 13, seed=0)  # mid-episode, after some resets
+    buffer = io.BytesIO()
+    torch.save(env.simulator_state(), buffer)
+    vmas_generators = copy.deepcopy(_vmas_generators())
+    _, expected = _random_steps(env, td.clone(), 20, seed=3)
+
+    fresh = make_env(name, num_envs=3, seed=2, **kwargs)
+    _random_steps(fresh, fresh.reset(), 5, seed=4)  # somewhere else entirely
+    buffer.seek(0)
+    fresh.load_simulator_state(torch.load(buffer, weights_only=True))
+    _vmas_generators()[:] = vmas_generators
+    _, got = _random_steps(fresh, td.clone(), 20, seed=3)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        for key in a.keys(True, True):
+            assert torch.equal(a[key], b[key]), (step, key)
+
+
+@pytest.mark.parametrize("name,kwargs,unsaved", [
+    ("pettingzoo/butterfly/pistonball_v6", dict(n_pistons=2), "pymunk"),
+    ("pettingzoo/butterfly/knights_archers_zombies_v11", {}, "pygame.rect.Rect"),
+])
+def test_simulator_state_refused_when_it_cannot_be_complete(name, kwargs, unsaved):
+    env = make_env(name, num_envs=1, seed=0, **kwargs)
+    env.rollout(2)
+    with pytest.raises(NotImplementedError, match=unsaved):
+        env.simulator_state()
+
+
+def test_simulator_state_of_another_env_refused():
+    state = make_env("gridworld", num_envs=2, seed=0).simulator_state()
+    with pytest.raises(ValueError, match="'gridworld' cannot be loaded into 'matrix/climbing'"):
+        make_env("matrix/climbing", num_envs=2).load_simulator_state(state)
+
+
+class _Item:
+    def __init__(self, value):
+        self.value = value
+
+
+class _World:
+    def __init__(self, n):
+        self.items = [_Item(float(i)) for i in range(n)]
+        self.first = self.items[0]
+        self.index = {item: i for i, item in enumerate(self.items)}
+        self.grid = np.zeros((2, 2), dtype=np.int32)
+        self.rng = np.random.default_rng(0)
+        self.pair = (self.first, "tag")
+        self.callback = len  # code: kept as the fresh object has it
+
+
+def test_snapshot_round_trip_keeps_aliasing_and_recreates_missing_objects():
+    from marlkit.envs._snapshot import capture, restore
+
+    world = _World(3)
+    world.grid[1, 0] = 7
+    world.rng.random()
+    world.first.value = 42.0
+    snap, unsaved = capture(world)
+    assert unsaved == []
+    expected_draw = world.rng.random()
+
+    fresh = _World(1)  # fewer items than the snapshot: the others are created
+    restore(fresh, torch.load(_saved(snap), weights_only=True))
+    assert [item.value for item in fresh.items] == [42.0, 1.0, 2.0]
+    assert fresh.first is fresh.items[0] and fresh.pair[0] is fresh.first
+    assert fresh.index == {item: i for i, item in enumerate(fresh.items)}
+    assert fresh.grid.dtype == np.int32 and fresh.grid[1, 0] == 7
+    assert fresh.rng.random() == expected_draw
+    assert fresh.callback is len
+
+
+def _saved(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 class TinyParallel(pettingzoo.ParallelEnv):
