@@ -14,8 +14,8 @@ from typing import Any
 def run_child(algorithm: str, preset: str, overrides: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train ``algorithm`` with ``preset`` + ``overrides`` in a subprocess; return its measurements.
 
-    The result holds the summary (frames/s, optimiser steps, ...), every metrics row and the child's
-    peak RSS in MiB, so each run's memory is its own.
+    The result holds the summary (frames/s, optimiser steps, ...), every metrics row, the child's
+    peak RSS in MiB and its minor page faults, so each run's memory is its own.
     """
     spec = json.dumps({"algorithm": algorithm, "preset": preset, "overrides": overrides, "run_dir": str(run_dir)})
     out = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True)
@@ -38,8 +38,9 @@ def _main(spec: dict[str, Any]) -> None:
     with (run_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     summary = json.loads((run_dir / "summary.json").read_text())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"summary": summary, "rows": rows, "peak_rss_mib": peak}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"summary": summary, "rows": rows, "peak_rss_mib": usage.ru_maxrss / 1024,
+                      "minor_page_faults": usage.ru_minflt}))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,16 @@ def main() -> None:
             run = run_child("qmix", "navigation-discrete", {"collector.total_frames": args.frames},
                             Path(tmp) / f"run{i}")
             training_s = sum(float(r["timers/training_s"]) for r in run["rows"])
-            rows.append((run["summary"]["frames_per_s"], run["summary"]["optimiser_steps"] / training_s,
-                         run["peak_rss_mib"]))
+            steps = run["summary"]["optimiser_steps"]
+            rows.append((run["summary"]["frames_per_s"], steps / training_s, run["peak_rss_mib"],
+                         run["minor_page_faults"] / steps))
     print(f"\nQMIX, vmas/navigation (discrete, navigation-discrete), {args.frames:,} frames\n")
-    print("| run | loop frames/s | optimiser steps/s | peak RSS MiB |")
-    print("|---|---|---|---|")
-    for i, (fps, sps, rss) in enumerate(rows):
-        print(f"| {i} | {fps:,.0f} | {sps:.1f} | {rss:.0f} |")
+    print("| run | loop frames/s | optimiser steps/s | peak RSS MiB | page faults per optimiser step |")
+    print("|---|---|---|---|---|")
+    for i, (fps, sps, rss, faults) in enumerate(rows):
+        print(f"| {i} | {fps:,.0f} | {sps:.1f} | {rss:.0f} | {faults:,.0f} |")
     med = [statistics.median(col) for col in zip(*rows, strict=True)]
-    print(f"| median | {med[0]:,.0f} | {med[1]:.1f} | {med[2]:.0f} |")
+    print(f"| median | {med[0]:,.0f} | {med[1]:.1f} | {med[2]:.0f} | {med[3]:,.0f} |")
 
 
 if __name__ == "__main__":

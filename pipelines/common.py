@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import ctypes
 import dataclasses
 import json
 import math
+import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from collections.abc import Mapping
@@ -141,6 +144,33 @@ def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> M
     if not env.group_map or empty:
         raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
     return env
+
+
+# glibc's largest allowed mmap threshold on 64-bit, and a trim threshold above one step's working set.
+_MMAP_THRESHOLD = 32 * 1024 * 1024
+_TRIM_THRESHOLD = 256 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS after each step.
+
+    A training step allocates and frees the same large activation tensors (12 MB each in QMIX's
+    4096-sample steps) over and over. glibc's defaults return them to the OS, so each step page-faults
+    them in afresh: about 13,000 faults and a quarter of the step's time on the benchmark machine.
+    Raising the mmap and trim thresholds (``mallopt``, the knobs ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_`` set from the environment) keeps them; peak memory is unchanged. Applies
+    to the whole process, on Linux with glibc only; ``MARLKIT_KEEP_FREED_MEMORY=0`` turns it off.
+    Returns whether it was applied.
+    """
+    if sys.platform != "linux" or os.environ.get("MARLKIT_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -26,6 +26,7 @@ from marlkit.pipelines.common import (
     build_env,
     check_common,
     GroupAgent,
+    keep_freed_memory,
     Progress,
     resolve_device,
     resolve_env_config,
@@ -137,6 +138,7 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = resolve_device(cfg.device)
     run, start = start_run(cfg, resume)
+    keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
     torch.manual_seed(cfg.seed)
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
