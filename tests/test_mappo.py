@@ -171,3 +171,15 @@ def test_existing_run_dir_is_never_overwritten(tmp_run_dir):
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny("matrix/coordination", tmp_run_dir, frames_per_batch=20))
     assert (tmp_run_dir / "metrics.csv").read_text() == before
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from marlkit.pipelines.common import keep_freed_memory
+
+    monkeypatch.setenv("MARLKIT_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MARLKIT_KEEP_FREED_MEMORY")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
