@@ -28,6 +28,8 @@ from .config import apply_overrides, to_dict
 
 FORMAT = 2
 _READABLE_FORMATS = (1, 2)  # format 1 had no simulator state
+
+
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in config.items() if k not in ("logger", "derived", "device")}
     if "collector" in data:

@@ -157,8 +157,8 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same large activation tensors (12 MB each in QMIX's
     4096-sample steps) over and over. glibc's defaults return them to the OS, so each step page-faults
     them in afresh: about 13,000 faults and a quarter of the step's time on the benchmark machine.
-    Raising the mmap and trim thresholds (``mallopt``, the knobs ``MALLOC_MMAP_THRESHOLD_`` /
-    ``MALLOC_TRIM_THRESHOLD_`` set from the environment) keeps them; peak memory is unchanged. Applies
+    Raising the mmap and trim thresholds with ``mallopt`` (the knobs the ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` environment variables set) keeps them; peak memory is unchanged. Applies
     to the whole process, on Linux with glibc only; ``MARLKIT_KEEP_FREED_MEMORY=0`` turns it off.
     Returns whether it was applied.
     """

@@ -164,7 +164,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                            "groups": env.group_map, "minibatches_per_epoch": minibatches})
     progress = Progress(run, groups, cfg, start)
     if start.state is not None:
-        restore_rollout(start.state, env, collector)  # last: nothing after this consumes random numbers before collecting
+        # Last: nothing after this consumes random numbers before the first collection.
+        restore_rollout(start.state, env, collector)
     for iteration, batch in zip(range(start.iteration, iterations), collector):
         progress.collected()
         with torch.no_grad():

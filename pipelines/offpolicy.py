@@ -172,7 +172,8 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     run.create(cfg, extra={"iterations": iterations, "groups": env.group_map})
     progress = Progress(run, groups, cfg, start)
     if start.state is not None:
-        restore_rollout(start.state, env, collector)  # last: nothing after this consumes random numbers before collecting
+        # Last: nothing after this consumes random numbers before the first collection.
+        restore_rollout(start.state, env, collector)
 
     frames, steps = start.frames, start.optimiser_steps
     for iteration, batch in zip(range(start.iteration, iterations), collector):
