@@ -139,6 +139,9 @@ RESUME_CASES = [
     ("iql", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2", "replay.prioritized=true",
              "exploration.annealing_frames=200"]),
     ("ippo", ["--env", "pettingzoo/mpe2/simple_spread_v3", "env.N=2", "train.minibatch_size=20"]),
+    ("iql", ["--env", "pettingzoo/sisl/pursuit_v5", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
+             "env.n_evaders=2", "sharing.mode=quantile", "replay.batch_size=16", "train.optimiser_steps=2",
+             "exploration.annealing_frames=200"]),
 ]
 
 
@@ -150,7 +153,7 @@ def _metrics(run_dir):
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["mid-episode", "reset-each-batch"])
-@pytest.mark.parametrize("algorithm,args", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+@pytest.mark.parametrize("algorithm,args", RESUME_CASES, ids=[f"{c[0]}-{c[1][1]}" for c in RESUME_CASES])
 def test_resume_matches_uninterrupted_run(algorithm, args, reset, tmp_path):
     # 15-step episodes and 10 steps per batch: without resets, the stop falls mid-episode.
     common = ["--seed", "5", *args, "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40",
