@@ -205,7 +205,12 @@ class _Restore:
         if kind in ("tuple", "set"):
             old = list(current) if isinstance(current, (tuple, list)) else []
             items = [self(s, old[i] if i < len(old) else None) for i, s in enumerate(snap["items"])]
-            value = tuple(items) if kind == "tuple" else set(items)
+            if kind == "set":
+                value = set(items)
+            elif hasattr(current, "_fields"):  # a namedtuple keeps its type
+                value = type(current)(*items)
+            else:
+                value = tuple(items)
             self.objects[snap["id"]] = value
             return value
         if kind == "dict":

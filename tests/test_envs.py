@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -288,6 +289,9 @@ class _Item:
         self.value = value
 
 
+_Bounds = collections.namedtuple("_Bounds", "low high")
+
+
 class _World:
     def __init__(self, n):
         self.items = [_Item(float(i)) for i in range(n)]
@@ -296,6 +300,7 @@ class _World:
         self.grid = np.zeros((2, 2), dtype=np.int32)
         self.rng = np.random.default_rng(0)
         self.pair = (self.first, "tag")
+        self.bounds = _Bounds(0, n)
         self.callback = len  # code: kept as the fresh object has it
 
 
@@ -318,6 +323,7 @@ def test_snapshot_round_trip_keeps_aliasing_and_recreates_missing_objects():
     assert fresh.grid.dtype == np.int32 and fresh.grid[1, 0] == 7
     assert fresh.rng.random() == expected_draw
     assert fresh.callback is len
+    assert fresh.bounds == _Bounds(0, 3) and fresh.bounds.high == 3
 
 
 def _saved(obj):
