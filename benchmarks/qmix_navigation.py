@@ -2,8 +2,9 @@
 
 30,000 frames, ``--runs`` times, each in a fresh process: loop frames/s, optimiser steps/s, peak RSS
 and minor page faults per optimiser step (a few hundred when freed memory is kept; set
-``MARLKIT_KEEP_FREED_MEMORY=0`` to see the ~10,000 of glibc's defaults), then the median. Anchors (shared/anchors.md): TorchRL's QMIX script 1,991-2,089 frames/s and
-404 MiB, BenchMARL 2,109-2,136 frames/s and 454 MiB.
+``MARLKIT_KEEP_FREED_MEMORY=0`` to see the ~10,000 of glibc's defaults), then the median.
+Anchors (shared/anchors.md): TorchRL's QMIX script 1,991-2,089 frames/s and 404 MiB, BenchMARL
+2,109-2,136 frames/s and 454 MiB.
 
     python benchmarks/qmix_navigation.py [--runs 3] [--frames 30000]
 """
