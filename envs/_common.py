@@ -161,6 +161,12 @@ class MultiAgentEnv(TransformedEnv):
         """Number of agents in ``group``."""
         return len(self._marl_group_map[group])
 
+    def live_mask_key(self, group: str) -> tuple[str, str] | None:
+        """``(group, "mask")`` when the env marks which of ``group``'s agents are alive (PettingZoo:
+        agents may die mid-episode), else ``None``. Losses use it to leave dead agents' entries out."""
+        key = (group, "mask")
+        return key if key in self.full_observation_spec.keys(True, True) else None
+
     def render(self, mode: str = "rgb_array", env_index: int = 0, **kwargs: Any):
         """Draw copy ``env_index`` as an ``H x W x 3`` uint8 array (``mode="rgb_array"`` only)."""
         check_choice("mode", mode, ["rgb_array"])

@@ -32,10 +32,14 @@ and the episode flags ``("next", "team", "done" / "terminated")``; it returns ``
 group's observations.
 
 :func:`make_target_updater` keeps their target networks in step (soft, Polyak ``tau``, or hard).
+
+Given ``mask_key`` (``env.live_mask_key(g)``, i.e. ``(g, "mask")`` for PettingZoo envs whose agents
+can die), the PPO, DDPG, SAC and DQN losses also read that mask and average over live agents only.
 """
 
 from __future__ import annotations
 
+from tensordict import NestedKey
 from tensordict.nn import TensorDictModule
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
 from torch import nn
@@ -92,6 +96,12 @@ def check_target_update(mode: str, tau: float, hard_update_interval: int, prefix
         raise ValueError(f"{prefix}tau must be in (0, 1], got {tau}")
 
 
+def _mask_dead_agents(loss: LossModule, mask_key: NestedKey | None) -> None:
+    """Average the loss over live agents only: entries where ``mask_key`` is False are left out."""
+    if mask_key is not None:
+        loss.loss_mask_key = mask_key
+
+
 def _bind_td_keys(loss: LossModule, group: str, gamma: float) -> None:
     """The keys every off-policy loss of a group shares, and its TD(0) target."""
     loss.set_keys(
@@ -116,12 +126,14 @@ def make_ppo_loss(
     loss_critic_type: str = "l2",
     normalize_advantage: bool = False,
     normalize_value_target: bool = False,
+    mask_key: NestedKey | None = None,
 ) -> MAPPOLoss:
     """Clipped PPO loss with GAE for one group (``MAPPOLoss`` is TorchRL's ``ClipPPOLoss`` subclass).
 
     ``normalize_advantage`` standardises advantages over the minibatch (agent dim excluded);
     ``normalize_value_target`` scales the critic's regression target and prediction by running
-    statistics of the value target (the MAPPO paper's value normalisation).
+    statistics of the value target (the MAPPO paper's value normalisation). ``mask_key`` (e.g.
+    ``env.live_mask_key(group)``) names the live-agent mask: dead agents' entries leave every term.
     """
     if loss_critic_type not in LOSS_CRITIC_TYPES:
         raise ValueError(
@@ -157,6 +169,7 @@ def make_ppo_loss(
         terminated=(group, "terminated"),
     )
     loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
+    _mask_dead_agents(loss, mask_key)
     return loss
 
 
@@ -167,14 +180,17 @@ def make_ddpg_loss(
     *,
     gamma: float = 0.9,
     loss_function: str = "l2",
+    mask_key: NestedKey | None = None,
 ) -> DDPGLoss:
-    """DDPG loss for one group, with target actor and target critic (as in the MADDPG paper)."""
+    """DDPG loss for one group, with target actor and target critic (as in the MADDPG paper);
+    ``mask_key`` names the live-agent mask (dead agents' entries are left out)."""
     check_td_settings(loss_function, gamma)
     loss = DDPGLoss(
         actor_network=actor, value_network=critic, delay_actor=True, delay_value=True,
         loss_function=loss_function,
     )
     _bind_td_keys(loss, group, gamma)
+    _mask_dead_agents(loss, mask_key)
     return loss
 
 
@@ -189,11 +205,13 @@ def make_sac_loss(
     alpha_init: float = 1.0,
     fixed_alpha: bool = False,
     target_entropy: float | None = None,
+    mask_key: NestedKey | None = None,
 ) -> SACLoss:
     """SAC loss (no state-value net, ``num_qvalue_nets`` Q nets) for one group.
 
     ``target_entropy`` defaults to ``-action_dim`` per agent (the usual SAC heuristic, applied to
-    each agent's own action rather than the whole group's).
+    each agent's own action rather than the whole group's). ``mask_key`` names the live-agent mask
+    (dead agents' entries are left out).
     """
     check_td_settings(loss_function, gamma)
     if num_qvalue_nets < 1:
@@ -214,6 +232,7 @@ def make_sac_loss(
     )
     _bind_td_keys(loss, group, gamma)
     loss.set_keys(action=(group, "action"))
+    _mask_dead_agents(loss, mask_key)
     return loss
 
 
@@ -236,8 +255,10 @@ def make_dqn_loss(
     gamma: float = 0.9,
     loss_function: str = "l2",
     double_dqn: bool = True,
+    mask_key: NestedKey | None = None,
 ) -> DQNLoss:
-    """Independent DQN for every agent of a group (IQL); double-Q targets when ``double_dqn``."""
+    """Independent DQN for every agent of a group (IQL); double-Q targets when ``double_dqn``;
+    ``mask_key`` names the live-agent mask (dead agents' entries are left out)."""
     check_td_settings(loss_function, gamma)
     loss = DQNLoss(q_network, loss_function=loss_function, delay_value=True, double_dqn=double_dqn,
                    action_space="categorical")
@@ -251,6 +272,7 @@ def make_dqn_loss(
         terminated=(group, "terminated"),
     )
     loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+    _mask_dead_agents(loss, mask_key)
     return loss
 
 

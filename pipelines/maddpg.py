@@ -87,7 +87,8 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
     noise = GaussianNoise(action_spec.to(device), (group, "action"), sigma_init=x.sigma_init,
                           sigma_end=x.sigma_end, annealing_frames=annealing)
-    loss = make_ddpg_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function)
+    loss = make_ddpg_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function,
+                          mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
     replay = group_replay(cfg, group, scratch_dir, device)

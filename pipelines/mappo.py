@@ -127,7 +127,8 @@ def build_group(
     loss = make_ppo_loss(actor, critic, group, gamma=lc.gamma, lmbda=lc.lmbda, clip_epsilon=lc.clip_epsilon,
                          entropy_coef=lc.entropy_coef, critic_coef=lc.critic_coef,
                          loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
-                         normalize_value_target=lc.normalize_value_target)
+                         normalize_value_target=lc.normalize_value_target,
+                         mask_key=env.live_mask_key(group))  # agents that died leave the loss
     return GroupAgent(actor, loss, None, PPO_LOSS_TERMS)
 
 

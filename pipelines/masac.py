@@ -87,7 +87,8 @@ def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device
                            activation=m.activation, share_params=m.critic_share_params, device=device)
     loss = make_sac_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function,
                          num_qvalue_nets=lc.num_qvalue_nets, alpha_init=lc.alpha_init,
-                         fixed_alpha=lc.fixed_alpha, target_entropy=lc.target_entropy)
+                         fixed_alpha=lc.fixed_alpha, target_entropy=lc.target_entropy,
+                         mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
     return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device))

@@ -165,7 +165,8 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                             eps_init=x.eps_init, eps_end=x.eps_end, annealing_frames=annealing).to(device)
     prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta}
     if cfg.algorithm == "iql":
-        loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn)
+        loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
+                             mask_key=env.live_mask_key(group))
         priority_key = (group, "td_error")
         if cfg.sharing.mode == "none":
             replay = group_replay(cfg, group, scratch_dir, device, **prioritized)

@@ -102,13 +102,14 @@ def make_buffer(
 def transitions(batch: TensorDictBase, group: str, team: bool = False, state: bool = False) -> TensorDictBase:
     """The part of a collected ``[envs, time]`` batch a group's loss reads, flattened to ``[frames]``.
 
+    Action masks and the live-agent mask ``(group, "mask")`` are kept when the env has them.
     ``team`` adds the team-level entries a mixer learns from: ``("next", "team", "reward")`` (the
     mean of the group's rewards) and the episode's ``done``/``terminated``; ``state`` keeps the
     global ``state`` and ``("next", "state")``.
     """
     keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
             ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
-    for key in ((group, "action_mask"), ("next", group, "action_mask")):
+    for key in ((group, "action_mask"), ("next", group, "action_mask"), (group, "mask")):
         if key in batch.keys(True, True):
             keys.append(key)
     if state:

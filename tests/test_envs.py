@@ -422,3 +422,9 @@ def test_missing_simulator_package_says_what_to_install():
     # PettingZoo's Atari family needs multi_agent_ale_py, which marlkit does not install.
     with pytest.raises(ImportError, match=r"pip install 'pettingzoo\[atari\]'"):
         make_env("pettingzoo/atari/pong_v3")
+
+
+def test_live_mask_key_only_where_agents_can_die():
+    assert make_env("pettingzoo/mpe2/simple_spread_v3", N=2).live_mask_key("agent") == ("agent", "mask")
+    assert make_env("vmas/navigation", n_agents=2).live_mask_key("agents") is None
+    assert make_env("gridworld").live_mask_key("agents") is None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import assert_cli_rejects
@@ -183,3 +184,14 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("MARLKIT_KEEP_FREED_MEMORY")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
+
+
+def test_pipelines_mask_dead_agents_where_the_env_says_who_is_alive():
+    from marlkit.envs import make_env
+    from marlkit.pipelines import mappo
+
+    env = make_env("pettingzoo/sisl/pursuit_v5", x_size=6, y_size=6, n_pursuers=2, n_evaders=2, n_catch=1)
+    agent = mappo.build_group(env, "pursuer", mappo.MappoConfig(), torch.device("cpu"))
+    assert agent.loss.loss_mask_key == ("pursuer", "mask")
+    vmas = make_env("vmas/navigation", n_agents=2)
+    assert mappo.build_group(vmas, "agents", mappo.MappoConfig(), torch.device("cpu")).loss.loss_mask_key == "auto"

@@ -144,6 +144,26 @@ def test_gae_uses_group_done_flags():
     assert target.tolist() == [2.0, 1.0, 2.0, 1.0]
 
 
+def test_ppo_loss_leaves_dead_agents_out():
+    env = SpecOnlyEnv((5,), DISCRETE)
+    actor = make_stochastic_actor(env, "agents", num_cells=[16])
+    critic = make_value_critic(env, "agents", centralised=False, num_cells=[16])
+    loss = make_ppo_loss(actor, critic, "agents", mask_key=("agents", "mask"))
+    batch = _hand_made_batch(torch.randint(0, 5, (B, 6, N)), 5).reshape(-1)
+    batch["agents", "advantage"] = torch.randn(B * 6, N, 1)
+    batch["agents", "value_target"] = torch.randn(B * 6, N, 1)
+    batch["agents", "mask"] = torch.ones(B * 6, N, dtype=torch.bool)
+    batch["agents", "mask"][:10, 1] = False  # agent 1 died in the first 10 steps
+    changed = batch.clone()
+    changed["agents", "advantage"][:10, 1] = 1000.0
+    changed["agents", "value_target"][:10, 1] = -1000.0
+    for term in ("loss_objective", "loss_critic"):
+        assert torch.allclose(loss(batch.clone())[term], loss(changed.clone())[term]), term
+    live = batch.clone()
+    live["agents", "advantage"][:10, 0] = 1000.0
+    assert not torch.allclose(loss(batch.clone())["loss_objective"], loss(live)["loss_objective"])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(loss_critic_type="huber"), "loss_critic_type='huber'.*l2"),
     (dict(gamma=1.5), "gamma must be in"),

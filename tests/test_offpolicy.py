@@ -231,3 +231,25 @@ def test_freeze_after_keeps_group_bit_identical(tmp_run_dir, monkeypatch):
 ])
 def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
     assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("algorithm", ["ddpg", "sac"])
+def test_losses_leave_dead_agents_out(algorithm):
+    _, actor, critic = _modules(stochastic=algorithm == "sac")
+    make = make_ddpg_loss if algorithm == "ddpg" else make_sac_loss
+    terms = DDPG_LOSS_TERMS if algorithm == "ddpg" else SAC_LOSS_TERMS
+    loss = make(actor, critic, "agents", mask_key=("agents", "mask"))
+    td = _transitions()
+    td["agents", "mask"] = torch.ones(B, N, dtype=torch.bool)
+    td["agents", "mask"][:4, 0] = False  # agent 0 died in the first 4 transitions
+    changed = td.clone()
+    changed["next", "agents", "reward"][:4, 0] = 1000.0
+
+    def value_loss(batch):
+        torch.manual_seed(0)  # SAC samples actions
+        return loss(batch.clone())[terms[1]]
+
+    assert torch.allclose(value_loss(td), value_loss(changed))
+    live = td.clone()
+    live["next", "agents", "reward"][:4, 1] = 1000.0
+    assert not torch.allclose(value_loss(td), value_loss(live))

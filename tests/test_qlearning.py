@@ -245,3 +245,19 @@ def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
 ])
 def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
     assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
+
+
+def test_dqn_loss_leaves_dead_agents_out():
+    q = _q()
+    loss = make_dqn_loss(q, "agents", mask_key=("agents", "mask"))
+    unmasked = make_dqn_loss(q, "agents")
+    td = _batch()
+    td["agents", "mask"] = torch.ones(B, N, dtype=torch.bool)
+    td["agents", "mask"][:8, 2] = False  # agent 2 died in the first 8 transitions
+    changed = td.clone()
+    changed["next", "agents", "reward"][:8, 2] = 1000.0  # whatever a dead agent's entries hold
+    assert torch.equal(loss(td.clone())["loss"], loss(changed.clone())["loss"])
+    assert not torch.equal(unmasked(td.clone())["loss"], unmasked(changed.clone())["loss"])
+    live = td.clone()
+    live["next", "agents", "reward"][:8, 1] = 1000.0
+    assert not torch.equal(loss(td.clone())["loss"], loss(live)["loss"])
