@@ -27,7 +27,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from ._common import NativeState, check_choice, check_positive_int, finalize, MultiAgentEnv
+from ._common import check_choice, check_positive_int, finalize, MultiAgentEnv, NativeState
 
 GROUP = "agents"
 MODES = ("cooperative", "competitive")

@@ -30,7 +30,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from ._common import NativeState, check_positive_int, finalize, MultiAgentEnv
+from ._common import check_positive_int, finalize, MultiAgentEnv, NativeState
 
 GROUP = "agents"
 
