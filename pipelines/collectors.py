@@ -50,7 +50,10 @@ def collector_state(collector: Collector) -> dict[str, Any]:
     """What the collector carries between batches: the last observation of every env copy (with
     its running episode return and step count) and the trajectory counter, as plain tensors."""
     # TorchRL's Collector.state_dict has neither: the carrier is the rollout's in-flight step.
-    return {"carrier": collector._carrier.to_dict(), "traj_pool": collector._traj_pool.state_dict()}
+    carrier = collector._carrier
+    # Tensors only (weights_only loading); a non-tensor entry keeps its freshly reset value on resume.
+    tensors = [key for key, value in carrier.items(True, True) if isinstance(value, torch.Tensor)]
+    return {"carrier": carrier.select(*tensors).to_dict(), "traj_pool": collector._traj_pool.state_dict()}
 
 
 def load_collector_state(collector: Collector, state: dict[str, Any]) -> None:
