@@ -229,7 +229,7 @@ class _Restore:
             obj = current if _class_path(current) == snap["class"] else self._new(snap["class"])
             self.objects[snap["id"]] = obj
             for name, attr_snap in snap["attributes"].items():
-                setattr_plain(obj, name, self(attr_snap, vars(obj).get(name)))
+                _setattr_plain(obj, name, self(attr_snap, vars(obj).get(name)))
             return obj
         raise ValueError(f"unknown entry {kind!r} in a simulator snapshot")
 
@@ -252,7 +252,7 @@ def _bit_generator(state: dict[str, Any]) -> str:
     return name
 
 
-def setattr_plain(obj: Any, name: str, value: Any) -> None:
+def _setattr_plain(obj: Any, name: str, value: Any) -> None:
     """Set an instance attribute without going through a class's ``__setattr__`` hooks."""
     object.__setattr__(obj, name, value)
 

@@ -63,6 +63,7 @@ __all__ = [
     "PPO_LOSS_TERMS",
     "SAC_LOSS_TERMS",
     "TARGET_UPDATES",
+    "check_sac_settings",
     "check_target_update",
     "check_td_settings",
     "MIXERS",
@@ -84,6 +85,14 @@ def check_td_settings(loss_function: str, gamma: float, prefix: str = "") -> Non
         )
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"{prefix}gamma must be in (0, 1], got {gamma}")
+
+
+def check_sac_settings(num_qvalue_nets: int, alpha_init: float, prefix: str = "") -> None:
+    """SAC's Q-net count and initial temperature: ``ValueError`` naming the bad value."""
+    if num_qvalue_nets < 1:
+        raise ValueError(f"{prefix}num_qvalue_nets must be >= 1, got {num_qvalue_nets}")
+    if alpha_init <= 0:
+        raise ValueError(f"{prefix}alpha_init must be > 0, got {alpha_init}")
 
 
 def check_target_update(mode: str, tau: float, hard_update_interval: int, prefix: str = "") -> None:
@@ -214,10 +223,7 @@ def make_sac_loss(
     (dead agents' entries are left out).
     """
     check_td_settings(loss_function, gamma)
-    if num_qvalue_nets < 1:
-        raise ValueError(f"num_qvalue_nets must be >= 1, got {num_qvalue_nets}")
-    if alpha_init <= 0:
-        raise ValueError(f"alpha_init must be > 0, got {alpha_init}")
+    check_sac_settings(num_qvalue_nets, alpha_init)
     if target_entropy is None:
         target_entropy = -float(actor.spec[group, "action"].shape[-1])
     loss = SACLoss(

@@ -24,6 +24,7 @@ import torch
 import yaml
 from tensordict.nn import TensorDictSequential
 
+from .collectors import collector_state, load_collector_state
 from .config import apply_overrides, to_dict
 
 FORMAT = 2
@@ -54,8 +55,6 @@ def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: 
     a resumed run continues them instead of starting from a reset. Off-policy replays are flushed in
     place first (their files already live in the run directory).
     """
-    from .collectors import collector_state
-
     replay = {group: agent.replay.dump() for group, agent in agents.items() if agent.replay is not None}
     return {
         "format": FORMAT,
@@ -146,8 +145,6 @@ def restore_rollout(state: dict[str, Any], env: Any, collector: Any) -> None:
     random numbers while being built. An env whose state could not be saved (or a format-1
     checkpoint) starts its episodes afresh, with a warning.
     """
-    from .collectors import load_collector_state
-
     simulator = state.get("simulator", {"unsaved": "the checkpoint predates simulator states"})
     if "state" in simulator:
         env.load_simulator_state(simulator["state"])

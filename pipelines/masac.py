@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchrl.envs import EnvBase
 
-from marlkit.losses import make_sac_loss, make_target_updater, SAC_LOSS_TERMS
+from marlkit.losses import check_sac_settings, make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import continuous_action_bounds, make_q_critic, make_stochastic_actor
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
@@ -69,11 +69,7 @@ CONFIG = MasacConfig
 def validate(cfg: MasacConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
     iterations = check_offpolicy(cfg, ALGORITHMS)
-    if cfg.loss.num_qvalue_nets < 1 or cfg.loss.alpha_init <= 0:
-        raise ValueError(
-            f"loss.num_qvalue_nets ({cfg.loss.num_qvalue_nets}) must be >= 1 and loss.alpha_init "
-            f"({cfg.loss.alpha_init}) > 0"
-        )
+    check_sac_settings(cfg.loss.num_qvalue_nets, cfg.loss.alpha_init, prefix="loss.")
     return iterations
 
 

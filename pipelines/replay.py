@@ -109,9 +109,9 @@ def transitions(batch: TensorDictBase, group: str, team: bool = False, state: bo
     """
     keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
             ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
-    for key in ((group, "action_mask"), ("next", group, "action_mask"), (group, "mask")):
-        if key in batch.keys(True, True):
-            keys.append(key)
+    present = set(batch.keys(True, True))
+    keys += [key for key in ((group, "action_mask"), ("next", group, "action_mask"), (group, "mask"))
+             if key in present]
     if state:
         keys += ["state", ("next", "state")]
     out = batch.select(*keys).reshape(-1)
