@@ -11,7 +11,8 @@ Every env is a TorchRL ``EnvBase`` (a :class:`MultiAgentEnv`) whose TensorDicts 
 root ``done``, ``terminated`` and ``step_count``.
 
 Families: ``vmas/<scenario>``, ``pettingzoo/<family>/<env>`` (or a ``ParallelEnv`` class, factory or
-instance of your own), ``gridworld``, ``matrix/<game>`` and ``gym/<id>``.
+instance of your own, also by its import path ``"my_module:MyEnv"``), ``gridworld``, ``matrix/<game>``
+and ``gym/<id>``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ._common import check_positive_int, device_of, MultiAgentEnv
 
 FAMILIES = ("vmas", "pettingzoo", "gridworld", "matrix", "gym")
 
-__all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "make_env"]
+__all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "check_env_name", "check_positive_int", "device_of",
+           "make_env", "split_env_name"]
 
 
 def available_envs() -> dict[str, list[str]]:
@@ -43,7 +45,20 @@ def available_envs() -> dict[str, list[str]]:
 
 
 def split_env_name(name: str) -> tuple[str, str]:
-    """Split ``"family/rest"`` and check the family, raising ``ValueError`` listing the families."""
+    """Split ``"family/rest"`` and check the family, raising ``ValueError`` listing the families.
+
+    A user's own env, given as a ``ParallelEnv`` class or factory or named by its import path
+    ``"my_module:MyEnv"``, is family ``"custom"`` with the import path as the rest.
+    """
+    if not isinstance(name, str) and callable(name):
+        from .pettingzoo import import_path
+
+        return "custom", import_path(name)
+    if isinstance(name, str) and ":" in name and "/" not in name.partition(":")[0]:
+        module, _, qualname = name.partition(":")
+        if not module or not qualname:
+            raise ValueError(f"a custom env is named 'module:qualname' (e.g. 'my_envs:MyEnv'), got {name!r}")
+        return "custom", name
     if not isinstance(name, str) or not name:
         raise ValueError(f"env name must be a non-empty string like 'vmas/navigation', got {name!r}")
     family, _, rest = name.partition("/")
@@ -59,6 +74,37 @@ def split_env_name(name: str) -> tuple[str, str]:
         raise ValueError(f"PettingZoo envs are named 'pettingzoo/<family>/<env>', got {name!r}")
     if family in ("vmas", "matrix", "gym") and not rest:
         raise ValueError(f"{family!r} needs a sub-name, e.g. {available_envs()[family][0]}")
+    return family, rest
+
+
+def check_env_name(name: str | Any) -> tuple[str, str]:
+    """Check a whole env name (family, sub-name, the package behind it) without building anything.
+
+    Returns ``(family, rest)`` as :func:`split_env_name`; raises ``ValueError`` naming the bad part and
+    what is accepted (an env removed upstream says so), ``ImportError`` naming a missing package.
+    """
+    family, rest = split_env_name(name)
+    if family == "vmas":
+        from .vmas import check_scenario
+
+        check_scenario(rest)
+    elif family == "pettingzoo":
+        from .pettingzoo import _import_env_module
+
+        _import_env_module(*rest.split("/"))
+    elif family == "custom":
+        from .pettingzoo import resolve_import_path
+
+        resolve_import_path(rest)
+    elif family == "matrix":
+        from .matrix import MATRIX_GAMES
+
+        if rest not in MATRIX_GAMES:
+            raise ValueError(f"unknown matrix game {rest!r}; available: {', '.join('matrix/' + g for g in MATRIX_GAMES)}")
+    elif family == "gym":
+        from .gym import check_gym_id
+
+        check_gym_id(rest)
     return family, rest
 
 
@@ -92,6 +138,10 @@ def make_env(
 
         return make_pettingzoo_env(name, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
     family, rest = split_env_name(name)
+    if family == "custom":
+        from .pettingzoo import make_pettingzoo_env
+
+        return make_pettingzoo_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
     if family == "vmas":
         from .vmas import make_vmas_env
 

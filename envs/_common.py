@@ -161,6 +161,21 @@ class MultiAgentEnv(TransformedEnv):
         """Number of agents in ``group``."""
         return len(self._marl_group_map[group])
 
+    def step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """One step of every copy (see ``EnvBase.step``).
+
+        ``rollout(..., break_when_all_done=True)`` marks finished copies by writing ``"_neg_step"``
+        next to *every* done flag, the per-group ones included, but reads back only the root entry.
+        The group entries would then ride along into the next stored step, and the stacking of steps
+        of copies that ended earlier fails ("Key _neg_step not found"). The episode-level root flag
+        already decides which copies step, so the group copies are dropped here.
+        """
+        for group in self._marl_group_map:
+            sub = tensordict.get(group, None)
+            if sub is not None:
+                sub.pop("_neg_step", None)
+        return super().step(tensordict)
+
     def live_mask_key(self, group: str) -> tuple[str, str] | None:
         """``(group, "mask")`` when the env marks which of ``group``'s agents are alive (PettingZoo:
         agents may die mid-episode), else ``None``. Losses use it to leave dead agents' entries out."""

@@ -66,10 +66,8 @@ def gym_ids() -> list[str]:
     return sorted(gymnasium.envs.registry.keys())
 
 
-def make_gym_env(
-    env_id: str, *, num_envs: int, device: torch.device, seed: int | None, **env_kwargs: Any
-) -> MultiAgentEnv:
-    """Build ``num_envs`` copies of Gymnasium env ``env_id`` as the one-agent group ``agents``."""
+def check_gym_id(env_id: str) -> None:
+    """``ValueError`` (with similar ids) unless Gymnasium has ``env_id`` registered."""
     try:
         import gymnasium
     except ImportError as err:
@@ -80,6 +78,13 @@ def make_gym_env(
             f"unknown Gymnasium env id {env_id!r}; e.g. gym/CartPole-v1, gym/Pendulum-v1"
             + (f"; similar ids: {', '.join(close)}" if close else "")
         )
+
+
+def make_gym_env(
+    env_id: str, *, num_envs: int, device: torch.device, seed: int | None, **env_kwargs: Any
+) -> MultiAgentEnv:
+    """Build ``num_envs`` copies of Gymnasium env ``env_id`` as the one-agent group ``agents``."""
+    check_gym_id(env_id)
     env_kwargs.setdefault("render_mode", "rgb_array")
     from .pettingzoo import make_pettingzoo_env
 

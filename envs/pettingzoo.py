@@ -39,6 +39,8 @@ _PIP_NAMES = {
 }
 # Names the issue tracker and older code use, resolved to the release PettingZoo 1.27 ships.
 _RENAMED = {"knights_archers_zombies_v10": "knights_archers_zombies_v11"}
+# Envs that older PettingZoo releases shipped and the installed one no longer does.
+_REMOVED = {("sisl", "waterworld"): "SISL waterworld"}
 
 
 def _import_env_module(family: str, env_id: str):
@@ -64,6 +66,12 @@ def _import_env_module(family: str, env_id: str):
             info.name for info in pkgutil.iter_modules(family_module.__path__)
             if re.search(r"_v\d+$", info.name)
         )
+        removed = _REMOVED.get((family, re.sub(r"_v\d+$", "", env_id)))
+        if removed is not None:
+            raise ValueError(
+                f"pettingzoo/{family}/{env_id}: {removed} was removed upstream and the installed PettingZoo "
+                f"{_version('pettingzoo')} does not ship it; available in {family}: {', '.join(available)}"
+            ) from None
         raise ValueError(
             f"unknown PettingZoo env {f'pettingzoo/{family}/{env_id}'!r}; available in {family}: "
             f"{', '.join(available)}"
@@ -71,6 +79,15 @@ def _import_env_module(family: str, env_id: str):
     if not hasattr(module, "parallel_env"):
         raise ValueError(f"pettingzoo/{family}/{env_id} has no parallel API (parallel_env)")
     return module, env_id
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # pragma: no cover - imported yet not installed
+        return "?"
 
 
 def _wrap_parallel(factory: Callable[[], Any], seed: int | None) -> Any:
@@ -86,6 +103,59 @@ def _wrap_parallel(factory: Callable[[], Any], seed: int | None) -> Any:
         )
     # Seeding happens through SerialEnv.set_seed, which gives each copy its own seed.
     return PettingZooWrapper(env, use_mask=True, categorical_actions=True, seed=seed)
+
+
+# Envs given as objects in this process, by the import path recorded for them (see import_path):
+# a class defined in a notebook or script still trains here, though no other process can import it.
+_IN_PROCESS: dict[str, Any] = {}
+
+
+def import_path(source: Any) -> str:
+    """The ``"module:qualname"`` name under which a user's env class or factory is recorded.
+
+    The object stays usable in this process under that name (``make_env`` finds it) even when the
+    name cannot be imported elsewhere (a class defined in a notebook, a lambda).
+    """
+    module = getattr(source, "__module__", None) or type(source).__module__
+    qualname = getattr(source, "__qualname__", None) or type(source).__qualname__
+    path = f"{module}:{qualname}"
+    _IN_PROCESS[path] = source
+    return path
+
+
+def importable(path: str) -> str | None:
+    """``None`` when ``"module:qualname"`` names an object another process can import, else why not."""
+    module_name, _, qualname = path.partition(":")
+    if module_name == "__main__":
+        return "it is defined in __main__ (a script or notebook), which another process cannot import"
+    if "<" in qualname:
+        return f"{qualname!r} is a local or anonymous object (a lambda or a class inside a function)"
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        return f"module {module_name!r} cannot be imported ({err})"
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            return f"module {module_name!r} has no {qualname!r}"
+        obj = getattr(obj, part)
+    return None
+
+
+def resolve_import_path(path: str) -> Any:
+    """The env class or factory that ``"module:qualname"`` names (``ValueError`` saying why not)."""
+    if path in _IN_PROCESS:
+        return _IN_PROCESS[path]
+    why = importable(path)
+    if why is not None:
+        raise ValueError(
+            f"env {path!r} cannot be re-created: {why}; keep the env in an importable module "
+            "(e.g. my_envs.py on PYTHONPATH) and name it 'my_envs:MyEnv'"
+        )
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _factory_from_user(env: Any) -> tuple[Callable[[], Any], str]:
@@ -125,6 +195,8 @@ def make_pettingzoo_env(
     """
     from torchrl.envs import SerialEnv
 
+    if isinstance(source, str) and ":" in source:
+        source = resolve_import_path(source)
     if isinstance(source, str):
         family, _, env_id = source.partition("/")
         module, env_id = _import_env_module(family, env_id)

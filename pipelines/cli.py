@@ -15,7 +15,7 @@ from typing import Any
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, pipeline_for
 from .common import default_run_dir
-from .config import apply_overrides, available_presets, ConfigError, describe, load_preset
+from .config import apply_overrides, available_presets, describe, load_preset
 
 
 def _train_epilog() -> str:
@@ -145,7 +145,7 @@ def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="marlkit eval", description="Evaluate the deterministic (greedy / "
                                      "mean-action) policy of a run on a fresh env; prints and writes eval.json.")
     parser.add_argument("run_dir", help="run directory")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes (one per env copy)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes in total (one per env copy, each run to its own end)")
     parser.add_argument("--checkpoint", default="last", help="last, or a path to a checkpoint file")
     args = parser.parse_args(argv)
     try:
@@ -155,6 +155,9 @@ def _eval(argv: list[str]) -> int:
     for group, stats in result["groups"].items():
         low, high = stats["ci95"]
         print(f"{group}: mean return {stats['mean']:.3f} (95% CI {low:.3f} to {high:.3f}) over {args.episodes} episodes")
+    if result["episodes_ended"] < result["episodes"]:
+        print(f"note: {result['episodes'] - result['episodes_ended']} episodes had not ended after "
+              f"{result['steps']} steps; they are scored at that step")
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg.logger.run_dir = str(base.with_name(f"{base.name}_seed{seed}") if args.seeds else base)
         try:
             result = module.train(run_cfg)
-        except ConfigError as err:  # found once the env was built; nothing was written
+        except ValueError as err:  # ConfigError and the like, found once the env was built
             parser.exit(2, f"marlkit train: error: {err}\n")
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())

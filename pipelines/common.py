@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
 from datetime import datetime
@@ -30,9 +31,8 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.objectives import LossModule
 from tqdm.auto import tqdm
 
-from marlkit.envs import make_env, MultiAgentEnv, split_env_name
-from marlkit.envs._common import device_of
-from marlkit.envs.vmas import check_scenario
+from marlkit.envs import check_env_name, device_of, make_env, MultiAgentEnv, split_env_name
+from marlkit.envs.pettingzoo import importable
 
 from marlkit.modules import activation_class
 
@@ -53,9 +53,7 @@ _AGENT_COUNT_KEYWORDS = ("n_agents", "num_agents", "N", "n_pursuers", "n_pistons
 
 def check_env_config(env_cfg: EnvConfig) -> None:
     """Validate the env section without building anything (names, counts, sizes)."""
-    family, rest = split_env_name(env_cfg.name)
-    if family == "vmas":
-        check_scenario(rest)
+    family, _ = check_env_name(env_cfg.name)
     if isinstance(env_cfg.num_envs, bool) or env_cfg.num_envs < 1:
         raise ValueError(f"env.num_envs must be >= 1, got {env_cfg.num_envs}")
     if env_cfg.max_steps is not None:
@@ -92,9 +90,19 @@ def check_frames(collector: CollectorConfig, num_envs: int) -> int:
 
 
 def resolve_env_config(env_cfg: EnvConfig) -> EnvConfig:
-    """A copy with family defaults filled in, so ``config.yaml`` records what actually ran."""
-    family, _ = split_env_name(env_cfg.name)
-    resolved = copy.deepcopy(env_cfg)
+    """A copy with family defaults filled in, so ``config.yaml`` records what actually ran.
+
+    A user's env class or factory is recorded by its import path ``"module:qualname"``; when no other
+    process could import it (defined in a notebook), a warning says that eval, render and resume will
+    not find it.
+    """
+    family, rest = split_env_name(env_cfg.name)
+    resolved = copy.deepcopy(env_cfg) if isinstance(env_cfg.name, str) else dataclasses.replace(
+        env_cfg, name=rest, kwargs=copy.deepcopy(env_cfg.kwargs))
+    if family == "custom" and (why := importable(rest)) is not None:
+        warnings.warn(
+            f"env.name={rest!r} trains here, but `marlkit eval`, `render` and `--resume` will not find it: "
+            f"{why}; move it into a module to keep the run reusable", stacklevel=2)
     if resolved.max_steps is None and family == "vmas":
         resolved.max_steps = VMAS_DEFAULT_MAX_STEPS
     return resolved

@@ -17,7 +17,12 @@ MAX_EVAL_STEPS = 10_000
 
 
 def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str, Any]:
-    """One episode per env copy with the deterministic policy; per group mean return and 95% CI."""
+    """One episode per env copy with the deterministic policy; per group mean return and 95% CI.
+
+    Every copy runs to the end of its own episode (TorchRL's ``break_when_all_done``: copies that end
+    early repeat their last step), so episodes of any length count; one still running after
+    ``max_steps`` (or 10,000) steps is scored there and left out of ``episodes_ended``.
+    """
     episodes = env.batch_size[0]
     cap = max_steps or MAX_EVAL_STEPS
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
@@ -33,7 +38,7 @@ def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str
         mean = returns.mean().item()
         half = 1.96 * returns.std().item() / math.sqrt(episodes) if episodes > 1 else 0.0
         groups[group] = {"mean": mean, "ci95": [mean - half, mean + half], "returns": returns.tolist()}
-    return {"episodes": episodes, "episodes_ended": int(ended.sum()), "groups": groups}
+    return {"episodes": episodes, "episodes_ended": int(ended.sum()), "steps": done.shape[-1], "groups": groups}
 
 
 def evaluate(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "last") -> dict[str, Any]:

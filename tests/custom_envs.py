@@ -1,0 +1,48 @@
+"""A user's own PettingZoo env, importable as ``custom_envs:Countdown`` (tests put this folder on the path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pettingzoo
+from gymnasium import spaces
+
+
+class Countdown(pettingzoo.ParallelEnv):
+    """Two agents, episodes of a random length in [2, 9]; each step pays 1 per agent that chose action 1.
+
+    The episode return of a copy therefore depends on its length, so evaluations that cut episodes
+    short or mix up copies show up in the returns.
+    """
+
+    metadata = {"name": "countdown_v0"}
+
+    def __init__(self, longest: int = 9):
+        self.possible_agents = ["runner_0", "runner_1"]
+        self.agents = list(self.possible_agents)
+        self.longest = longest
+        self.rng = np.random.default_rng(0)
+        self.left = 0
+
+    def observation_space(self, agent):
+        return spaces.Box(0.0, float(self.longest), shape=(1,))
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.agents = list(self.possible_agents)
+        self.left = int(self.rng.integers(2, self.longest + 1))
+        return {a: np.array([self.left], dtype=np.float32) for a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        self.left -= 1
+        obs = {a: np.array([self.left], dtype=np.float32) for a in self.agents}
+        rew = {a: float(actions[a]) for a in self.agents}
+        end = self.left <= 0
+        term = {a: end for a in self.agents}
+        trunc = {a: False for a in self.agents}
+        if end:
+            self.agents = []
+        return obs, rew, term, trunc, {a: {} for a in self.possible_agents}

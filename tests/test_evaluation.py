@@ -1,0 +1,169 @@
+"""Evaluation on every env family: TorchRL's early-stopping rollouts, ``marlkit eval`` with episodes of
+different lengths, evaluation during training, and a user's own env coming back from ``config.yaml``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from marlkit.envs import make_env
+from marlkit.pipelines.cli import main as cli_main
+from marlkit.pipelines.config import apply_overrides
+from marlkit.pipelines.evaluate import evaluate
+from marlkit.pipelines.mappo import MappoConfig, train
+
+TESTS = Path(__file__).parent
+
+# Families whose episodes end at different steps in different copies (agents die in KAZ).
+VARIABLE_LENGTH = [
+    ("vmas/balance", dict(n_agents=2, continuous_actions=False, max_steps=200)),
+    ("pettingzoo/butterfly/knights_archers_zombies_v11", dict(max_cycles=150, line_death=True)),
+    ("gym/CartPole-v1", {}),
+    ("gridworld", dict(grid_size=4, num_agents=2, num_targets=2, max_steps=30)),
+    ("custom_envs:Countdown", {}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", VARIABLE_LENGTH + [("matrix/two_step", {})],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_rollout_until_all_copies_are_done(name, kwargs):
+    env = make_env(name, num_envs=4, seed=0, **kwargs)
+    td = env.rollout(300, break_when_any_done=False, break_when_all_done=True)
+    done = td["next", "done"][..., 0]  # [copies, steps]
+    assert done[:, -1].all()  # every copy ended: the rollout stopped when the last one did
+    first_end = done.float().argmax(-1)
+    if name != "matrix/two_step":  # fixed-length game; every other case has copies ending apart
+        assert len(set(first_end.tolist())) > 1, first_end
+    for copy, end in enumerate(first_end.tolist()):
+        # A finished copy repeats its final step until the rollout stops.
+        for group in env.group_map:
+            final = td["next", group, "episode_reward"][copy, end]
+            assert torch.equal(td["next", group, "episode_reward"][copy, end:], final.expand_as(td["next", group, "episode_reward"][copy, end:]))
+    env.close()
+
+
+def _tiny_run(run_dir: Path, env: str, **overrides) -> Path:
+    cfg = apply_overrides(MappoConfig(), {
+        "env.name": env, "env.num_envs": 4, "collector.frames_per_batch": 40, "collector.total_frames": 40,
+        "train.minibatch_size": 20, "train.num_epochs": 1, "model.num_cells": [8], "logger.progress": False,
+        "logger.run_dir": str(run_dir), **overrides})
+    train(cfg)
+    return run_dir
+
+
+EVAL_CASES = [
+    ("vmas/balance", {"env.n_agents": 2, "env.max_steps": 150}),
+    ("pettingzoo/butterfly/knights_archers_zombies_v11", {"env.max_steps": 150, "env.line_death": True}),
+    ("pettingzoo/sisl/multiwalker_v9", {"env.max_steps": 60}),
+    ("gym/CartPole-v1", {}),
+    ("gridworld", {"env.max_steps": 30}),
+    ("matrix/climbing", {"env.rounds": 3}),
+    ("custom_envs:Countdown", {}),
+]
+
+
+@pytest.mark.parametrize("name,overrides", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_eval_counts_every_episode_whatever_its_length(name, overrides, tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run", name, **overrides)
+    assert cli_main(["eval", str(run), "--episodes", "5"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["episodes"] == 5 and result["episodes_ended"] == 5
+    for group, stats in result["groups"].items():
+        returns = torch.tensor(stats["returns"])
+        assert returns.shape == (5,) and torch.isfinite(returns).all()
+        assert stats["mean"] == pytest.approx(returns.mean().item())
+        half = 1.96 * returns.std().item() / 5 ** 0.5
+        assert stats["ci95"] == pytest.approx([stats["mean"] - half, stats["mean"] + half])
+    assert "mean return" in capsys.readouterr().out
+
+
+def test_eval_returns_are_the_episodes_own():
+    """CartPole pays 1 per step: each evaluated return must equal the length of that copy's episode."""
+    from marlkit.pipelines.evaluate import evaluate_policy
+
+    def random_policy(env):
+        return lambda td: env.rand_action(td)
+
+    torch.manual_seed(0)
+    env = make_env("gym/CartPole-v1", num_envs=6, seed=3)
+    stats = evaluate_policy(env, random_policy(env), max_steps=None)
+    torch.manual_seed(0)
+    replay = make_env("gym/CartPole-v1", num_envs=6, seed=3)
+    done = replay.rollout(600, random_policy(replay), break_when_any_done=False,
+                          break_when_all_done=True)["next", "done"][..., 0]
+    lengths = (done.float().argmax(-1) + 1).tolist()
+    assert stats["episodes_ended"] == 6 and len(set(lengths)) > 1
+    assert stats["groups"]["agents"]["returns"] == [float(n) for n in lengths]
+
+
+def test_eval_during_training_on_episodes_of_different_lengths(tmp_path):
+    run = _tiny_run(tmp_path / "run", "gym/CartPole-v1", **{
+        "collector.frames_per_batch": 400, "collector.total_frames": 800, "train.minibatch_size": 100,
+        "logger.eval_every": 1, "logger.eval_episodes": 3})
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("eval/agents/episode_reward_mean")
+    values = [float(row.split(",")[column]) for row in rows[1:]]
+    assert len(values) == 2 and all(v >= 8 for v in values)  # CartPole: at least 8 steps of reward 1
+
+
+def test_own_env_comes_back_by_import_path(tmp_path):
+    """Trained from a class object, recorded as 'module:qualname', evaluated by a fresh process."""
+    from custom_envs import Countdown
+
+    cfg = apply_overrides(MappoConfig(), {
+        "env.num_envs": 4, "collector.frames_per_batch": 40, "collector.total_frames": 80,
+        "train.minibatch_size": 20, "train.num_epochs": 1, "model.num_cells": [8], "logger.progress": False,
+        "logger.run_dir": str(tmp_path / "run"), "logger.checkpoint_every": 1})
+    cfg.env.name = Countdown
+    train(cfg)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"]["name"]
+    assert recorded == "custom_envs:Countdown"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    for args in (["eval", str(tmp_path / "run"), "--episodes", "3"], ["train", "--resume", str(tmp_path / "run"),
+                                                                      "--frames", "120"]):
+        out = subprocess.run([sys.executable, "-m", "marlkit.pipelines.cli", *args], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["episodes_ended"] == 3
+
+
+def test_env_defined_in_main_is_named_and_refused_elsewhere(tmp_path):
+    code = (
+        "import pettingzoo, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from custom_envs import Countdown\n"
+        "class Notebook(Countdown):\n    pass\n"
+        "from marlkit.pipelines.config import apply_overrides\n"
+        "from marlkit.pipelines.mappo import MappoConfig, train\n"
+        "cfg = apply_overrides(MappoConfig(), {'env.num_envs': 2, 'collector.frames_per_batch': 20,"
+        " 'collector.total_frames': 20, 'train.minibatch_size': 10, 'model.num_cells': [8],"
+        " 'logger.progress': False, 'logger.run_dir': %r})\n"
+        "cfg.env.name = Notebook\n"
+        "train(cfg)\n"
+    ) % (str(TESTS), str(tmp_path / "run"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "eval`, `render` and `--resume` will not find it" in out.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"]["name"] == "__main__:Notebook"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+
+
+def test_removed_and_unknown_envs_are_refused_before_building(tmp_path, capsys, monkeypatch):
+    from helpers import assert_cli_rejects
+
+    assert_cli_rejects(["train", "mappo", "--env", "pettingzoo/sisl/waterworld_v4"],
+                       "waterworld was removed upstream.*pursuit_v5", capsys, tmp_path, monkeypatch)
+    assert_cli_rejects(["train", "mappo", "--env", "gym/NoSuchEnv-v0"], "unknown Gymnasium env id", capsys,
+                       tmp_path, monkeypatch)
+    assert_cli_rejects(["train", "mappo", "--env", "no_such_module:Env"], "cannot be imported", capsys,
+                       tmp_path, monkeypatch)
