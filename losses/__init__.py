@@ -31,6 +31,15 @@ and the episode flags ``("next", "team", "done" / "terminated")``; it returns ``
 ``("team", "td_error")``. The mixer reads the global ``state`` when the env has one, else the
 group's observations.
 
+:func:`make_team_mixer_loss` does the same over the agents of several groups that form one team
+(``env.teams``, e.g. speaker and listener): :class:`TeamValues` puts the groups' values side by side at
+``(TEAM, "agent_action_value")`` / ``(TEAM, "agent_chosen_action_value")`` and their observations at
+``(TEAM, "observation")``; it reads the actions at ``(TEAM, "agent_action")``. :func:`team_entries`
+adds the team reward, flags and actions to a collected batch for both.
+
+Team critics (MADDPG / MASAC with a team of several groups) read every team group's observation and
+action; :func:`add_partner_next_actions` fills in the partners' next actions their TD target needs.
+
 :func:`make_target_updater` keeps their target networks in step (soft, Polyak ``tau``, or hard).
 
 Given ``mask_key`` (``env.live_mask_key(g)``, i.e. ``(g, "mask")`` for PettingZoo envs whose agents
@@ -39,8 +48,12 @@ can die), the PPO, DDPG, SAC and DQN losses also read that mask and average over
 
 from __future__ import annotations
 
-from tensordict import NestedKey
-from tensordict.nn import TensorDictModule
+from collections.abc import Mapping, Sequence
+
+import torch
+from tensordict import NestedKey, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
 from torch import nn
 from torchrl.modules import QMixer, VDNMixer
@@ -68,12 +81,16 @@ __all__ = [
     "check_td_settings",
     "MIXERS",
     "TEAM",
+    "TeamValues",
+    "add_partner_next_actions",
     "make_ddpg_loss",
     "make_dqn_loss",
     "make_qmixer_loss",
     "make_ppo_loss",
     "make_sac_loss",
     "make_target_updater",
+    "make_team_mixer_loss",
+    "team_entries",
 ]
 
 
@@ -282,6 +299,49 @@ def make_dqn_loss(
     return loss
 
 
+def _mixer_loss(
+    local_values: nn.Module,
+    *,
+    keys: dict[str, NestedKey],
+    name: str,
+    mixer: str,
+    n_agents: int,
+    state_key: NestedKey,
+    state_shape: tuple[int, ...],
+    gamma: float,
+    loss_function: str,
+    mixing_embed_dim: int,
+) -> QMixerLoss:
+    """A ``QMixerLoss`` mixing ``keys["local_value"]`` (``[*B, n_agents, 1]``) into the team value."""
+    check_td_settings(loss_function, gamma)
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer={mixer!r} is not supported; accepted: {list(MIXERS)}")
+    if n_agents < 2:
+        raise ValueError(
+            f"{mixer} mixes the values of several agents; {name} has {n_agents}: use algorithm=iql, or put "
+            "it in a team with other groups (env.teams)"
+        )
+    device = next(local_values.parameters()).device
+    if mixer == "vdn":
+        net, in_keys = VDNMixer(n_agents=n_agents, device=device), [keys["local_value"]]
+    else:
+        net = QMixer(state_shape=state_shape, mixing_embed_dim=mixing_embed_dim, n_agents=n_agents, device=device)
+        in_keys = [keys["local_value"], state_key]
+    mixer_module = TensorDictModule(net, in_keys=in_keys, out_keys=[(TEAM, "chosen_action_value")])
+    loss = QMixerLoss(local_values, mixer_module, loss_function=loss_function, delay_value=True,
+                      action_space="categorical")
+    loss.set_keys(
+        **keys,
+        global_value=(TEAM, "chosen_action_value"),
+        priority=(TEAM, "td_error"),
+        reward=(TEAM, "reward"),
+        done=(TEAM, "done"),
+        terminated=(TEAM, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+    return loss
+
+
 def make_qmixer_loss(
     q_network: nn.Module,
     group: str,
@@ -295,31 +355,101 @@ def make_qmixer_loss(
     mixing_embed_dim: int = 32,
 ) -> QMixerLoss:
     """VDN (sum) or QMIX (monotonic hypernetwork on ``state_key``) over one group's agents."""
-    check_td_settings(loss_function, gamma)
-    if mixer not in MIXERS:
-        raise ValueError(f"mixer={mixer!r} is not supported; accepted: {list(MIXERS)}")
-    if n_agents < 2:
-        raise ValueError(
-            f"{mixer} mixes the values of several agents; group {group!r} has {n_agents}: use algorithm=iql"
-        )
-    device = next(q_network.parameters()).device
-    if mixer == "vdn":
-        net, in_keys = VDNMixer(n_agents=n_agents, device=device), [(group, "chosen_action_value")]
-    else:
-        net = QMixer(state_shape=state_shape, mixing_embed_dim=mixing_embed_dim, n_agents=n_agents, device=device)
-        in_keys = [(group, "chosen_action_value"), state_key]
-    mixer_module = TensorDictModule(net, in_keys=in_keys, out_keys=[(TEAM, "chosen_action_value")])
-    loss = QMixerLoss(q_network, mixer_module, loss_function=loss_function, delay_value=True,
-                      action_space="categorical")
-    loss.set_keys(
-        action_value=(group, "action_value"),
-        local_value=(group, "chosen_action_value"),
-        global_value=(TEAM, "chosen_action_value"),
-        action=(group, "action"),
-        priority=(TEAM, "td_error"),
-        reward=(TEAM, "reward"),
-        done=(TEAM, "done"),
-        terminated=(TEAM, "terminated"),
-    )
-    loss.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
-    return loss
+    keys = {"action_value": (group, "action_value"), "local_value": (group, "chosen_action_value"),
+            "action": (group, "action")}
+    return _mixer_loss(q_network, keys=keys, name=f"group {group!r}", mixer=mixer, n_agents=n_agents,
+                       state_key=state_key, state_shape=state_shape, gamma=gamma, loss_function=loss_function,
+                       mixing_embed_dim=mixing_embed_dim)
+
+
+class TeamValues(TensorDictModuleBase):
+    """Puts the per-group Q values of a team side by side, as one group of all the team's agents.
+
+    Reads ``(g, "action_value")``, ``(g, "chosen_action_value")`` and ``(g, "observation")`` of every
+    team group ``g`` and writes ``(TEAM, "agent_action_value")`` (``[*B, n_team, max_actions]``, groups
+    with fewer actions padded with zeros that no taken action ever indexes),
+    ``(TEAM, "agent_chosen_action_value")`` (``[*B, n_team, 1]``) and ``(TEAM, "observation")`` (every
+    agent's observation flattened and concatenated: QMIX's state when the env has none).
+    """
+
+    def __init__(self, groups: Sequence[str]):
+        super().__init__()
+        self.groups = list(groups)
+        self.in_keys = [(g, key) for g in self.groups for key in ("action_value", "chosen_action_value", "observation")]
+        self.out_keys = [(TEAM, "agent_action_value"), (TEAM, "agent_chosen_action_value"), (TEAM, "observation")]
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        batch = tensordict.batch_size
+        values = [tensordict.get((g, "action_value")) for g in self.groups]
+        width = max(v.shape[-1] for v in values)
+        padded = [torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v in values]
+        tensordict.set((TEAM, "agent_action_value"), torch.cat(padded, dim=-2))
+        tensordict.set((TEAM, "agent_chosen_action_value"),
+                       torch.cat([tensordict.get((g, "chosen_action_value")) for g in self.groups], dim=-2))
+        tensordict.set((TEAM, "observation"), torch.cat(
+            [tensordict.get((g, "observation")).reshape(*batch, -1).float() for g in self.groups], dim=-1))
+        return tensordict
+
+
+def team_entries(batch: TensorDictBase, groups: Sequence[str]) -> TensorDictBase:
+    """The team-level entries a mixer learns from, added to a collected ``batch`` (in place).
+
+    ``("next", TEAM, "reward")`` is the mean reward over every agent of the team's ``groups``;
+    ``("next", TEAM, "done" / "terminated")`` are the episode's flags. A team of several groups also
+    gets ``(TEAM, "agent_action")``: every agent's action index, groups side by side as in
+    :class:`TeamValues`.
+    """
+    if ("next", "done") not in batch.keys(True):
+        raise KeyError("team_entries needs the episode flags ('next', 'done') and ('next', 'terminated') in the batch")
+    rewards = torch.cat([batch.get(("next", g, "reward")) for g in groups], dim=-2)
+    batch.set(("next", TEAM, "reward"), rewards.mean(-2))
+    batch.set(("next", TEAM, "done"), batch.get(("next", "done")))
+    batch.set(("next", TEAM, "terminated"), batch.get(("next", "terminated")))
+    if len(groups) > 1:
+        actions = [batch.get((g, "action")) for g in groups]
+        batch.set((TEAM, "agent_action"), torch.cat([a.argmax(-1) if a.dtype.is_floating_point or a.dtype == torch.bool
+                                                     else a for a in actions], dim=-1))
+    return batch
+
+
+def make_team_mixer_loss(
+    q_networks: Mapping[str, nn.Module],
+    n_agents: Mapping[str, int],
+    *,
+    mixer: str,
+    state_key: NestedKey,
+    state_shape: tuple[int, ...],
+    gamma: float = 0.9,
+    loss_function: str = "l2",
+    mixing_embed_dim: int = 32,
+) -> QMixerLoss:
+    """VDN or QMIX over the agents of several groups that form one team.
+
+    ``q_networks`` maps each team group to its Q network (as :func:`make_qmixer_loss` takes one) and
+    ``n_agents`` to its agent count; the mixer sees every agent's chosen value (:class:`TeamValues`)
+    and, for QMIX, ``state_key`` (the env's ``"state"``, or ``(TEAM, "observation")``). The loss reads
+    ``(TEAM, "agent_action")`` and the team reward and flags that :func:`team_entries` adds.
+    """
+    local_values = TensorDictSequential(*q_networks.values(), TeamValues(list(q_networks)))
+    keys = {"action_value": (TEAM, "agent_action_value"), "local_value": (TEAM, "agent_chosen_action_value"),
+            "action": (TEAM, "agent_action")}
+    return _mixer_loss(local_values, keys=keys, name=f"team {list(q_networks)}", mixer=mixer,
+                       n_agents=sum(n_agents.values()), state_key=state_key, state_shape=state_shape, gamma=gamma,
+                       loss_function=loss_function, mixing_embed_dim=mixing_embed_dim)
+
+
+def add_partner_next_actions(batch: TensorDictBase, actors: Mapping[str, TensorDictModuleBase],
+                             exploration: ExplorationType) -> TensorDictBase:
+    """Write ``("next", g, "action")`` for each partner group ``g`` of a team critic (in place).
+
+    A team critic (MADDPG / MASAC with ``env.teams``) reads every team group's action. Its TD target
+    needs the partners' actions at the next state, which no transition holds: they come from the
+    partners' current actors (``exploration``: ``DETERMINISTIC`` for DDPG's mean action, ``RANDOM``
+    for SAC's sample), without gradients.
+    """
+    next_td = batch.get("next")
+    with torch.no_grad(), set_exploration_type(exploration):
+        for group, actor in actors.items():
+            acted = actor(next_td.select(*actor.in_keys, strict=False).clone(False))
+            next_td.set((group, "action"), acted.get((group, "action")))
+    return batch

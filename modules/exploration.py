@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torchrl.data import Bounded, Categorical, OneHot, TensorSpec
 from torchrl.envs.utils import exploration_type, ExplorationType
 from tensordict.utils import NestedKey
@@ -151,3 +151,23 @@ class EpsilonGreedy(TensorDictModuleBase):
             chosen = torch.nn.functional.one_hot(chosen, self.n_actions).to(action.dtype)
         tensordict.set(self.action_key, chosen.to(action.dtype))
         return tensordict
+
+
+class AnnealedTogether(TensorDictSequential):
+    """Several groups' exploration modules (one team's), applied in turn and annealed together.
+
+    They follow one schedule, so ``name`` and ``value`` are the first module's.
+    """
+
+    def __init__(self, *modules: GaussianNoise | EpsilonGreedy):
+        super().__init__(*modules)
+        self.name = modules[0].name
+
+    @property
+    def value(self) -> float:
+        """The shared schedule's current value."""
+        return self.module[0].value
+
+    def anneal(self, frames: int) -> float:
+        """Anneal every module for ``frames`` collected so far; returns the value."""
+        return [module.anneal(frames) for module in self.module][0]

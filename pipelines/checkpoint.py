@@ -33,6 +33,8 @@ _READABLE_FORMATS = (1, 2)  # format 1 had no simulator state
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in config.items() if k not in ("logger", "derived", "device")}
+    if not data.get("env", {}).get("teams", True):  # runs from before teams: one team per group
+        data["env"] = {k: v for k, v in data["env"].items() if k != "teams"}
     if "collector" in data:
         data["collector"] = {k: v for k, v in data["collector"].items() if k != "total_frames"}
     return data
@@ -245,7 +247,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | N
     torch_device = torch.device(device)
     env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
     module = pipeline_for(cfg.algorithm)
-    agents = {group: module.build_group(env, group, cfg, torch_device, None) for group in env.group_map}
+    agents = module.build_agents(env, cfg, torch_device, None)
     restore_modules(state, agents)
     policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
     return LoadedRun(cfg, env, policy, state)

@@ -200,7 +200,7 @@ def versions() -> dict[str, str]:
 def default_run_dir(algorithm: str, env_name: str, seed: int) -> Path:
     """``runs/<algorithm>-<env>-s<seed>-<timestamp>`` under the current directory."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{algorithm}-{env_name.replace('/', '_')}-s{seed}-{stamp}"
+    return Path("runs") / f"{algorithm}-{env_name.replace('/', '_').replace(':', '.')}-s{seed}-{stamp}"
 
 
 class RunDir:
@@ -322,6 +322,8 @@ class GroupAgent:
     """Annealed exploration module (``anneal(frames)``), or None."""
     priority_key: Any = None
     """Where the loss writes the TD error that updates replay priorities, or None."""
+    partners: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Team critics: the other team groups' actors, which give their next actions to the TD target."""
 
 
 @dataclass
@@ -396,6 +398,9 @@ class Progress:
         for group in self.groups:
             row[f"{group}/episode_reward_mean"] = means[group]
             row.update(mean_entries(terms.get(group, []), group))
+        for learner in terms:  # a team of several groups learns as one (VDN / QMIX mixers)
+            if learner not in self.groups:
+                row.update(mean_entries(terms[learner], learner))
         row.update(extra or {})
         row.update({"timers/collection_s": self._collection_s, "timers/training_s": now - self._train_start})
         self.run.log(row)

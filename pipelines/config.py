@@ -41,6 +41,8 @@ class EnvConfig:
     """Episode length (max_steps / max_cycles / max_episode_steps per family); None = family default (VMAS: 100)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Scenario keywords passed to make_env; set them as env.<keyword>=value (e.g. env.n_agents=3)."""
+    teams: dict[str, list[str]] = field(default_factory=dict)
+    """Team name -> agent groups that share a reward and train together (MAPPO/MADDPG/MASAC critics and the VDN/QMIX mixer span the team, e.g. env.teams.team=[speaker,listener]); {} = automatic: groups whose rewards are equal on a short random rollout form one team, every other group is its own team."""
 
 
 @dataclass

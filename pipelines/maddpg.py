@@ -21,6 +21,7 @@ from marlkit.modules import continuous_action_bounds, GaussianNoise, make_determ
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
+    build_group_agents,
     check_offpolicy,
     group_replay,
     OffPolicyLossConfig,
@@ -28,6 +29,7 @@ from marlkit.pipelines.offpolicy import (
     ReplayConfig,
     train_offpolicy,
 )
+from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("maddpg", "iddpg")
 
@@ -61,7 +63,7 @@ class MaddpgConfig(RunConfig):
 
     @property
     def centralised_critic(self) -> bool:
-        """MADDPG's critic sees the whole group's observations and actions; IDDPG's only its agent's."""
+        """MADDPG's critic sees the observations and actions of its whole team (``env.teams``); IDDPG's only its agent's."""
         return self.algorithm == "maddpg"
 
 
@@ -76,14 +78,15 @@ def validate(cfg: MaddpgConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device, scratch_dir: Path) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device, scratch_dir: Path | None) -> GroupAgent:
     """Deterministic actor + Gaussian noise, Q critic, DDPG loss and target updater for one group."""
     m, x, lc = cfg.model, cfg.exploration, cfg.loss
     action_spec = continuous_action_bounds(env, group, cfg.algorithm)
     actor = make_deterministic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
                                      share_params=m.share_params, device=device)
+    team = team_of(cfg.env.teams, group) if cfg.centralised_critic else [group]
     critic = make_q_critic(env, group, centralised=cfg.centralised_critic, num_cells=m.num_cells,
-                           activation=m.activation, share_params=m.critic_share_params, device=device)
+                           activation=m.activation, share_params=m.critic_share_params, device=device, team=team)
     annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
     noise = GaussianNoise(action_spec.to(device), (group, "action"), sigma_init=x.sigma_init,
                           sigma_end=x.sigma_end, annealing_frames=annealing)
@@ -91,13 +94,18 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
                           mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    replay = group_replay(cfg, group, scratch_dir, device)
+    replay = group_replay(cfg, group, scratch_dir, device, partners=team[1:])
     return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
+
+
+def build_agents(env: EnvBase, cfg: MaddpgConfig, device: torch.device, buffers: Path | None) -> dict[str, GroupAgent]:
+    """Every group's agent (a team critic's partners linked); replays under ``buffers/<group>``."""
+    return build_group_agents(env, cfg, device, buffers, build_group)
 
 
 def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
     """Train MADDPG / IDDPG as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate, resume)
+    return train_offpolicy(cfg, build_agents, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

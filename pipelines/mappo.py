@@ -35,6 +35,7 @@ from marlkit.pipelines.common import (
     TrainResult,
 )
 from marlkit.pipelines.config import RunConfig
+from marlkit.pipelines.teams import team_of, with_teams
 
 ALGORITHMS = ("mappo", "ippo")
 
@@ -123,13 +124,19 @@ def build_group(
     actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
                                   share_params=model.share_params, device=device)
     critic = make_value_critic(env, group, centralised=cfg.centralised_critic, num_cells=model.num_cells,
-                               activation=model.activation, share_params=model.critic_share_params, device=device)
+                               activation=model.activation, share_params=model.critic_share_params, device=device,
+                               team=team_of(cfg.env.teams, group))
     loss = make_ppo_loss(actor, critic, group, gamma=lc.gamma, lmbda=lc.lmbda, clip_epsilon=lc.clip_epsilon,
                          entropy_coef=lc.entropy_coef, critic_coef=lc.critic_coef,
                          loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
                          normalize_value_target=lc.normalize_value_target,
                          mask_key=env.live_mask_key(group))  # agents that died leave the loss
     return GroupAgent(actor, loss, None, PPO_LOSS_TERMS)
+
+
+def build_agents(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: Path | None = None) -> dict[str, GroupAgent]:
+    """Every group's actor, critic and loss (``buffers`` unused: PPO keeps no replay)."""
+    return {group: build_group(env, group, cfg, device) for group in env.group_map}
 
 
 def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
@@ -143,8 +150,9 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
+    cfg = with_teams(cfg, env, device)  # MAPPO's critic sees every group of its team
     groups = list(env.group_map)
-    agents = {group: build_group(env, group, cfg, device) for group in groups}
+    agents = build_agents(env, cfg, device)
     losses = {group: agent.loss for group, agent in agents.items()}
     optimisers = {
         group: torch.optim.Adam(loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)

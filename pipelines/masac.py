@@ -19,6 +19,7 @@ from marlkit.modules import continuous_action_bounds, make_q_critic, make_stocha
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.offpolicy import (
+    build_group_agents,
     check_offpolicy,
     group_replay,
     OffPolicyLossConfig,
@@ -26,6 +27,7 @@ from marlkit.pipelines.offpolicy import (
     ReplayConfig,
     train_offpolicy,
 )
+from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("masac", "isac")
 
@@ -59,7 +61,7 @@ class MasacConfig(RunConfig):
 
     @property
     def centralised_critic(self) -> bool:
-        """MASAC's critic sees the whole group's observations and actions; ISAC's only its agent's."""
+        """MASAC's critic sees the observations and actions of its whole team (``env.teams``); ISAC's only its agent's."""
         return self.algorithm == "masac"
 
 
@@ -73,26 +75,32 @@ def validate(cfg: MasacConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device, scratch_dir: Path) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device, scratch_dir: Path | None) -> GroupAgent:
     """TanhNormal actor, Q critics, SAC loss and target updater for one group."""
     m, lc = cfg.model, cfg.loss
     continuous_action_bounds(env, group, cfg.algorithm)
     actor = make_stochastic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
                                   share_params=m.share_params, device=device)
+    team = team_of(cfg.env.teams, group) if cfg.centralised_critic else [group]
     critic = make_q_critic(env, group, centralised=cfg.centralised_critic, num_cells=m.num_cells,
-                           activation=m.activation, share_params=m.critic_share_params, device=device)
+                           activation=m.activation, share_params=m.critic_share_params, device=device, team=team)
     loss = make_sac_loss(actor, critic, group, gamma=lc.gamma, loss_function=lc.loss_function,
                          num_qvalue_nets=lc.num_qvalue_nets, alpha_init=lc.alpha_init,
                          fixed_alpha=lc.fixed_alpha, target_entropy=lc.target_entropy,
                          mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device))
+    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device, partners=team[1:]))
+
+
+def build_agents(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers: Path | None) -> dict[str, GroupAgent]:
+    """Every group's agent (a team critic's partners linked); replays under ``buffers/<group>``."""
+    return build_group_agents(env, cfg, device, buffers, build_group)
 
 
 def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
     """Train MASAC / ISAC as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate, resume)
+    return train_offpolicy(cfg, build_agents, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

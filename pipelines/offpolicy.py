@@ -1,4 +1,5 @@
-"""The off-policy actor-critic loop shared by MADDPG/IDDPG (``maddpg.py``) and MASAC/ISAC (``masac.py``).
+"""The off-policy loop shared by MADDPG/IDDPG (``maddpg.py``), MASAC/ISAC (``masac.py``) and IQL/VDN/QMIX
+(``qlearning.py``).
 
 Those files say how one group's actor, exploration, critic and loss are built; the loop here is the
 whole algorithm: collect -> extend each group's replay buffer -> sample -> loss -> backward -> clip ->
@@ -21,13 +22,15 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType
 
 from marlkit.envs import split_env_name
-from marlkit.losses import check_target_update, check_td_settings
+from marlkit.losses import add_partner_next_actions, check_target_update, check_td_settings
 from marlkit.pipelines.checkpoint import restore_rollout, restore_training
 from marlkit.pipelines.collectors import make_collector
 from marlkit.pipelines.config import ConfigError
 from marlkit.pipelines.replay import GroupReplay
+from marlkit.pipelines.teams import team_of, with_teams
 from marlkit.pipelines.common import (
     build_env,
     check_common,
@@ -137,13 +140,28 @@ def check_offpolicy(cfg: Any, algorithm_names: tuple[str, ...], discrete: bool =
     return iterations
 
 
-BuildGroup = Callable[[EnvBase, str, Any, torch.device, Path], GroupAgent]
+BuildGroup = Callable[[EnvBase, str, Any, torch.device, Path | None], GroupAgent]
+# env, config, device, the run's buffers folder (None: no on-disk replay) -> learner name -> its agent
+BuildAgents = Callable[[EnvBase, Any, torch.device, Path | None], dict[str, GroupAgent]]
 
 
-def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any], int],
+def build_group_agents(env: EnvBase, cfg: Any, device: torch.device, buffers: Path | None,
+                       build_group: BuildGroup) -> dict[str, GroupAgent]:
+    """One agent per group (``buffers/<group>`` for its replay); a centralised team critic also gets
+    its partners' actors (see :func:`marlkit.losses.add_partner_next_actions`)."""
+    agents = {group: build_group(env, group, cfg, device, buffers / group if buffers else None)
+              for group in env.group_map}
+    if getattr(cfg, "centralised_critic", False):
+        for group, agent in agents.items():
+            agent.partners = {other: agents[other].loss.actor_network for other in team_of(cfg.env.teams, group)[1:]}
+    return agents
+
+
+def train_offpolicy(cfg: Any, build_agents: BuildAgents, validate: Callable[[Any], int],
                     resume: bool = False) -> TrainResult:
-    """Train with the off-policy loop; ``build_group`` makes each group's modules, loss and replay;
-    ``resume`` continues the run in ``logger.run_dir`` from its checkpoint and on-disk buffers."""
+    """Train with the off-policy loop; ``build_agents`` makes each learner's modules, loss and replay
+    (a learner is a group, or for VDN/QMIX a team of groups); ``resume`` continues the run in
+    ``logger.run_dir`` from its checkpoint and on-disk buffers."""
     iterations = validate(cfg)
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = resolve_device(cfg.device)
@@ -152,14 +170,16 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
     torch.manual_seed(cfg.seed)
 
     env = build_env(cfg.env, device=device, seed=cfg.seed)
+    cfg = with_teams(cfg, env, device)  # team critics and mixers span the groups of a team
     groups = list(env.group_map)
-    unknown = sorted(set(cfg.train.freeze_after) - set(groups))
-    if unknown:
-        raise ConfigError(f"train.freeze_after names unknown groups {unknown}; this env's groups: {groups}")
     try:
-        agents = {group: build_group(env, group, cfg, device, run.path / "buffers" / group) for group in groups}
+        agents = build_agents(env, cfg, device, run.path / "buffers")
     except ValueError as err:  # e.g. discrete actions, known only from the env's specs
         raise ConfigError(str(err)) from err
+    unknown = sorted(set(cfg.train.freeze_after) - set(agents))
+    if unknown:
+        raise ConfigError(f"train.freeze_after names unknown groups {unknown}; this run's learners: {list(agents)}")
+    partner_actions = ExplorationType.RANDOM if cfg.algorithm in ("masac", "isac") else ExplorationType.DETERMINISTIC
     optimisers = {
         group: torch.optim.Adam(agent.loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
         for group, agent in agents.items()
@@ -180,19 +200,21 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
         progress.collected()
         frames += batch.numel()
         extra: dict[str, float] = {}
-        for group in groups:
-            extra.update(agents[group].replay.extend(batch))
-            if agents[group].exploration is not None:
-                agents[group].exploration.anneal(frames)
+        for name, agent in agents.items():
+            extra.update(agent.replay.extend(batch))
+            if agent.exploration is not None:
+                agent.exploration.anneal(frames)
         learning = [
-            group for group in groups
-            if frames >= cfg.replay.warmup_frames and iteration < cfg.train.freeze_after.get(group, math.inf)
+            name for name in agents
+            if frames >= cfg.replay.warmup_frames and iteration < cfg.train.freeze_after.get(name, math.inf)
         ]
-        terms: dict[str, list[TensorDictBase]] = {group: [] for group in groups}
+        terms: dict[str, list[TensorDictBase]] = {name: [] for name in agents}
         for _ in range(cfg.train.optimiser_steps if learning else 0):
             for group in learning:
                 agent = agents[group]
                 minibatch = agent.replay.sample()
+                if agent.partners:  # a team critic's TD target needs the partners' next actions
+                    add_partner_next_actions(minibatch, agent.partners, partner_actions)
                 out = agent.loss(minibatch)
                 total = sum(out[key] for key in agent.loss_terms)
                 total.backward()
@@ -205,7 +227,7 @@ def train_offpolicy(cfg: Any, build_group: BuildGroup, validate: Callable[[Any],
                 terms[group].append(scalar_entries(out))
                 steps += 1
         collector.update_policy_weights_()
-        extra.update({f"{group}/learning": float(group in learning) for group in groups})
+        extra.update({f"{name}/learning": float(name in learning) for name in agents})
         extra.update({f"{g}/{a.exploration.name}": a.exploration.value for g, a in agents.items() if a.exploration is not None})
         extra["counters/optimiser_steps"] = steps
         extra.update(progress.evaluate(iteration, policy, iteration == iterations - 1))

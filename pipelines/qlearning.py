@@ -18,9 +18,9 @@ from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
 from marlkit.envs import split_env_name
-from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, TEAM
+from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, make_team_mixer_loss, TEAM
 from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
-from marlkit.modules.exploration import check_epsilon
+from marlkit.modules.exploration import AnnealedTogether, check_epsilon
 from marlkit.pipelines.common import GroupAgent, TrainResult
 from marlkit.pipelines.config import ModelConfig, RunConfig
 from marlkit.pipelines.offpolicy import (
@@ -143,10 +143,32 @@ def _score_with(loss, group: str):
     return score
 
 
+def _epsilon_greedy(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device) -> EpsilonGreedy:
+    x = cfg.exploration
+    has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
+    annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
+    return EpsilonGreedy(group_spec(env, group, "action"), (group, "action"),
+                         mask_key=(group, "action_mask") if has_mask else None,
+                         eps_init=x.eps_init, eps_end=x.eps_end, annealing_frames=annealing).to(device)
+
+
+def _q_network(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device) -> TensorDictSequential:
+    m = cfg.model
+    return make_q_network(env, group, num_cells=m.num_cells, activation=m.activation, share_params=m.share_params,
+                          dueling=m.dueling, device=device, algorithm=cfg.algorithm)
+
+
+def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
+    """Whether the env has a global ``state`` (QMIX's hypernetwork input), and its shape."""
+    if "state" not in env.full_observation_spec.keys():
+        return False, ()
+    return True, tuple(env.full_observation_spec["state"].shape[len(env.batch_size):])
+
+
 def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device,
-                scratch_dir: Path) -> GroupAgent:
+                scratch_dir: Path | None) -> GroupAgent:
     """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
-    m, x, lc, r = cfg.model, cfg.exploration, cfg.loss, cfg.replay
+    m, lc, r = cfg.model, cfg.loss, cfg.replay
     if cfg.sharing.mode != "none" and len(env.group_map) > 1:
         spaces = {g: (tuple(group_spec(env, g, "observation").shape[1:]), tuple(group_spec(env, g, "action").shape[1:]))
                   for g in env.group_map}
@@ -155,14 +177,9 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
             f"{cfg.env.name} has several groups (observation, action shapes per agent: {spaces}): "
             "use an env with one group of agents (e.g. pettingzoo/sisl/pursuit_v5) or sharing.mode=none"
         )
-    q_net = make_q_network(env, group, num_cells=m.num_cells, activation=m.activation,
-                           share_params=m.share_params, dueling=m.dueling, device=device, algorithm=cfg.algorithm)
+    q_net = _q_network(env, group, cfg, device)
     n_agents = env.n_agents(group)
-    has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
-    annealing = cfg.collector.total_frames // 2 if x.annealing_frames is None else x.annealing_frames
-    explore = EpsilonGreedy(group_spec(env, group, "action"), (group, "action"),
-                            mask_key=(group, "action_mask") if has_mask else None,
-                            eps_init=x.eps_init, eps_end=x.eps_end, annealing_frames=annealing).to(device)
+    explore = _epsilon_greedy(env, group, cfg, device)
     prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta}
     if cfg.algorithm == "iql":
         loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
@@ -176,10 +193,10 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                                   scratch_dir=scratch_dir if r.memmap else None, selector=selector,
                                   score=_score_with(loss, group), **prioritized)
     else:
-        has_state = "state" in env.full_observation_spec.keys()
+        has_state, state_shape = _state(env)
         state_key = "state" if has_state else (group, "observation")
-        state_shape = tuple(group_spec(env, group, "observation").shape) if not has_state else tuple(
-            env.full_observation_spec["state"].shape[len(env.batch_size):])
+        if not has_state:
+            state_shape = tuple(group_spec(env, group, "observation").shape)
         loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
                                 state_shape=state_shape, gamma=lc.gamma, loss_function=lc.loss_function,
                                 mixing_embed_dim=m.mixing_embed_dim)
@@ -189,9 +206,46 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
     return GroupAgent(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
 
 
+def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig, device: torch.device,
+               scratch_dir: Path | None) -> GroupAgent:
+    """VDN / QMIX over the agents of several groups: a Q network and epsilon-greedy per group, one
+    mixer and one replay (every group's transitions, the team reward) for the team."""
+    m, lc, r = cfg.model, cfg.loss, cfg.replay
+    q_nets = {group: _q_network(env, group, cfg, device) for group in groups}
+    explore = AnnealedTogether(*(_epsilon_greedy(env, group, cfg, device) for group in groups))
+    has_state, state_shape = _state(env)
+    if not has_state:  # the team's observations side by side (TeamValues writes them)
+        state_shape = (sum(group_spec(env, g, "observation").shape.numel() for g in groups),)
+    loss = make_team_mixer_loss(q_nets, {g: env.n_agents(g) for g in groups}, mixer=cfg.algorithm,
+                                state_key="state" if has_state else (TEAM, "observation"), state_shape=state_shape,
+                                gamma=lc.gamma, loss_function=lc.loss_function, mixing_embed_dim=m.mixing_embed_dim)
+    replay = group_replay(cfg, team, scratch_dir, device, team=True, state=has_state, groups=groups,
+                          prioritized=r.prioritized, alpha=r.alpha, beta=r.beta)
+    updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
+    policy = TensorDictSequential(*q_nets.values(), explore)
+    return GroupAgent(policy, loss, updater, ("loss",), replay, explore, (TEAM, "td_error"))
+
+
+def build_agents(env: EnvBase, cfg: QlearningConfig, device: torch.device,
+                 buffers: Path | None) -> dict[str, GroupAgent]:
+    """IQL: one learner per group. VDN / QMIX: one per team (``env.teams``): a team of one group mixes
+    that group's agents, a team of several groups mixes all their agents (:func:`build_team`)."""
+    shared = {team: members for team, members in cfg.env.teams.items() if len(members) > 1 and cfg.algorithm != "iql"}
+    learners = {group: [group] for group in env.group_map if not any(group in m for m in shared.values())}
+    learners.update(shared)
+    agents = {}
+    for name, members in learners.items():
+        scratch = buffers / name if buffers else None
+        if len(members) == 1:
+            agents[name] = build_group(env, members[0], cfg, device, scratch)
+        else:
+            agents[name] = build_team(env, name, members, cfg, device, scratch)
+    return agents
+
+
 def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
     """Train IQL / VDN / QMIX (or SUPER) as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_group, validate, resume)
+    return train_offpolicy(cfg, build_agents, validate, resume)
 
 
 def main(argv: list[str] | None = None) -> int:

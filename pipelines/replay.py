@@ -22,6 +22,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
 from torchrl.data.replay_buffers.samplers import Sampler
 
+from marlkit.losses import team_entries
+
 SHARING_MODES = ("none", "all", "random", "quantile", "gaussian", "stochastic")
 
 
@@ -99,27 +101,33 @@ def make_buffer(
     return ReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size)
 
 
-def transitions(batch: TensorDictBase, group: str, team: bool = False, state: bool = False) -> TensorDictBase:
-    """The part of a collected ``[envs, time]`` batch a group's loss reads, flattened to ``[frames]``.
+def transitions(batch: TensorDictBase, groups: list[str], *, partners: list[str] = (), team: bool = False,
+                state: bool = False) -> TensorDictBase:
+    """The part of a collected ``[envs, time]`` batch a loss reads, flattened to ``[frames]``.
 
-    Action masks and the live-agent mask ``(group, "mask")`` are kept when the env has them.
-    ``team`` adds the team-level entries a mixer learns from: ``("next", "team", "reward")`` (the
-    mean of the group's rewards) and the episode's ``done``/``terminated``; ``state`` keeps the
-    global ``state`` and ``("next", "state")``.
+    For each of ``groups``: observations, actions, rewards and flags, action masks and the live-agent
+    mask ``(g, "mask")`` when the env has them. For each of ``partners`` (the other groups of a team
+    critic's team): observations, next observations and actions. ``team`` adds the entries a mixer
+    learns from (:func:`marlkit.losses.team_entries`); ``state`` keeps the global ``state`` and
+    ``("next", "state")``.
     """
-    keys = [(group, "observation"), (group, "action"), ("next", group, "observation"),
-            ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
     present = set(batch.keys(True, True))
-    keys += [key for key in ((group, "action_mask"), ("next", group, "action_mask"), (group, "mask"))
-             if key in present]
+    keys = []
+    for group in groups:
+        keys += [(group, "observation"), (group, "action"), ("next", group, "observation"),
+                 ("next", group, "reward"), ("next", group, "done"), ("next", group, "terminated")]
+        keys += [key for key in ((group, "action_mask"), ("next", group, "action_mask"), (group, "mask"))
+                 if key in present]
+    for partner in partners:
+        keys += [(partner, "observation"), (partner, "action"), ("next", partner, "observation")]
     if state:
         keys += ["state", ("next", "state")]
-    out = batch.select(*keys).reshape(-1)
     if team:
-        out.set(("next", "team", "reward"), batch.get(("next", group, "reward")).mean(-2).reshape(-1, 1))
-        out.set(("next", "team", "done"), batch.get(("next", "done")).reshape(-1, 1))
-        out.set(("next", "team", "terminated"), batch.get(("next", "terminated")).reshape(-1, 1))
-    return out
+        keys += [("next", "done"), ("next", "terminated")]
+    out = batch.select(*keys)
+    if team:
+        team_entries(out, groups)
+    return out.reshape(-1)
 
 
 class GroupReplay:
@@ -127,8 +135,12 @@ class GroupReplay:
 
     def __init__(self, group: str, buffer_size: int, batch_size: int, *, scratch_dir: Path | None,
                  device: torch.device, prioritized: bool = False, alpha: float = 0.6, beta: float = 0.4,
-                 team: bool = False, state: bool = False):
+                 team: bool = False, state: bool = False, groups: list[str] | None = None,
+                 partners: list[str] = ()):
+        # groups: every group the loss learns (a team of several for VDN/QMIX), partners: the other
+        # groups a team critic reads (see transitions)
         self.group, self.device, self.team, self.state = group, device, team, state
+        self.groups, self.partners = groups or [group], list(partners)
         self.buffer = make_buffer(buffer_size, batch_size, scratch_dir=scratch_dir, device=device,
                                   prioritized=prioritized, alpha=alpha, beta=beta)
         self.prioritized = prioritized
@@ -159,7 +171,7 @@ class GroupReplay:
 
     def extend(self, batch: TensorDictBase) -> dict[str, float]:
         """Store a collected batch; returns metrics to log (none here)."""
-        self.buffer.extend(transitions(batch, self.group, self.team, self.state))
+        self.buffer.extend(transitions(batch, self.groups, partners=self.partners, team=self.team, state=self.state))
         return {}
 
     def sample(self) -> TensorDictBase:
@@ -286,7 +298,7 @@ class SharedReplay(GroupReplay):
 
     def extend(self, batch: TensorDictBase) -> dict[str, float]:
         """Store each agent's transitions in its buffer, then relay the selected ones to the others."""
-        data = transitions(batch, self.group)
+        data = transitions(batch, [self.group])
         with torch.no_grad():
             share = self.selector.select(self.score(data.to(self.device)))  # [M, n_agents]
         per_agent = self._per_agent(data)
