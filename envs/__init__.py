@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from ._common import check_positive_int, device_of, MultiAgentEnv
+from .pettingzoo import importable
 
 FAMILIES = ("vmas", "pettingzoo", "gridworld", "matrix", "gym")
 
 __all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "check_env_name", "check_positive_int", "device_of",
-           "make_env", "split_env_name"]
+           "importable", "make_env", "split_env_name"]
 
 
 def available_envs() -> dict[str, list[str]]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
+
+from .config import apply_overrides, load_preset
 
 # algorithm name -> (pipeline module, the preset trained when no --env / --preset is given)
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -23,7 +26,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_ALGORITHM = "mappo"
 
-__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "pipeline_for"]
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "make_config", "pipeline_for"]
 
 
 def pipeline_for(algorithm: str) -> ModuleType:
@@ -31,3 +34,21 @@ def pipeline_for(algorithm: str) -> ModuleType:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
     return importlib.import_module(ALGORITHMS[algorithm][0])
+
+
+def make_config(algorithm: str, preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Any:
+    """``algorithm``'s config: its defaults, then ``preset`` (a YAML in ``presets/``), then ``overrides``
+    (``{"section.field": value}`` or ``["section.field=value", ...]``). The one way every entry point
+    (the CLI, :func:`marlkit.pipelines.runs.load_run`, the benchmarks) builds a config.
+
+    Raises ``ValueError`` naming an unknown algorithm, preset or field, a bad value, or a preset or
+    override that sets another algorithm.
+    """
+    cfg = pipeline_for(algorithm).CONFIG(algorithm=algorithm)
+    if preset is not None:
+        apply_overrides(cfg, load_preset(preset))
+        cfg.algorithm = algorithm  # a preset names its usual algorithm; the caller's choice wins
+    apply_overrides(cfg, overrides or {})
+    if cfg.algorithm != algorithm:
+        raise ValueError(f"algorithm={cfg.algorithm!r} in the overrides contradicts the algorithm {algorithm!r}")
+    return cfg

@@ -1,4 +1,4 @@
-"""Checkpoints of a run, and loading a trained run back (for ``marlkit eval`` / ``marlkit render``).
+"""Checkpoint state: what a checkpoint holds, writing and reading it safely, and putting it back.
 
 ``<run-dir>/checkpoints/last.pt`` holds every group's loss state (actor, critic and target networks,
 value normalisation, SAC temperature), the optimisers, the frame / iteration / optimiser-step counters
@@ -15,17 +15,14 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from tensordict.nn import TensorDictSequential
 
 from .collectors import collector_state, load_collector_state
-from .config import apply_overrides, to_dict
+from .config import RunConfig, to_dict
 
 FORMAT = 2
 _READABLE_FORMATS = (1, 2)  # format 1 had no simulator state
@@ -48,7 +45,7 @@ def _simulator_state(env: Any) -> dict[str, Any]:
         return {"unsaved": str(err)}
 
 
-def checkpoint_state(cfg: Any, *, iteration: int, frames: int, optimiser_steps: int,
+def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_steps: int,
                      agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
                      env: Any, collector: Any) -> dict[str, Any]:
     """Everything needed to rebuild the policy and continue training, as plain tensors and values.
@@ -172,17 +169,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run directory's ``config.yaml`` (``yaml.safe_load``), or ``ValueError`` if it is not a run."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a run directory: it has no config.yaml")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "algorithm" not in data:
-        raise ValueError(f"{path} is not a marlkit config (no algorithm)")
-    return data
-
-
 def checkpoint_path(run_dir: str | Path, checkpoint: str = "last") -> Path:
     """``last`` -> ``<run-dir>/checkpoints/last.pt``; anything else is a path to a checkpoint file."""
     path = Path(run_dir) / "checkpoints" / "last.pt" if checkpoint == "last" else Path(checkpoint)
@@ -208,46 +194,24 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-@dataclass
-class LoadedRun:
-    """A trained run rebuilt from its directory."""
+class Checkpointer:
+    """Writes ``checkpoints/last.pt`` every ``every`` iterations (0: only the last) and at the end,
+    and ``checkpoints/best.pt`` whenever an evaluation has just set a new best mean return."""
 
-    cfg: Any
-    """The run's config dataclass."""
-    env: Any
-    """A fresh env built from the config."""
-    policy: TensorDictSequential
-    """Every group's acting policy with the checkpoint's weights."""
-    state: dict[str, Any]
-    """The raw checkpoint."""
+    def __init__(self, run_path: Path, every: int):
+        self.folder, self.every = Path(run_path) / "checkpoints", every
 
-
-def config_from_dict(data: dict[str, Any]) -> Any:
-    """The config dataclass of ``data["algorithm"]`` filled from a ``config.yaml`` dict."""
-    from . import pipeline_for
-    from .config import _flatten
-
-    module = pipeline_for(data["algorithm"])
-    cfg = module.CONFIG(algorithm=data["algorithm"])
-    apply_overrides(cfg, _flatten({k: v for k, v in data.items() if k != "derived"}))
-    return cfg
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | None = None,
-             device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's env and policy from ``config.yaml`` and a checkpoint (nothing is written)."""
-    from . import pipeline_for
-    from .common import build_env
-
-    config = read_config(run_dir)
-    state = load_checkpoint(checkpoint_path(run_dir, checkpoint), config)
-    cfg = config_from_dict(config)
-    if num_envs is not None:
-        cfg.env.num_envs = num_envs
-    torch_device = torch.device(device)
-    env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
-    module = pipeline_for(cfg.algorithm)
-    agents = module.build_agents(env, cfg, torch_device, None)
-    restore_modules(state, agents)
-    policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    return LoadedRun(cfg, env, policy, state)
+    def save(self, cfg: RunConfig, iteration: int, final: bool, *, new_best: bool, best_eval: float, frames: int,
+             optimiser_steps: int, learners: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
+             env: Any, collector: Any) -> None:
+        """Write what is due after ``iteration`` (nothing when neither checkpoint is)."""
+        due = final or (self.every > 0 and (iteration + 1) % self.every == 0)
+        if not due and not new_best:
+            return
+        state = checkpoint_state(cfg, iteration=iteration, frames=frames, optimiser_steps=optimiser_steps,
+                                 agents=learners, optimisers=optimisers, env=env, collector=collector)
+        state["best_eval"] = best_eval
+        if new_best:
+            save_checkpoint(self.folder / "best.pt", state)
+        if due:
+            save_checkpoint(self.folder / "last.pt", state)

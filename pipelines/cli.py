@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import ALGORITHMS, DEFAULT_ALGORITHM, pipeline_for
-from .common import default_run_dir
-from .config import apply_overrides, available_presets, describe, load_preset
+from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
+from .config import apply_overrides, available_presets, describe
+from .rundir import default_run_dir
 
 
 def _train_epilog() -> str:
@@ -86,7 +86,7 @@ def _render_parser() -> argparse.ArgumentParser:
 
 def _render(argv: list[str]) -> int:
     from .config import EnvConfig
-    from .common import build_env, resolve_env_config
+    from .environment import build_env, resolve_env_config
     from .render import check_video_path, record_rollout
 
     parser = _render_parser()
@@ -99,7 +99,7 @@ def _render(argv: list[str]) -> int:
     try:
         out = check_video_path(args.out)  # before anything is built
         if args.run_dir is not None:
-            from .checkpoint import load_run
+            from .runs import load_run
 
             loaded = load_run(args.run_dir, args.checkpoint, num_envs=max(args.num_envs, args.env_index + 1))
             record_rollout(loaded.env, out, steps=args.steps, env_index=args.env_index, policy=loaded.policy,
@@ -140,7 +140,7 @@ def _plot(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .evaluate import evaluate
+    from .runs import evaluate_run
 
     parser = argparse.ArgumentParser(prog="marlkit eval", description="Evaluate the deterministic (greedy / "
                                      "mean-action) policy of a run on a fresh env; prints and writes eval.json.")
@@ -149,7 +149,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default="last", help="last, or a path to a checkpoint file")
     args = parser.parse_args(argv)
     try:
-        result = evaluate(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint)
+        result = evaluate_run(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint)
     except ValueError as err:
         parser.exit(2, f"marlkit eval: error: {err}\n")
     for group, stats in result["groups"].items():
@@ -171,7 +171,7 @@ def _usage() -> str:
 
 def resume_config(args: argparse.Namespace) -> Any:
     """A resumed run's own config (``config.yaml``), with only the frame budget changeable."""
-    from .checkpoint import config_from_dict, read_config
+    from .runs import config_from_dict, read_config
 
     other = [name for name in ("algorithm", "env", "seed", "device", "run_dir", "preset", "seeds")
              if getattr(args, name) is not None] + list(args.overrides)
@@ -185,30 +185,20 @@ def resume_config(args: argparse.Namespace) -> Any:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    """Defaults < preset < dotted overrides < flags; checks the algorithm and every name."""
+    """Defaults < preset < dotted overrides < flags (:func:`marlkit.pipelines.make_config`)."""
     overrides = list(args.overrides)
     if args.algorithm is not None and "=" in args.algorithm:
         # "marlkit train train.lr=1e-3": the first override landed in the algorithm slot.
         overrides.insert(0, args.algorithm)
         args.algorithm = None
     algorithm = args.algorithm or DEFAULT_ALGORITHM
-    module = pipeline_for(algorithm)
-    cfg = module.CONFIG()
     preset = args.preset
     if preset is None and args.env is None:
-        preset = ALGORITHMS[algorithm][1]
-    if preset is not None:
-        apply_overrides(cfg, load_preset(preset))
-    cfg.algorithm = algorithm
-    apply_overrides(cfg, overrides)
+        preset = ALGORITHMS[algorithm][1] if algorithm in ALGORITHMS else None
     flags = {"env.name": args.env, "collector.total_frames": args.frames, "seed": args.seed,
              "device": args.device, "logger.run_dir": args.run_dir}
-    apply_overrides(cfg, {key: value for key, value in flags.items() if value is not None})
-    if cfg.algorithm != algorithm:
-        raise ValueError(
-            f"algorithm={cfg.algorithm!r} in the overrides contradicts 'marlkit train {algorithm}'"
-        )
-    return cfg
+    cfg = make_config(algorithm, preset, overrides)
+    return apply_overrides(cfg, {key: value for key, value in flags.items() if value is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,10 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _train_parser()
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)
-    try:
+    try:  # every check that needs no env runs in train(), before anything is built or written
         cfg = resume_config(args) if args.resume else build_config(args)
         module = pipeline_for(cfg.algorithm)
-        module.validate(cfg)
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
     if args.resume:

@@ -264,12 +264,12 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
     return cfg
 
 
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and key != "kwargs":
-            flat.update(_flatten(value, path + "."))
+            flat.update(flatten(value, path + "."))
         else:
             flat[path] = value
     return flat
@@ -286,7 +286,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
     data = yaml.safe_load(path.read_text()) or {}
-    return _flatten(data)
+    return flatten(data)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""``marlkit eval``: the deterministic policy of a trained run on a fresh env, with 95% intervals."""
+"""Evaluating a policy: one episode per env copy with the deterministic policy, with 95% intervals.
+
+:func:`evaluate_policy` is the measurement (``marlkit eval`` uses it on a loaded run); :class:`Evaluator`
+runs it, and records videos, on a schedule during training (``logger.eval_every``, ``logger.video_every``)
+and keeps the best mean return.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -10,7 +15,11 @@ from typing import Any
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from .checkpoint import load_run
+from marlkit.envs import device_of
+
+from .config import RunConfig
+from .environment import build_env
+from .render import record_rollout
 
 # Episodes that have not ended after this many steps are scored at the cap (they are counted).
 MAX_EVAL_STEPS = 10_000
@@ -41,17 +50,43 @@ def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str
     return {"episodes": episodes, "episodes_ended": int(ended.sum()), "steps": done.shape[-1], "groups": groups}
 
 
-def evaluate(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "last") -> dict[str, Any]:
-    """Run ``episodes`` episodes (one per env copy) greedily / with mean actions; write ``eval.json``.
+class Evaluator:
+    """Evaluation and videos during training, on their own env (``logger.eval_episodes`` copies).
 
-    Returns per group the mean episode return (over the group's agents, then episodes), the 95%
-    confidence interval (mean ± 1.96 standard errors) and every episode's return.
+    :meth:`after` evaluates every ``logger.eval_every`` iterations (``eval/<group>/episode_reward_mean``)
+    and records ``videos/iter_<k>.mp4`` every ``logger.video_every``; ``new_best`` says whether the last
+    evaluation beat every earlier one (its checkpoint is then kept as ``best.pt``).
     """
-    if episodes < 1:
-        raise ValueError(f"--episodes must be >= 1, got {episodes}")
-    loaded = load_run(run_dir, checkpoint, num_envs=episodes)
-    stats = evaluate_policy(loaded.env, loaded.policy, max_steps=loaded.cfg.env.max_steps)
-    loaded.env.close()
-    result = {"run_dir": str(run_dir), "checkpoint": checkpoint, "frames": loaded.state["frames"], **stats}
-    (Path(run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+
+    def __init__(self, cfg: RunConfig, run_path: Path, best_eval: float = -math.inf):
+        self.logger, self.max_steps, self.videos = cfg.logger, cfg.env.max_steps, Path(run_path) / "videos"
+        self.best_eval, self.new_best = best_eval, False
+        self.env = None
+        if self.logger.eval_every or self.logger.video_every:
+            # Built now, before a resumed run restores its RNG: env construction may reseed.
+            self.env = build_env(dataclasses.replace(cfg.env, num_envs=self.logger.eval_episodes),
+                                 device=device_of(cfg.device), seed=cfg.seed + 10_000)
+
+    def after(self, iteration: int, policy: Any, final: bool) -> dict[str, float]:
+        """Evaluate and film what is due after ``iteration``; returns the eval metrics (or nothing)."""
+        out: dict[str, float] = {}
+        self.new_best = False
+        if self._due(self.logger.eval_every, iteration, final):
+            stats = evaluate_policy(self.env, policy, max_steps=self.max_steps)
+            out = {f"eval/{g}/episode_reward_mean": s["mean"] for g, s in stats["groups"].items()}
+            score = sum(out.values()) / len(out)
+            self.new_best = score > self.best_eval
+            self.best_eval = max(self.best_eval, score)
+        if self._due(self.logger.video_every, iteration, final):
+            record_rollout(self.env, self.videos / f"iter_{iteration:05d}.mp4", steps=self.logger.video_steps,
+                           policy=policy)
+        return out
+
+    @staticmethod
+    def _due(every: int, iteration: int, final: bool) -> bool:
+        return every > 0 and ((iteration + 1) % every == 0 or final)
+
+    def close(self) -> None:
+        """Close the evaluation env."""
+        if self.env is not None:
+            self.env.close()

@@ -2,7 +2,9 @@
 local (IDDPG) Q critic per group, trained off-policy from disk-backed replay.
 
 ``marlkit train maddpg --env vmas/simple_tag`` or ``python pipelines/maddpg.py ...``;
-``marlkit train iddpg`` switches to local critics. The loop is in :mod:`marlkit.pipelines.offpolicy`.
+``marlkit train iddpg`` switches to local critics. The loop in :func:`train` is the whole algorithm:
+collect -> store in each group's replay -> anneal the noise -> sample -> (team critics: partners' next
+actions) -> loss -> backward -> clip -> step -> update targets -> weights back to the collector -> log.
 """
 
 from __future__ import annotations
@@ -12,23 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType
 
-from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
-from marlkit.modules.exploration import check_sigma
+from marlkit.losses import add_partner_next_actions, DDPG_LOSS_TERMS, make_ddpg_loss, make_target_updater
 from marlkit.modules import continuous_action_bounds, GaussianNoise, make_deterministic_actor, make_q_critic
-from marlkit.pipelines.common import GroupAgent, TrainResult
-from marlkit.pipelines.config import RunConfig
+from marlkit.modules.exploration import check_sigma
+from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
-    build_group_agents,
+    build_group_learners,
+    check_freeze_after,
     check_offpolicy,
     group_replay,
-    OffPolicyLossConfig,
-    OffPolicyTrainConfig,
-    ReplayConfig,
-    train_offpolicy,
+    learning_now,
+    OffPolicyConfig,
 )
+from marlkit.pipelines.reporting import scalar_entries, TrainResult
+from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
 from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("maddpg", "iddpg")
@@ -47,24 +51,13 @@ class ExplorationConfig:
 
 
 @dataclass
-class MaddpgConfig(RunConfig):
+class MaddpgConfig(OffPolicyConfig):
     """MADDPG / IDDPG configuration."""
 
     algorithm: str = "maddpg"
     """maddpg (centralised Q critic) or iddpg (local Q critic)."""
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     """Exploration noise."""
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    """Replay buffers."""
-    loss: OffPolicyLossConfig = field(default_factory=OffPolicyLossConfig)
-    """Objective."""
-    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
-    """Optimisation."""
-
-    @property
-    def centralised_critic(self) -> bool:
-        """MADDPG's critic sees the observations and actions of its whole team (``env.teams``); IDDPG's only its agent's."""
-        return self.algorithm == "maddpg"
 
 
 CONFIG = MaddpgConfig
@@ -78,7 +71,8 @@ def validate(cfg: MaddpgConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device, scratch_dir: Path | None) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.device,
+                scratch_dir: Path | None) -> Learner:
     """Deterministic actor + Gaussian noise, Q critic, DDPG loss and target updater for one group."""
     m, x, lc = cfg.model, cfg.exploration, cfg.loss
     action_spec = continuous_action_bounds(env, group, cfg.algorithm)
@@ -95,17 +89,47 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
     replay = group_replay(cfg, group, scratch_dir, device, partners=team[1:])
-    return GroupAgent(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
+    return Learner(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
 
 
-def build_agents(env: EnvBase, cfg: MaddpgConfig, device: torch.device, buffers: Path | None) -> dict[str, GroupAgent]:
-    """Every group's agent (a team critic's partners linked); replays under ``buffers/<group>``."""
-    return build_group_agents(env, cfg, device, buffers, build_group)
+def build_learners(env: EnvBase, cfg: MaddpgConfig, device: torch.device, buffers: Path | None) -> dict[str, Learner]:
+    """Every group's learner (a team critic's partners linked); replays under ``buffers/<group>``."""
+    return build_group_learners(env, cfg, device, buffers, build_group)
 
 
 def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
-    """Train MADDPG / IDDPG as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_agents, validate, resume)
+    """Train MADDPG / IDDPG as configured (``resume``: continue the run in ``logger.run_dir`` from its
+    checkpoint and on-disk buffers); write the run directory; return the final metrics."""
+    run = start_run(cfg, resume, validate)
+    cfg = run.cfg
+    learners = build_learners(run.env, cfg, run.device, run.buffers)
+    check_freeze_after(cfg, learners)
+    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps,
+                              init_random_frames=max(0, cfg.replay.warmup_frames - run.start.frames))
+    frames, steps = run.start.frames, run.start.optimiser_steps
+    for iteration, batch in training.batches(run):
+        frames += batch.numel()
+        for learner in learners.values():
+            learner.replay.extend(batch)
+            learner.exploration.anneal(frames)  # the noise's sigma follows the frame count
+        learning = learning_now(cfg, learners, frames, iteration)
+        terms: dict[str, list[TensorDictBase]] = {name: [] for name in learners}
+        for _ in range(cfg.train.optimiser_steps if learning else 0):
+            for name in learning:
+                learner = learners[name]
+                minibatch = learner.replay.sample()
+                if learner.partners:  # a team critic's target needs the partners' next (mean) actions
+                    add_partner_next_actions(minibatch, learner.partners, ExplorationType.DETERMINISTIC)
+                out = learner.loss(minibatch)
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
+                terms[name].append(scalar_entries(out))
+                steps += 1
+        training.collector.update_policy_weights_()
+        extra = {f"{name}/learning": float(name in learning) for name in learners}
+        extra.update({f"{name}/sigma": learner.exploration.value for name, learner in learners.items()})
+        extra["counters/optimiser_steps"] = steps
+        end_iteration(run, training, learners, iteration, batch, terms, extra, optimiser_steps=steps)
+    return finish_run(run, training, optimiser_steps=steps)
 
 
 def main(argv: list[str] | None = None) -> int:

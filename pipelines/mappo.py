@@ -8,34 +8,23 @@ back to the collector -> log.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tensordict.nn import TensorDictSequential
+from tensordict import TensorDictBase
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 from torchrl.envs import EnvBase
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import make_stochastic_actor, make_value_critic
-from marlkit.pipelines.checkpoint import restore_rollout, restore_training
-from marlkit.pipelines.collectors import make_collector
-from marlkit.pipelines.common import (
-    build_env,
-    check_common,
-    GroupAgent,
-    keep_freed_memory,
-    Progress,
-    resolve_device,
-    resolve_env_config,
-    scalar_entries,
-    start_run,
-    TrainResult,
-)
+from marlkit.pipelines.checks import check_common
 from marlkit.pipelines.config import RunConfig
-from marlkit.pipelines.teams import team_of, with_teams
+from marlkit.pipelines.learners import gradient_step, Learner
+from marlkit.pipelines.reporting import scalar_entries, TrainResult
+from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
+from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("mappo", "ippo")
 
@@ -116,10 +105,8 @@ def validate(cfg: MappoConfig) -> int:
     return iterations
 
 
-def build_group(
-    env: EnvBase, group: str, cfg: MappoConfig, device: torch.device, scratch_dir: Path | None = None
-) -> GroupAgent:
-    """Stochastic actor, value critic and PPO loss for one group (``scratch_dir`` unused: no replay)."""
+def build_group(env: EnvBase, group: str, cfg: MappoConfig, device: torch.device) -> Learner:
+    """Stochastic actor, value critic (over the team for MAPPO) and PPO loss for one group."""
     model, lc = cfg.model, cfg.loss
     actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
                                   share_params=model.share_params, device=device)
@@ -131,10 +118,10 @@ def build_group(
                          loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
                          normalize_value_target=lc.normalize_value_target,
                          mask_key=env.live_mask_key(group))  # agents that died leave the loss
-    return GroupAgent(actor, loss, None, PPO_LOSS_TERMS)
+    return Learner(actor, loss, None, PPO_LOSS_TERMS)
 
 
-def build_agents(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: Path | None = None) -> dict[str, GroupAgent]:
+def build_learners(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: Path | None = None) -> dict[str, Learner]:
     """Every group's actor, critic and loss (``buffers`` unused: PPO keeps no replay)."""
     return {group: build_group(env, group, cfg, device) for group in env.group_map}
 
@@ -142,68 +129,33 @@ def build_agents(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: 
 def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     """Train MAPPO / IPPO as configured (``resume``: continue the run in ``logger.run_dir`` from its
     checkpoint); write the run directory; return the final metrics."""
-    iterations = validate(cfg)
-    cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
-    device = resolve_device(cfg.device)
-    run, start = start_run(cfg, resume)
-    keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
-    torch.manual_seed(cfg.seed)
-
-    env = build_env(cfg.env, device=device, seed=cfg.seed)
-    cfg = with_teams(cfg, env, device)  # MAPPO's critic sees every group of its team
-    groups = list(env.group_map)
-    agents = build_agents(env, cfg, device)
-    losses = {group: agent.loss for group, agent in agents.items()}
-    optimisers = {
-        group: torch.optim.Adam(loss.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
-        for group, loss in losses.items()
-    }
-    if start.state is not None:
-        restore_training(start.state, agents, optimisers)
-    policy = TensorDictSequential(*(agent.policy for agent in agents.values()))
-    collector = make_collector(env, policy, cfg.collector, device=device)
-    buffer = ReplayBuffer(
-        storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=device),
-        sampler=SamplerWithoutReplacement(),
-        batch_size=cfg.train.minibatch_size,
-    )
+    run = start_run(cfg, resume, validate)
+    cfg = run.cfg
+    learners = build_learners(run.env, cfg, run.device)
     minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size
-
-    run.create(cfg, extra={"centralised_critic": cfg.centralised_critic, "iterations": iterations,
-                           "groups": env.group_map, "minibatches_per_epoch": minibatches})
-    progress = Progress(run, groups, cfg, start)
-    if start.state is not None:
-        # Last: nothing after this consumes random numbers before the first collection.
-        restore_rollout(start.state, env, collector)
-    for iteration, batch in zip(range(start.iteration, iterations), collector):
-        progress.collected()
+    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps, derived={
+        "centralised_critic": cfg.centralised_critic, "minibatches_per_epoch": minibatches})
+    buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=run.device),
+                          sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size)
+    for iteration, batch in training.batches(run):
         with torch.no_grad():
-            for group in groups:  # GAE writes (group, "advantage") and (group, "value_target")
-                loss = losses[group]
-                loss.value_estimator(
-                    batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params
-                )
+            for learner in learners.values():  # GAE writes (group, "advantage") and (group, "value_target")
+                loss = learner.loss
+                loss.value_estimator(batch, params=loss.critic_network_params,
+                                     target_params=loss.target_critic_network_params)
         buffer.empty()  # this batch only; the sampler starts afresh, so a resumed run samples the same
         buffer.extend(batch.reshape(-1))
-        terms = {group: [] for group in groups}
+        terms: dict[str, list[TensorDictBase]] = {group: [] for group in learners}
         for _ in range(cfg.train.num_epochs):
             for _ in range(minibatches):
                 minibatch = buffer.sample()
-                for group in groups:
-                    out = losses[group](minibatch)
-                    total = sum(out[key] for key in PPO_LOSS_TERMS if key in out.keys())
-                    total.backward()
-                    torch.nn.utils.clip_grad_norm_(losses[group].parameters(), cfg.train.max_grad_norm)
-                    optimisers[group].step()
-                    optimisers[group].zero_grad(set_to_none=True)
+                for group, learner in learners.items():
+                    out = learner.loss(minibatch)
+                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm)
                     terms[group].append(scalar_entries(out))
-        collector.update_policy_weights_()
-        final = iteration == iterations - 1
-        progress.log(iteration, batch, terms, progress.evaluate(iteration, policy, final))
-        progress.checkpoint(cfg, iteration, final, agents=agents, optimisers=optimisers, env=env,
-                            collector=collector)
-    collector.shutdown()  # closes the env too
-    return progress.finish(cfg, iterations, policy)
+        training.collector.update_policy_weights_()
+        end_iteration(run, training, learners, iteration, batch, terms)
+    return finish_run(run, training)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 trained off-policy from disk-backed replay.
 
 ``marlkit train masac --env vmas/navigation`` or ``python pipelines/masac.py ...``;
-``marlkit train isac`` switches to local critics. The loop is in :mod:`marlkit.pipelines.offpolicy`.
+``marlkit train isac`` switches to local critics. The loop in :func:`train` is the whole algorithm:
+collect -> store in each group's replay -> sample -> (team critics: partners' next actions, sampled) ->
+actor, critic and temperature losses -> backward -> clip -> step -> update targets -> log.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType
 
-from marlkit.losses import check_sac_settings, make_sac_loss, make_target_updater, SAC_LOSS_TERMS
+from marlkit.losses import add_partner_next_actions, check_sac_settings, make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import continuous_action_bounds, make_q_critic, make_stochastic_actor
-from marlkit.pipelines.common import GroupAgent, TrainResult
-from marlkit.pipelines.config import RunConfig
+from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
-    build_group_agents,
+    build_group_learners,
+    check_freeze_after,
     check_offpolicy,
     group_replay,
+    learning_now,
+    OffPolicyConfig,
     OffPolicyLossConfig,
-    OffPolicyTrainConfig,
-    ReplayConfig,
-    train_offpolicy,
 )
+from marlkit.pipelines.reporting import scalar_entries, TrainResult
+from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
 from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("masac", "isac")
@@ -47,22 +52,13 @@ class SacLossConfig(OffPolicyLossConfig):
 
 
 @dataclass
-class MasacConfig(RunConfig):
+class MasacConfig(OffPolicyConfig):
     """MASAC / ISAC configuration."""
 
     algorithm: str = "masac"
     """masac (centralised Q critic) or isac (local Q critic)."""
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    """Replay buffers."""
     loss: SacLossConfig = field(default_factory=SacLossConfig)
     """Objective."""
-    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
-    """Optimisation."""
-
-    @property
-    def centralised_critic(self) -> bool:
-        """MASAC's critic sees the observations and actions of its whole team (``env.teams``); ISAC's only its agent's."""
-        return self.algorithm == "masac"
 
 
 CONFIG = MasacConfig
@@ -75,7 +71,8 @@ def validate(cfg: MasacConfig) -> int:
     return iterations
 
 
-def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device, scratch_dir: Path | None) -> GroupAgent:
+def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device,
+                scratch_dir: Path | None) -> Learner:
     """TanhNormal actor, Q critics, SAC loss and target updater for one group."""
     m, lc = cfg.model, cfg.loss
     continuous_action_bounds(env, group, cfg.algorithm)
@@ -90,17 +87,44 @@ def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device
                          mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    return GroupAgent(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device, partners=team[1:]))
+    return Learner(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device, partners=team[1:]))
 
 
-def build_agents(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers: Path | None) -> dict[str, GroupAgent]:
-    """Every group's agent (a team critic's partners linked); replays under ``buffers/<group>``."""
-    return build_group_agents(env, cfg, device, buffers, build_group)
+def build_learners(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers: Path | None) -> dict[str, Learner]:
+    """Every group's learner (a team critic's partners linked); replays under ``buffers/<group>``."""
+    return build_group_learners(env, cfg, device, buffers, build_group)
 
 
 def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
-    """Train MASAC / ISAC as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_agents, validate, resume)
+    """Train MASAC / ISAC as configured (``resume``: continue the run in ``logger.run_dir`` from its
+    checkpoint and on-disk buffers); write the run directory; return the final metrics."""
+    run = start_run(cfg, resume, validate)
+    cfg = run.cfg
+    learners = build_learners(run.env, cfg, run.device, run.buffers)
+    check_freeze_after(cfg, learners)
+    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps,
+                              init_random_frames=max(0, cfg.replay.warmup_frames - run.start.frames))
+    frames, steps = run.start.frames, run.start.optimiser_steps
+    for iteration, batch in training.batches(run):
+        frames += batch.numel()
+        for learner in learners.values():  # SAC explores by sampling its policy: nothing to anneal
+            learner.replay.extend(batch)
+        learning = learning_now(cfg, learners, frames, iteration)
+        terms: dict[str, list[TensorDictBase]] = {name: [] for name in learners}
+        for _ in range(cfg.train.optimiser_steps if learning else 0):
+            for name in learning:
+                minibatch = learners[name].replay.sample()
+                if learners[name].partners:  # the team critic's target: partners' next actions, sampled
+                    add_partner_next_actions(minibatch, learners[name].partners, ExplorationType.RANDOM)
+                out = learners[name].loss(minibatch)  # actor, twin-Q critic and temperature terms
+                gradient_step(learners[name], training.optimisers[name], out, cfg.train.max_grad_norm)
+                terms[name].append(scalar_entries(out))
+            steps += len(learning)
+        training.collector.update_policy_weights_()
+        extra = {f"{name}/learning": float(name in learning) for name in learners}
+        extra["counters/optimiser_steps"] = steps
+        end_iteration(run, training, learners, iteration, batch, terms, extra, optimiser_steps=steps)
+    return finish_run(run, training, optimiser_steps=steps)
 
 
 def main(argv: list[str] | None = None) -> int:

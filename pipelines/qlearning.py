@@ -3,7 +3,10 @@
 ``marlkit train iql|vdn|qmix --env vmas/navigation env.continuous_actions=false`` or
 ``python pipelines/qlearning.py ...``. With ``algorithm=iql`` and ``sharing.mode`` other than ``none``
 every agent keeps its own buffer and relays selected experiences to the others (SUPER; ``all`` and
-``random`` are its baselines). The loop is in :mod:`marlkit.pipelines.offpolicy`.
+``random`` are its baselines). The loop in :func:`train` is the whole algorithm: collect -> store (SUPER:
+each agent's buffer, then the selected transitions relayed to the others; VDN/QMIX: with the team
+reward, see :func:`marlkit.losses.team_entries`) -> anneal epsilon -> sample -> TD loss (mixed over the
+team for VDN/QMIX) -> backward -> clip -> step -> update targets -> new priorities -> log.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ from marlkit.envs import split_env_name
 from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, make_team_mixer_loss, TEAM
 from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
 from marlkit.modules.exploration import AnnealedTogether, check_epsilon
-from marlkit.pipelines.common import GroupAgent, TrainResult
-from marlkit.pipelines.config import ModelConfig, RunConfig
+from marlkit.pipelines.config import ModelConfig
+from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
+    check_freeze_after,
     check_offpolicy,
     group_replay,
+    learning_now,
+    OffPolicyConfig,
     OffPolicyLossConfig,
-    OffPolicyTrainConfig,
     ReplayConfig,
-    train_offpolicy,
 )
 from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SharedReplay
+from marlkit.pipelines.reporting import scalar_entries, TrainResult
+from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
 
 ALGORITHMS = ("iql", "vdn", "qmix")
 
@@ -91,7 +97,7 @@ class SharingConfig:
 
 
 @dataclass
-class QlearningConfig(RunConfig):
+class QlearningConfig(OffPolicyConfig):
     """IQL / VDN / QMIX configuration."""
 
     algorithm: str = "qmix"
@@ -104,8 +110,6 @@ class QlearningConfig(RunConfig):
     """Replay buffers."""
     loss: QLossConfig = field(default_factory=QLossConfig)
     """Objective."""
-    train: OffPolicyTrainConfig = field(default_factory=OffPolicyTrainConfig)
-    """Optimisation."""
     sharing: SharingConfig = field(default_factory=SharingConfig)
     """Experience sharing (IQL only)."""
 
@@ -166,7 +170,7 @@ def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
 
 
 def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device,
-                scratch_dir: Path | None) -> GroupAgent:
+                scratch_dir: Path | None) -> Learner:
     """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
     m, lc, r = cfg.model, cfg.loss, cfg.replay
     if cfg.sharing.mode != "none" and len(env.group_map) > 1:
@@ -203,11 +207,11 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
         priority_key = (TEAM, "td_error")
         replay = group_replay(cfg, group, scratch_dir, device, team=True, state=has_state, **prioritized)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
-    return GroupAgent(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
+    return Learner(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
 
 
 def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig, device: torch.device,
-               scratch_dir: Path | None) -> GroupAgent:
+               scratch_dir: Path | None) -> Learner:
     """VDN / QMIX over the agents of several groups: a Q network and epsilon-greedy per group, one
     mixer and one replay (every group's transitions, the team reward) for the team."""
     m, lc, r = cfg.model, cfg.loss, cfg.replay
@@ -223,29 +227,59 @@ def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig,
                           prioritized=r.prioritized, alpha=r.alpha, beta=r.beta)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
     policy = TensorDictSequential(*q_nets.values(), explore)
-    return GroupAgent(policy, loss, updater, ("loss",), replay, explore, (TEAM, "td_error"))
+    return Learner(policy, loss, updater, ("loss",), replay, explore, (TEAM, "td_error"))
 
 
-def build_agents(env: EnvBase, cfg: QlearningConfig, device: torch.device,
-                 buffers: Path | None) -> dict[str, GroupAgent]:
+def build_learners(env: EnvBase, cfg: QlearningConfig, device: torch.device,
+                   buffers: Path | None) -> dict[str, Learner]:
     """IQL: one learner per group. VDN / QMIX: one per team (``env.teams``): a team of one group mixes
     that group's agents, a team of several groups mixes all their agents (:func:`build_team`)."""
     shared = {team: members for team, members in cfg.env.teams.items() if len(members) > 1 and cfg.algorithm != "iql"}
     learners = {group: [group] for group in env.group_map if not any(group in m for m in shared.values())}
     learners.update(shared)
-    agents = {}
+    built = {}
     for name, members in learners.items():
         scratch = buffers / name if buffers else None
         if len(members) == 1:
-            agents[name] = build_group(env, members[0], cfg, device, scratch)
+            built[name] = build_group(env, members[0], cfg, device, scratch)
         else:
-            agents[name] = build_team(env, name, members, cfg, device, scratch)
-    return agents
+            built[name] = build_team(env, name, members, cfg, device, scratch)
+    return built
 
 
 def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
-    """Train IQL / VDN / QMIX (or SUPER) as configured; write the run directory; return the final metrics."""
-    return train_offpolicy(cfg, build_agents, validate, resume)
+    """Train IQL / VDN / QMIX (or SUPER) as configured (``resume``: continue the run in ``logger.run_dir``);
+    write the run directory; return the final metrics."""
+    run = start_run(cfg, resume, validate)
+    cfg = run.cfg
+    learners = build_learners(run.env, cfg, run.device, run.buffers)
+    check_freeze_after(cfg, learners)
+    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps,
+                              init_random_frames=max(0, cfg.replay.warmup_frames - run.start.frames))
+    frames, steps = run.start.frames, run.start.optimiser_steps
+    for iteration, batch in training.batches(run):
+        frames += batch.numel()
+        extra: dict[str, float] = {}
+        for learner in learners.values():
+            extra.update(learner.replay.extend(batch))  # SUPER relays here; it reports the share fraction
+            learner.exploration.anneal(frames)
+        learning = learning_now(cfg, learners, frames, iteration)
+        terms: dict[str, list[TensorDictBase]] = {name: [] for name in learners}
+        for _ in range(cfg.train.optimiser_steps if learning else 0):
+            for name in learning:
+                learner = learners[name]
+                minibatch = learner.replay.sample()  # prioritized: with importance weights and indices
+                out = learner.loss(minibatch)  # writes each transition's squared TD error
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
+                learner.replay.update_priority(minibatch, minibatch.get(learner.priority_key))
+                terms[name].append(scalar_entries(out))
+                steps += 1
+        training.collector.update_policy_weights_()
+        extra.update({f"{name}/learning": float(name in learning) for name in learners})
+        extra.update({f"{name}/epsilon": learner.exploration.value for name, learner in learners.items()})
+        extra["counters/optimiser_steps"] = steps
+        end_iteration(run, training, learners, iteration, batch, terms, extra, optimiser_steps=steps)
+    return finish_run(run, training, optimiser_steps=steps)
 
 
 def main(argv: list[str] | None = None) -> int:

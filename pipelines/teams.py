@@ -24,8 +24,8 @@ import torch
 
 from marlkit.envs import MultiAgentEnv
 
-from .common import build_env
 from .config import ConfigError, EnvConfig, RunConfig
+from .environment import build_env
 
 # Random steps of the probe rollout that tells which groups share a reward.
 PROBE_STEPS = 64

@@ -11,10 +11,10 @@ import yaml
 
 from marlkit.pipelines import checkpoint as ckpt
 from marlkit.pipelines import qlearning
-from marlkit.pipelines.checkpoint import load_run
+from marlkit.pipelines.runs import load_run
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides
-from marlkit.pipelines.evaluate import evaluate
+from marlkit.pipelines.runs import evaluate_run
 from marlkit.pipelines.mappo import MappoConfig, train
 
 TINY = {"env.num_envs": 4, "collector.frames_per_batch": 40, "collector.total_frames": 120,
@@ -109,7 +109,7 @@ def test_eval_on_non_run_directory_changes_nothing(tmp_path, capsys):
 
 def test_eval_is_deterministic(tmp_run_dir):
     tiny_mappo(tmp_run_dir, env="matrix/climbing", **{"env.max_steps": None})
-    assert evaluate(tmp_run_dir, episodes=3)["groups"] == evaluate(tmp_run_dir, episodes=3)["groups"]
+    assert evaluate_run(tmp_run_dir, episodes=3)["groups"] == evaluate_run(tmp_run_dir, episodes=3)["groups"]
 
 
 def test_render_trained_run(tmp_run_dir, tmp_path):

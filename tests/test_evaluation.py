@@ -16,7 +16,6 @@ import yaml
 from marlkit.envs import make_env
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides
-from marlkit.pipelines.evaluate import evaluate
 from marlkit.pipelines.mappo import MappoConfig, train
 
 TESTS = Path(__file__).parent

@@ -177,7 +177,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_run_dir):
 def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     import platform
 
-    from marlkit.pipelines.common import keep_freed_memory
+    from marlkit.pipelines.memory import keep_freed_memory
 
     monkeypatch.setenv("MARLKIT_KEEP_FREED_MEMORY", "0")
     assert keep_freed_memory() is False

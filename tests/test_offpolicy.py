@@ -13,7 +13,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from helpers import SpecOnlyEnv, assert_cli_rejects
 from marlkit.losses import DDPG_LOSS_TERMS, make_ddpg_loss, make_sac_loss, make_target_updater, SAC_LOSS_TERMS
 from marlkit.modules import GaussianNoise, make_deterministic_actor, make_q_critic, make_stochastic_actor
-from marlkit.pipelines import maddpg, masac, offpolicy
+from marlkit.pipelines import maddpg, masac, session
 from marlkit.pipelines.config import apply_overrides
 
 B, N, OBS, ACT = 8, 3, 5, 2
@@ -188,7 +188,7 @@ def test_freeze_after_keeps_group_bit_identical(tmp_run_dir, monkeypatch):
         agents[group] = build(env, group, cfg, device, scratch_dir)
         return agents[group]
 
-    make_collector = offpolicy.make_collector
+    make_collector = session.make_collector
 
     def snapshotting_collector(*args, **kwargs):
         collector = make_collector(*args, **kwargs)
@@ -202,7 +202,7 @@ def test_freeze_after_keeps_group_bit_identical(tmp_run_dir, monkeypatch):
         return collector
 
     monkeypatch.setattr(maddpg, "build_group", recording_build)
-    monkeypatch.setattr(offpolicy, "make_collector", snapshotting_collector)
+    monkeypatch.setattr(session, "make_collector", snapshotting_collector)
     cfg = tiny(maddpg, "maddpg", "vmas/simple_tag", tmp_run_dir, **{"train.freeze_after": {"agent": 1},
                                                                      "collector.total_frames": 300})
     maddpg.train(cfg)

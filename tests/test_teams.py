@@ -15,7 +15,7 @@ from marlkit.envs import make_env
 from marlkit.losses import add_partner_next_actions, make_team_mixer_loss, team_entries, TEAM
 from marlkit.modules import make_deterministic_actor, make_q_critic, make_q_network, make_value_critic
 from marlkit.pipelines import maddpg, mappo, qlearning
-from marlkit.pipelines.checkpoint import load_run
+from marlkit.pipelines.runs import load_run
 from marlkit.pipelines.config import apply_overrides, ConfigError, EnvConfig
 from marlkit.pipelines.teams import check_teams, resolve_teams, reward_sharing_teams, team_of
 
@@ -179,7 +179,7 @@ def test_maddpg_team_critic_reads_the_partner_from_replay(tmp_path):
                           {**TINY_OFF, "env.continuous_actions": True, "logger.run_dir": str(tmp_path / "run")})
     maddpg.train(cfg)
     loaded = load_run(tmp_path / "run")
-    agents = maddpg.build_agents(loaded.env, loaded.cfg, torch.device("cpu"), None)
+    agents = maddpg.build_learners(loaded.env, loaded.cfg, torch.device("cpu"), None)
     assert agents["speaker"].partners.keys() == {"listener"}
     assert ("listener", "action") in agents["speaker"].loss.value_network.in_keys
     assert agents["speaker"].replay.partners == ["listener"]

@@ -1,0 +1,63 @@
+"""Checks of the config sections every pipeline shares, run once before anything is built.
+
+Each raises ``ValueError`` naming the bad value and what is accepted; :func:`check_common` runs them
+all and returns the number of iterations. Algorithm sections are checked by their pipeline's
+``validate``.
+"""
+
+from __future__ import annotations
+
+from marlkit.envs import device_of
+from marlkit.modules import activation_class
+
+from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
+from .environment import check_env_config
+from .loggers import check_logger
+
+
+def check_frames(collector: CollectorConfig, num_envs: int) -> int:
+    """Check the frame budget splits into whole iterations; return the number of iterations."""
+    fpb, total = collector.frames_per_batch, collector.total_frames
+    if fpb < 1 or total < 1:
+        raise ValueError(f"collector.frames_per_batch ({fpb}) and --frames ({total}) must be >= 1")
+    if fpb % num_envs:
+        raise ValueError(
+            f"collector.frames_per_batch={fpb} is not divisible by env.num_envs={num_envs}; "
+            f"use a multiple of {num_envs}, e.g. {max(1, fpb // num_envs) * num_envs}"
+        )
+    if total % fpb:
+        raise ValueError(
+            f"--frames {total} is not a multiple of collector.frames_per_batch={fpb}; "
+            f"use e.g. {max(1, round(total / fpb)) * fpb}"
+        )
+    return total // fpb
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """Validate the model section (activation name, layer sizes)."""
+    activation_class(model.activation)
+    if not model.num_cells or min(model.num_cells) < 1:
+        raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {model.num_cells}")
+
+
+def check_logger_config(logger: LoggerConfig) -> None:
+    """Validate the logger section (backend and its package, schedules, wandb mode)."""
+    check_logger(logger.backend)
+    for name in ("checkpoint_every", "eval_every", "video_every"):
+        if getattr(logger, name) < 0:
+            raise ValueError(f"logger.{name} must be >= 0 (0 = never), got {getattr(logger, name)}")
+    for name in ("eval_episodes", "video_steps"):
+        if getattr(logger, name) < 1:
+            raise ValueError(f"logger.{name} must be >= 1, got {getattr(logger, name)}")
+    if logger.wandb_mode not in ("offline", "online"):
+        raise ValueError(f"logger.wandb_mode={logger.wandb_mode!r}; accepted: offline, online")
+
+
+def check_common(cfg: RunConfig) -> int:
+    """The checks every pipeline shares (env, frames, model, device, logger); returns the iteration count."""
+    check_env_config(cfg.env)
+    iterations = check_frames(cfg.collector, cfg.env.num_envs)
+    check_model_config(cfg.model)
+    device_of(cfg.device)
+    check_logger_config(cfg.logger)
+    return iterations

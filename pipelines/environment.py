@@ -1,0 +1,83 @@
+"""The ``env`` config section: its checks, its resolved form and the env it builds.
+
+``check_env_config`` validates the section before anything is built; ``resolve_env_config`` fills in
+family defaults (and records a user's env class by import path) so ``config.yaml`` says what ran;
+``build_env`` calls :func:`marlkit.envs.make_env` with the family's episode-length keyword.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import torch
+
+from marlkit.envs import check_env_name, importable, make_env, MultiAgentEnv, split_env_name
+
+from .config import EnvConfig
+
+# The keyword each family uses for the episode length limit that env.max_steps sets.
+_MAX_STEPS_KEYWORD = {
+    "vmas": "max_steps",
+    "gridworld": "max_steps",
+    "pettingzoo": "max_cycles",
+    "gym": "max_episode_steps",
+}
+# VMAS scenarios never end on their own; without a limit no episode return would ever be logged.
+VMAS_DEFAULT_MAX_STEPS = 100
+# Keywords that count agents in the families' scenarios; 0 agents is rejected before building.
+_AGENT_COUNT_KEYWORDS = ("n_agents", "num_agents", "N", "n_pursuers", "n_pistons", "num_good")
+
+
+def check_env_config(env_cfg: EnvConfig) -> None:
+    """Validate the env section without building anything (names, counts, sizes)."""
+    family, _ = check_env_name(env_cfg.name)
+    if isinstance(env_cfg.num_envs, bool) or env_cfg.num_envs < 1:
+        raise ValueError(f"env.num_envs must be >= 1, got {env_cfg.num_envs}")
+    if env_cfg.max_steps is not None:
+        if env_cfg.max_steps < 1:
+            raise ValueError(f"env.max_steps must be >= 1 or None, got {env_cfg.max_steps}")
+        if family == "matrix":
+            raise ValueError(
+                "matrix games have a fixed episode length; set env.max_steps=null and use env.rounds"
+            )
+    for key in _AGENT_COUNT_KEYWORDS:
+        value = env_cfg.kwargs.get(key)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(
+                f"env.{key}={value}: an env without agents cannot be trained; use env.{key} >= 1"
+            )
+
+
+def resolve_env_config(env_cfg: EnvConfig) -> EnvConfig:
+    """A copy with family defaults filled in, so ``config.yaml`` records what actually ran.
+
+    A user's env class or factory is recorded by its import path ``"module:qualname"``; when no other
+    process could import it (defined in a notebook), a warning says that eval, render and resume will
+    not find it.
+    """
+    family, rest = split_env_name(env_cfg.name)
+    resolved = copy.deepcopy(env_cfg) if isinstance(env_cfg.name, str) else dataclasses.replace(
+        env_cfg, name=rest, kwargs=copy.deepcopy(env_cfg.kwargs))
+    if family == "custom" and (why := importable(rest)) is not None:
+        warnings.warn(
+            f"env.name={rest!r} trains here, but `marlkit eval`, `render` and `--resume` will not find it: "
+            f"{why}; move it into a module to keep the run reusable", stacklevel=2)
+    if resolved.max_steps is None and family == "vmas":
+        resolved.max_steps = VMAS_DEFAULT_MAX_STEPS
+    return resolved
+
+
+def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> MultiAgentEnv:
+    """``make_env`` from a resolved env section, mapping ``max_steps`` to the family's keyword."""
+    family, _ = split_env_name(env_cfg.name)
+    kwargs = dict(env_cfg.kwargs)
+    max_steps = env_cfg.max_steps
+    if max_steps is not None and family in _MAX_STEPS_KEYWORD:
+        kwargs.setdefault(_MAX_STEPS_KEYWORD[family], max_steps)
+    env = make_env(env_cfg.name, num_envs=env_cfg.num_envs, device=device, seed=seed, **kwargs)
+    empty = [group for group, agents in env.group_map.items() if not agents]
+    if not env.group_map or empty:
+        raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
+    return env

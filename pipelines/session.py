@@ -1,0 +1,136 @@
+"""Setting a run up and closing it: what every pipeline's ``train`` does before and after its loop.
+
+``train`` reads as: :func:`start_run` (checks, run directory, env, teams), build the learners,
+:func:`start_training` (optimisers, collector, reporting, evaluation, checkpoints, a resumed run's
+state), the loop, then :func:`end_iteration` at the end of each iteration and :func:`finish_run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictSequential
+
+from marlkit.envs import device_of, MultiAgentEnv
+
+from .checkpoint import Checkpointer, restore_rollout, restore_training
+from .collectors import Collector, make_collector
+from .config import RunConfig
+from .environment import build_env, resolve_env_config
+from .evaluate import Evaluator
+from .learners import Learner
+from .memory import keep_freed_memory
+from .reporting import Reporter, TrainResult
+from .rundir import open_run_dir, RunDir, RunStart
+from .teams import with_teams
+
+
+@dataclass
+class Run:
+    """A run being set up: its checked config (env resolved, teams filled in), directory, start and env."""
+
+    cfg: RunConfig
+    """The resolved config (what ``config.yaml`` records)."""
+    iterations: int
+    """Iterations to run in total."""
+    device: torch.device
+    """Where the env, modules and batches live."""
+    dir: RunDir
+    """The run directory."""
+    start: RunStart
+    """Where the run starts (a resumed run's checkpoint and counters)."""
+    env: MultiAgentEnv
+    """The training env."""
+
+    @property
+    def buffers(self) -> Path:
+        """Where the off-policy replays keep their files."""
+        return self.dir.path / "buffers"
+
+
+def start_run(cfg: RunConfig, resume: bool, validate: Callable[[Any], int]) -> Run:
+    """Check ``cfg`` (``validate`` returns the iteration count), open the run directory (its checkpoint
+    when ``resume``), seed torch, build the env and resolve the teams."""
+    iterations = validate(cfg)
+    cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
+    device = device_of(cfg.device)
+    run_dir, start = open_run_dir(cfg, resume)
+    keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
+    torch.manual_seed(cfg.seed)
+    env = build_env(cfg.env, device=device, seed=cfg.seed)
+    cfg = with_teams(cfg, env, device)
+    return Run(cfg, iterations, device, run_dir, start, env)
+
+
+@dataclass
+class Training:
+    """What the loop uses besides its learners."""
+
+    optimisers: dict[str, torch.optim.Optimizer]
+    """One Adam per learner, over its loss's parameters."""
+    policy: TensorDictSequential
+    """Every learner's acting policy, in turn."""
+    collector: Collector
+    """Yields one batch per iteration."""
+    reporter: Reporter
+    """Rows, logger, bar, summary."""
+    evaluator: Evaluator
+    """Scheduled evaluations and videos."""
+    checkpointer: Checkpointer
+    """Scheduled checkpoints."""
+
+    def batches(self, run: Run):
+        """``(iteration, batch)`` from the run's first iteration to its last, timing each collection."""
+        for iteration, batch in zip(range(run.start.iteration, run.iterations), self.collector):
+            self.reporter.collected()
+            yield iteration, batch
+
+
+def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam_eps: float,
+                   init_random_frames: int = 0, derived: Mapping[str, Any] | None = None) -> Training:
+    """Optimisers, the policy and its collector, ``config.yaml`` (with ``derived`` values), reporting,
+    evaluation and checkpoints; a resumed run gets its weights, optimisers, replays, episodes in flight
+    and random streams back (the last of these last, so nothing after it draws random numbers)."""
+    optimisers = {name: torch.optim.Adam(learner.loss.parameters(), lr=lr, eps=adam_eps)
+                  for name, learner in learners.items()}
+    state = run.start.state
+    if state is not None:
+        restore_training(state, dict(learners), optimisers)
+    policy = TensorDictSequential(*(learner.policy for learner in learners.values()))
+    collector = make_collector(run.env, policy, run.cfg.collector, device=run.device,
+                               init_random_frames=init_random_frames)
+    run.dir.create(run.cfg, extra={"iterations": run.iterations, "groups": run.env.group_map, **(derived or {})})
+    reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
+    best = state.get("best_eval", float("-inf")) if state else float("-inf")
+    evaluator = Evaluator(run.cfg, run.dir.path, best)
+    checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
+    if state is not None:
+        restore_rollout(state, run.env, collector)
+    return Training(optimisers, policy, collector, reporter, evaluator, checkpointer)
+
+
+def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int,
+                  batch: TensorDictBase, terms: Mapping[str, list[TensorDictBase]],
+                  extra: Mapping[str, float] | None = None, optimiser_steps: int = 0) -> None:
+    """After training on a batch: evaluate (when due), log the row, checkpoint (when due)."""
+    final = iteration == run.iterations - 1
+    row = dict(extra or {})
+    row.update(training.evaluator.after(iteration, training.policy, final))
+    training.reporter.log(iteration, batch, terms, row)
+    training.checkpointer.save(run.cfg, iteration, final, new_best=training.evaluator.new_best,
+                               best_eval=training.evaluator.best_eval, frames=training.reporter.frames,
+                               optimiser_steps=optimiser_steps, learners=dict(learners),
+                               optimisers=training.optimisers, env=run.env, collector=training.collector)
+
+
+def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
+    """Stop the collector (and its env) and the evaluator; write the summary; return the result."""
+    training.collector.shutdown()  # closes the env too
+    training.evaluator.close()
+    return training.reporter.finish(run.iterations, training.policy, **summary)
