@@ -23,15 +23,15 @@ from marlkit.modules import continuous_action_bounds, make_q_critic, make_stocha
 from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
     build_group_learners,
-    check_freeze_after,
     check_offpolicy,
     group_replay,
     learning_now,
     OffPolicyConfig,
     OffPolicyLossConfig,
+    start_offpolicy,
 )
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
-from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
+from marlkit.pipelines.session import end_iteration, finish_run
 from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("masac", "isac")
@@ -98,13 +98,8 @@ def build_learners(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers
 def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
     """Train MASAC / ISAC as configured (``resume``: continue the run in ``logger.run_dir`` from its
     checkpoint and on-disk buffers); write the run directory; return the final metrics."""
-    run = start_run(cfg, resume, validate)
-    cfg = run.cfg
-    learners = build_learners(run.env, cfg, run.device, run.buffers)
-    check_freeze_after(cfg, learners)
-    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps,
-                              init_random_frames=max(0, cfg.replay.warmup_frames - run.start.frames))
-    frames, steps = run.start.frames, run.start.optimiser_steps
+    run, learners, training = start_offpolicy(cfg, resume, validate, build_learners)
+    cfg, frames, steps = run.cfg, run.start.frames, run.start.optimiser_steps
     for iteration, batch in training.batches(run):
         frames += batch.numel()
         for learner in learners.values():  # SAC explores by sampling its policy: nothing to anneal

@@ -23,6 +23,7 @@ from marlkit.pipelines.checks import check_common
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.learners import Learner
 from marlkit.pipelines.replay import GroupReplay
+from marlkit.pipelines.session import Run, start_run, start_training, Training
 from marlkit.pipelines.teams import team_of
 
 # Families whose actions are always discrete: rejected by name, before anything is built.
@@ -168,3 +169,16 @@ def learning_now(cfg: OffPolicyConfig, learners: Mapping[str, Learner], frames: 
     if frames < cfg.replay.warmup_frames:
         return []
     return [name for name in learners if iteration < cfg.train.freeze_after.get(name, math.inf)]
+
+
+def start_offpolicy(cfg: OffPolicyConfig, resume: bool, validate: Callable[[OffPolicyConfig], int],
+                    build_learners: Callable[..., dict[str, Learner]]) -> tuple[Run, dict[str, Learner], Training]:
+    """Set an off-policy run up: :func:`~marlkit.pipelines.session.start_run`, the learners (replays under
+    ``<run-dir>/buffers``), then :func:`~marlkit.pipelines.session.start_training` with the random
+    warm-up still due (``replay.warmup_frames`` less what a resumed run already collected)."""
+    run = start_run(cfg, resume, validate)
+    learners = build_learners(run.env, run.cfg, run.device, run.buffers)
+    check_freeze_after(run.cfg, learners)
+    training = start_training(run, learners, lr=run.cfg.train.lr, adam_eps=run.cfg.train.adam_eps,
+                              init_random_frames=max(0, run.cfg.replay.warmup_frames - run.start.frames))
+    return run, learners, training

@@ -27,17 +27,17 @@ from marlkit.modules.exploration import AnnealedTogether, check_epsilon
 from marlkit.pipelines.config import ModelConfig
 from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
-    check_freeze_after,
     check_offpolicy,
     group_replay,
     learning_now,
     OffPolicyConfig,
     OffPolicyLossConfig,
     ReplayConfig,
+    start_offpolicy,
 )
 from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SharedReplay
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
-from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
+from marlkit.pipelines.session import end_iteration, finish_run
 
 ALGORITHMS = ("iql", "vdn", "qmix")
 
@@ -250,13 +250,8 @@ def build_learners(env: EnvBase, cfg: QlearningConfig, device: torch.device,
 def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
     """Train IQL / VDN / QMIX (or SUPER) as configured (``resume``: continue the run in ``logger.run_dir``);
     write the run directory; return the final metrics."""
-    run = start_run(cfg, resume, validate)
-    cfg = run.cfg
-    learners = build_learners(run.env, cfg, run.device, run.buffers)
-    check_freeze_after(cfg, learners)
-    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps,
-                              init_random_frames=max(0, cfg.replay.warmup_frames - run.start.frames))
-    frames, steps = run.start.frames, run.start.optimiser_steps
+    run, learners, training = start_offpolicy(cfg, resume, validate, build_learners)
+    cfg, frames, steps = run.cfg, run.start.frames, run.start.optimiser_steps
     for iteration, batch in training.batches(run):
         frames += batch.numel()
         extra: dict[str, float] = {}

@@ -15,20 +15,10 @@ from marlkit.pipelines.runs import load_run
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides
 from marlkit.pipelines.runs import evaluate_run
-from marlkit.pipelines.mappo import MappoConfig, train
-
-TINY = {"env.num_envs": 4, "collector.frames_per_batch": 40, "collector.total_frames": 120,
-        "train.minibatch_size": 20, "model.num_cells": [8], "logger.progress": False}
 
 
-def tiny_mappo(run_dir, env="gridworld", **overrides):
-    cfg = apply_overrides(MappoConfig(), {**TINY, "env.name": env, "env.max_steps": 10,
-                                          "logger.run_dir": str(run_dir), **overrides})
-    return train(cfg)
-
-
-def test_checkpoint_restores_the_trained_policy(tmp_run_dir):
-    result = tiny_mappo(tmp_run_dir, **{"logger.checkpoint_every": 1})
+def test_checkpoint_restores_the_trained_policy(tmp_run_dir, tiny_gridworld_mappo):
+    result = tiny_gridworld_mappo(tmp_run_dir, **{"logger.checkpoint_every": 1})
     state = torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (state["iteration"], state["frames"]) == (2, 120)
     assert set(state["losses"]) == set(state["optimisers"]) == {"agents"}
@@ -51,8 +41,8 @@ def test_offpolicy_checkpoint_includes_exploration_frames(tmp_run_dir):
     assert loaded.state["optimiser_steps"] == 2
 
 
-def test_kill_during_checkpoint_write_keeps_previous(tmp_run_dir, monkeypatch):
-    tiny_mappo(tmp_run_dir)
+def test_kill_during_checkpoint_write_keeps_previous(tmp_run_dir, monkeypatch, tiny_gridworld_mappo):
+    tiny_gridworld_mappo(tmp_run_dir)
     path = tmp_run_dir / "checkpoints" / "last.pt"
     before = path.read_bytes()
 
@@ -69,10 +59,10 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_run_dir, monkeypatch):
     assert not list(path.parent.glob(".*tmp"))
 
 
-def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
+def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path, tiny_gridworld_mappo):
     first, second = tmp_path / "a", tmp_path / "b"
-    tiny_mappo(first)
-    tiny_mappo(second, env="matrix/coordination", **{"env.max_steps": None})
+    tiny_gridworld_mappo(first)
+    tiny_gridworld_mappo(second, env="matrix/coordination", **{"env.max_steps": None})
     other = second / "checkpoints" / "last.pt"
     with pytest.raises(ValueError, match="written for another configuration"):
         load_run(first, checkpoint=str(other))
@@ -89,13 +79,16 @@ def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
         load_run(first)
 
 
-def test_eval_writes_eval_json(tmp_run_dir, capsys):
-    tiny_mappo(tmp_run_dir)
+def test_eval_writes_eval_json(tmp_run_dir, capsys, tiny_gridworld_mappo):
+    tiny_gridworld_mappo(tmp_run_dir)
     assert cli_main(["eval", str(tmp_run_dir), "--episodes", "6"]) == 0
     result = json.loads((tmp_run_dir / "eval.json").read_text())
     stats = result["groups"]["agents"]
     assert result["episodes"] == 6 and len(stats["returns"]) == 6
-    assert stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
+    returns = torch.tensor(stats["returns"])  # the interval is mean ± 1.96 standard errors of these
+    half = 1.96 * returns.std().item() / 6 ** 0.5
+    assert stats["mean"] == pytest.approx(returns.mean().item())
+    assert stats["ci95"] == pytest.approx([stats["mean"] - half, stats["mean"] + half])
     assert "agents: mean return" in capsys.readouterr().out
 
 
@@ -107,13 +100,13 @@ def test_eval_on_non_run_directory_changes_nothing(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_eval_is_deterministic(tmp_run_dir):
-    tiny_mappo(tmp_run_dir, env="matrix/climbing", **{"env.max_steps": None})
+def test_eval_is_deterministic(tmp_run_dir, tiny_gridworld_mappo):
+    tiny_gridworld_mappo(tmp_run_dir, env="matrix/climbing", **{"env.max_steps": None})
     assert evaluate_run(tmp_run_dir, episodes=3)["groups"] == evaluate_run(tmp_run_dir, episodes=3)["groups"]
 
 
-def test_render_trained_run(tmp_run_dir, tmp_path):
-    tiny_mappo(tmp_run_dir, **{"env.grid_size": 4})
+def test_render_trained_run(tmp_run_dir, tmp_path, tiny_gridworld_mappo):
+    tiny_gridworld_mappo(tmp_run_dir, **{"env.grid_size": 4})
     out = tmp_path / "trained.mp4"
     assert cli_main(["render", str(tmp_run_dir), "--out", str(out), "--steps", "9"]) == 0
     frames = [frame for frame in imageio.get_reader(out)]  # list() would ask len(): inf for streams
@@ -145,16 +138,9 @@ RESUME_CASES = [
 ]
 
 
-def _metrics(run_dir):
-    import csv
-
-    with (run_dir / "metrics.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
 @pytest.mark.parametrize("reset", [False, True], ids=["mid-episode", "reset-each-batch"])
 @pytest.mark.parametrize("algorithm,args", RESUME_CASES, ids=[f"{c[0]}-{c[1][1]}" for c in RESUME_CASES])
-def test_resume_matches_uninterrupted_run(algorithm, args, reset, tmp_path):
+def test_resume_matches_uninterrupted_run(algorithm, args, reset, tmp_path, read_metrics):
     # 15-step episodes and 10 steps per batch: without resets, the stop falls mid-episode.
     common = ["--seed", "5", *args, "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40",
               f"collector.reset_at_each_iter={str(reset).lower()}", "model.num_cells=[16]",
@@ -163,7 +149,7 @@ def test_resume_matches_uninterrupted_run(algorithm, args, reset, tmp_path):
     assert cli_main(["train", algorithm, "--frames", "160", "--run-dir", str(whole), *common]) == 0
     assert cli_main(["train", algorithm, "--frames", "80", "--run-dir", str(parts), *common]) == 0
     assert cli_main(["train", "--resume", str(parts), "--frames", "160"]) == 0
-    uninterrupted, resumed = _metrics(whole), _metrics(parts)
+    uninterrupted, resumed = read_metrics(whole), read_metrics(parts)
     assert [r["iteration"] for r in resumed] == ["0", "1", "2", "3"]  # no row lost or duplicated
     keys = [k for k in uninterrupted[0] if "reward" in k or "loss" in k]
     assert keys
@@ -186,7 +172,7 @@ def test_resume_of_an_unsaveable_simulator_restarts_episodes_with_a_warning():
     assert torch.equal(torch.rand(1), before)  # the RNGs are still restored
 
 
-def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
+def test_resume_drops_rows_written_after_the_checkpoint(tmp_path, read_metrics):
     run = tmp_path / "run"
     common = ["--env", "matrix/coordination", "env.num_envs=4", "collector.frames_per_batch=20",
               "train.minibatch_size=10", "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=2"]
@@ -195,7 +181,7 @@ def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
     with (run / "metrics.csv").open("a") as handle:
         handle.write("3,80,1.0,1.0\n")
     assert cli_main(["train", "--resume", str(run), "--frames", "100"]) == 0
-    assert [r["iteration"] for r in _metrics(run)] == ["0", "1", "2", "3", "4"]
+    assert [r["iteration"] for r in read_metrics(run)] == ["0", "1", "2", "3", "4"]
 
 
 @pytest.mark.parametrize("extra,match", [

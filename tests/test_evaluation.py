@@ -157,12 +157,8 @@ def test_env_defined_in_main_is_named_and_refused_elsewhere(tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_removed_and_unknown_envs_are_refused_before_building(tmp_path, capsys, monkeypatch):
-    from helpers import assert_cli_rejects
-
-    assert_cli_rejects(["train", "mappo", "--env", "pettingzoo/sisl/waterworld_v4"],
-                       "waterworld was removed upstream.*pursuit_v5", capsys, tmp_path, monkeypatch)
-    assert_cli_rejects(["train", "mappo", "--env", "gym/NoSuchEnv-v0"], "unknown Gymnasium env id", capsys,
-                       tmp_path, monkeypatch)
-    assert_cli_rejects(["train", "mappo", "--env", "no_such_module:Env"], "cannot be imported", capsys,
-                       tmp_path, monkeypatch)
+def test_removed_and_unknown_envs_are_refused_before_building(cli_rejects):
+    cli_rejects(["train", "mappo", "--env", "pettingzoo/sisl/waterworld_v4"],
+                       "waterworld was removed upstream.*pursuit_v5")
+    cli_rejects(["train", "mappo", "--env", "gym/NoSuchEnv-v0"], "unknown Gymnasium env id")
+    cli_rejects(["train", "mappo", "--env", "no_such_module:Env"], "cannot be imported")

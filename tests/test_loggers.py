@@ -7,19 +7,8 @@ import importlib.util
 
 import pytest
 
-from helpers import assert_cli_rejects
 from marlkit.pipelines import loggers
-from marlkit.pipelines.config import apply_overrides
 from marlkit.pipelines.loggers import namespaced
-from marlkit.pipelines.mappo import MappoConfig, train
-
-
-def tiny(run_dir, **overrides):
-    return apply_overrides(MappoConfig(), {
-        "env.name": "gridworld", "env.num_envs": 4, "env.max_steps": 10, "collector.frames_per_batch": 40,
-        "collector.total_frames": 120, "train.minibatch_size": 20, "model.num_cells": [8],
-        "logger.progress": False, "logger.run_dir": str(run_dir), **overrides,
-    })
 
 
 def test_metric_names_are_namespaced():
@@ -32,40 +21,43 @@ def test_metric_names_are_namespaced():
 
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb", "mlflow"])
-def test_missing_logger_package_is_reported_before_anything_runs(name, capsys, tmp_path, monkeypatch):
+def test_missing_logger_package_is_reported_before_anything_runs(name, monkeypatch, cli_rejects):
     real = importlib.util.find_spec
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda mod, *a: None if mod == name else real(mod, *a))
-    assert_cli_rejects(["train", "mappo", f"logger={name}"], f"logger={name} needs the '{name}' package.*pip install {name}",
-                       capsys, tmp_path, monkeypatch)
+    cli_rejects(["train", "mappo", f"logger={name}"], f"logger={name} needs the '{name}' package.*pip install {name}")
 
 
-def test_unknown_logger(capsys, tmp_path, monkeypatch):
-    assert_cli_rejects(["train", "mappo", "logger.backend=stdout"], "logger='stdout' is not supported; accepted: csv",
-                       capsys, tmp_path, monkeypatch)
+def test_unknown_logger(cli_rejects):
+    cli_rejects(["train", "mappo", "logger.backend=stdout"], "logger='stdout' is not supported; accepted: csv")
 
 
-def test_tensorboard_logger_writes_events(tmp_run_dir):
+def test_tensorboard_logger_writes_events(tmp_run_dir, tiny_gridworld_mappo):
     pytest.importorskip("tensorboard")
-    train(tiny(tmp_run_dir, **{"logger.backend": "tensorboard"}))
+    tiny_gridworld_mappo(tmp_run_dir, **{"logger.backend": "tensorboard"})
     assert list((tmp_run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_wandb_logger_offline(tmp_run_dir, monkeypatch):
+def test_wandb_logger_offline(tmp_run_dir, monkeypatch, tiny_gridworld_mappo):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(tiny(tmp_run_dir, **{"logger.backend": "wandb"}))
+    tiny_gridworld_mappo(tmp_run_dir, **{"logger.backend": "wandb"})
     assert list((tmp_run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_mlflow_logger_file_store(tmp_run_dir):
+def test_mlflow_logger_file_store(tmp_run_dir, tiny_gridworld_mappo):
     pytest.importorskip("mlflow")
-    train(tiny(tmp_run_dir, **{"logger.backend": "mlflow"}))
-    assert (tmp_run_dir / "mlruns").is_dir()
+    tiny_gridworld_mappo(tmp_run_dir, **{"logger.backend": "mlflow"})
+    # The file store keeps one file per metric, "<timestamp> <value> <step>" a line: the frame counter
+    # must have been logged every iteration, with the frame count as the step.
+    counters = list((tmp_run_dir / "mlruns").glob("*/*/metrics/counters.frames"))  # mlflow names it with "." for "/"
+    assert len(counters) == 1
+    logged = [line.split() for line in counters[0].read_text().splitlines()]
+    assert [(float(value), int(step)) for _, value, step in logged] == [(40.0, 40), (80.0, 80), (120.0, 120)]
 
 
-def test_evaluation_during_training_writes_best_and_videos(tmp_run_dir):
-    train(tiny(tmp_run_dir, **{"collector.total_frames": 160, "logger.eval_every": 2, "logger.eval_episodes": 3,
-                               "logger.video_every": 4, "logger.video_steps": 5}))
+def test_evaluation_during_training_writes_best_and_videos(tmp_run_dir, tiny_gridworld_mappo):
+    tiny_gridworld_mappo(tmp_run_dir, **{"collector.total_frames": 160, "logger.eval_every": 2, "logger.eval_episodes": 3,
+                               "logger.video_every": 4, "logger.video_steps": 5})
     with (tmp_run_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     evaluated = [r["iteration"] for r in rows if r.get("eval/agents/episode_reward_mean", "") != ""]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from helpers import assert_cli_rejects
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides, load_preset
 from marlkit.pipelines.mappo import MappoConfig, train, validate
@@ -20,26 +18,7 @@ from marlkit.pipelines.mappo import MappoConfig, train, validate
 REQUIRED_COLUMNS = {"iteration", "frames", "time_s", "frames_per_s"}
 
 
-def tiny(env: str, run_dir: Path, algorithm: str = "mappo", num_envs: int = 4,
-         frames_per_batch: int = 100, **overrides) -> MappoConfig:
-    """2 iterations of a few dozen frames with small networks."""
-    cfg = MappoConfig(algorithm=algorithm)
-    apply_overrides(cfg, {
-        "env.name": env, "env.num_envs": num_envs, "collector.frames_per_batch": frames_per_batch,
-        "collector.total_frames": 2 * frames_per_batch, "train.minibatch_size": frames_per_batch // 2,
-        "train.num_epochs": 2, "model.num_cells": [16], "logger.progress": False,
-        "logger.run_dir": str(run_dir), **overrides,
-    })
-    return cfg
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def check_run_dir(run_dir: Path, groups: list[str]) -> list[dict[str, str]]:
-    rows = read_metrics(run_dir)
+def check_run_dir(run_dir: Path, rows: list[dict[str, str]], groups: list[str]) -> list[dict[str, str]]:
     assert [int(r["iteration"]) for r in rows] == [0, 1]
     columns = set(rows[0])
     assert REQUIRED_COLUMNS <= columns
@@ -69,33 +48,33 @@ CASES = [
 
 
 @pytest.mark.parametrize("env,overrides,groups", CASES, ids=[c[0] for c in CASES])
-def test_train_tiny_every_family(env, overrides, groups, tmp_run_dir):
-    result = train(tiny(env, tmp_run_dir, **overrides))
-    rows = check_run_dir(tmp_run_dir, groups)
+def test_train_tiny_every_family(env, overrides, groups, tmp_run_dir, tiny_config, read_metrics):
+    result = train(tiny_config("mappo", env, tmp_run_dir, **overrides))
+    rows = check_run_dir(tmp_run_dir, read_metrics(tmp_run_dir), groups)
     assert result.frames == 200 and result.run_dir == tmp_run_dir
     for group in groups:
         assert f"{group}/loss_objective" in result.metrics
         assert rows[-1][f"{group}/loss_critic"] != ""
 
 
-def test_train_pixels_pistonball(tmp_run_dir):
-    cfg = tiny("pettingzoo/butterfly/pistonball_v6", tmp_run_dir, num_envs=2, frames_per_batch=20,
+def test_train_pixels_pistonball(tmp_run_dir, tiny_config, read_metrics):
+    cfg = tiny_config("mappo", "pettingzoo/butterfly/pistonball_v6", tmp_run_dir, num_envs=2, frames_per_batch=20,
                **{"env.n_pistons": 2, "env.max_steps": 5})
     train(cfg)
-    check_run_dir(tmp_run_dir, ["piston"])
+    check_run_dir(tmp_run_dir, read_metrics(tmp_run_dir), ["piston"])
 
 
-def test_ippo_uses_local_critic(tmp_run_dir):
-    cfg = tiny("vmas/navigation", tmp_run_dir, algorithm="ippo", **{"env.n_agents": 2})
+def test_ippo_uses_local_critic(tmp_run_dir, tiny_config):
+    cfg = tiny_config("ippo", "vmas/navigation", tmp_run_dir, **{"env.n_agents": 2})
     train(cfg)
     config = yaml.safe_load((tmp_run_dir / "config.yaml").read_text())
     assert config["algorithm"] == "ippo" and config["derived"]["centralised_critic"] is False
     assert config["env"]["max_steps"] == 100  # the VMAS default is recorded, not left null
 
 
-def test_same_seed_same_rewards(tmp_path):
+def test_same_seed_same_rewards(tmp_path, tiny_config, read_metrics):
     def rewards(run_dir):
-        train(tiny("vmas/navigation", run_dir, **{"env.n_agents": 2, "env.max_steps": 10, "seed": 3}))
+        train(tiny_config("mappo", "vmas/navigation", run_dir, **{"env.n_agents": 2, "env.max_steps": 10, "seed": 3}))
         return [{k: v for k, v in row.items() if "reward" in k or "loss" in k} for row in read_metrics(run_dir)]
 
     first, second = rewards(tmp_path / "a"), rewards(tmp_path / "b")
@@ -110,20 +89,20 @@ def test_cli_help_lists_algorithms_presets_and_fields():
         assert text in out, text
 
 
-def test_cli_tiny_run_writes_complete_run_dir(tmp_run_dir):
+def test_cli_tiny_run_writes_complete_run_dir(tmp_run_dir, read_metrics):
     code = cli_main([
         "train", "ippo", "--env", "gridworld", "--frames", "80", "--seed", "1", "--run-dir", str(tmp_run_dir),
         "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20", "train.num_epochs=1",
         "model.num_cells=[8]", "env.mode=competitive", "env.max_steps=10", "logger.progress=false",
     ])
     assert code == 0
-    check_run_dir(tmp_run_dir, ["agents"])
+    check_run_dir(tmp_run_dir, read_metrics(tmp_run_dir), ["agents"])
     config = yaml.safe_load((tmp_run_dir / "config.yaml").read_text())
     assert config["env"]["kwargs"] == {"mode": "competitive"} and config["seed"] == 1
     assert config["collector"]["total_frames"] == 80
 
 
-def test_pipeline_script_runs_with_same_arguments(tmp_run_dir):
+def test_pipeline_script_runs_with_same_arguments(tmp_run_dir, read_metrics):
     script = Path(__file__).resolve().parents[1] / "pipelines" / "mappo.py"
     out = subprocess.run([
         sys.executable, str(script), "--env", "matrix/coordination", "--frames", "40", "--run-dir", str(tmp_run_dir),
@@ -162,15 +141,15 @@ def test_navigation_matched_preset_matches_anchor_config():
     (["train", "--device", "tpu"], "device='tpu' is not a valid torch device"),
     (["train", "model.activation=swish"], "activation='swish' is not supported"),
 ])
-def test_bad_input_fails_before_building(args, match, capsys, tmp_path, monkeypatch):
-    assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
+def test_bad_input_fails_before_building(args, match, cli_rejects):
+    cli_rejects(args, match)
 
 
-def test_existing_run_dir_is_never_overwritten(tmp_run_dir):
-    train(tiny("matrix/coordination", tmp_run_dir, frames_per_batch=20))
+def test_existing_run_dir_is_never_overwritten(tmp_run_dir, tiny_config):
+    train(tiny_config("mappo", "matrix/coordination", tmp_run_dir, frames_per_batch=20))
     before = (tmp_run_dir / "metrics.csv").read_text()
     with pytest.raises(ValueError, match="already holds a run"):
-        train(tiny("matrix/coordination", tmp_run_dir, frames_per_batch=20))
+        train(tiny_config("mappo", "matrix/coordination", tmp_run_dir, frames_per_batch=20))
     assert (tmp_run_dir / "metrics.csv").read_text() == before
 
 

@@ -10,66 +10,12 @@ from tensordict import TensorDict
 from torchrl.data import Categorical
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from helpers import SpecOnlyEnv, assert_cli_rejects
-from marlkit.losses import make_dqn_loss, make_qmixer_loss
-from marlkit.modules import EpsilonGreedy, make_q_network
+from marlkit.modules import EpsilonGreedy
 from marlkit.pipelines import qlearning
-from marlkit.pipelines.config import apply_overrides
 from marlkit.pipelines.replay import ExperienceSelector, GroupReplay, ProportionalPrioritizedSampler, SharedReplay
 
 B, N, OBS, A = 16, 3, 4, 5
 DISCRETE = Categorical(A, shape=(B, N))
-
-
-def _batch(team: bool = False) -> TensorDict:
-    g = torch.Generator().manual_seed(2)
-    done = torch.zeros(B, N, 1, dtype=torch.bool)
-    done[:4] = True
-    td = TensorDict({
-        "agents": {"observation": torch.randn(B, N, OBS, generator=g), "action": torch.randint(0, A, (B, N), generator=g)},
-        "next": {"agents": {"observation": torch.randn(B, N, OBS, generator=g), "reward": torch.randn(B, N, 1, generator=g),
-                            "done": done, "terminated": done.clone()}},
-    }, batch_size=(B,))
-    if team:
-        td["next", "team", "reward"] = td["next", "agents", "reward"].mean(-2)
-        td["next", "team", "done"] = done[:, 0]
-        td["next", "team", "terminated"] = done[:, 0].clone()
-    return td
-
-
-def _q(dueling=False):
-    return make_q_network(SpecOnlyEnv((OBS,), DISCRETE, batch=B), "agents", num_cells=[16], dueling=dueling)
-
-
-@pytest.mark.parametrize("double_dqn", [True, False])
-@pytest.mark.parametrize("dueling", [True, False])
-def test_dqn_loss_on_hand_made_batch(double_dqn, dueling):
-    q = _q(dueling)
-    loss = make_dqn_loss(q, "agents", double_dqn=double_dqn)
-    td = _batch()
-    out = loss(td)
-    assert torch.isfinite(out["loss"])
-    out["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
-    assert td["agents", "td_error"].shape[:2] == (B, N)  # one priority per agent
-
-
-@pytest.mark.parametrize("mixer", ["vdn", "qmix"])
-def test_qmixer_loss_on_hand_made_batch(mixer):
-    q = _q()
-    loss = make_qmixer_loss(q, "agents", mixer=mixer, n_agents=N, state_key=("agents", "observation"),
-                            state_shape=(N, OBS))
-    out = loss(_batch(team=True))
-    assert torch.isfinite(out["loss"])
-    out["loss"].backward()
-    assert all(p.grad is not None for p in q.parameters())
-    if mixer == "qmix":
-        assert all(p.grad is not None for p in loss.mixer_network_params.values(True, True))
-
-
-def test_mixer_needs_several_agents():
-    with pytest.raises(ValueError, match="group 'agents' has 1: use algorithm=iql"):
-        make_qmixer_loss(_q(), "agents", mixer="qmix", n_agents=1, state_key="state", state_shape=(3,))
 
 
 def test_epsilon_greedy_anneals_and_honours_masks():
@@ -189,16 +135,6 @@ def test_prioritized_sampler_prefers_high_priority():
     assert info["priority_weight"].max() <= 1.0 + 1e-6
 
 
-def tiny(algorithm: str, env: str, run_dir, **overrides):
-    cfg = qlearning.CONFIG(algorithm=algorithm)
-    apply_overrides(cfg, {
-        "env.name": env, "env.num_envs": 4, "collector.frames_per_batch": 80, "collector.total_frames": 160,
-        "replay.batch_size": 16, "replay.buffer_size": 1000, "train.optimiser_steps": 2, "model.num_cells": [16],
-        "logger.progress": False, "logger.run_dir": str(run_dir), **overrides,
-    })
-    return cfg
-
-
 ENVS = [
     ("vmas/navigation", {"env.n_agents": 2, "env.continuous_actions": False, "env.max_steps": 10}),
     ("pettingzoo/sisl/pursuit_v5", {"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 3, "env.n_evaders": 2,
@@ -214,8 +150,8 @@ RUNS += [("iql", "gridworld", {"env.max_steps": 10}, {"replay.prioritized": True
 
 @pytest.mark.parametrize("algorithm,env,env_overrides,overrides", RUNS,
                          ids=[f"{r[0]}-{r[1]}-{r[3].get('sharing.mode', '')}" for r in RUNS])
-def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
-    result = qlearning.train(tiny(algorithm, env, tmp_run_dir, **env_overrides, **overrides))
+def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir, tiny_config):
+    result = qlearning.train(tiny_config(algorithm, env, tmp_run_dir, frames_per_batch=80, **{"replay.batch_size": 16, **env_overrides, **overrides}))
     with (tmp_run_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert result.frames == 160 and len(rows) == 2
@@ -243,21 +179,7 @@ def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir):
     (["train", "iql", "--env", "vmas/simple_tag", "--frames", "600", "env.num_envs=2", "env.continuous_actions=false",
       "collector.frames_per_batch=300", "sharing.mode=quantile"], "needs agents with identical observation and action"),
 ])
-def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
-    assert_cli_rejects(args, match, capsys, tmp_path, monkeypatch)
+def test_bad_input(args, match, cli_rejects):
+    cli_rejects(args, match)
 
 
-def test_dqn_loss_leaves_dead_agents_out():
-    q = _q()
-    loss = make_dqn_loss(q, "agents", mask_key=("agents", "mask"))
-    unmasked = make_dqn_loss(q, "agents")
-    td = _batch()
-    td["agents", "mask"] = torch.ones(B, N, dtype=torch.bool)
-    td["agents", "mask"][:8, 2] = False  # agent 2 died in the first 8 transitions
-    changed = td.clone()
-    changed["next", "agents", "reward"][:8, 2] = 1000.0  # whatever a dead agent's entries hold
-    assert torch.equal(loss(td.clone())["loss"], loss(changed.clone())["loss"])
-    assert not torch.equal(unmasked(td.clone())["loss"], unmasked(changed.clone())["loss"])
-    live = td.clone()
-    live["next", "agents", "reward"][:8, 1] = 1000.0
-    assert not torch.equal(loss(td.clone())["loss"], loss(live)["loss"])

@@ -7,10 +7,8 @@ import warnings
 import pytest
 import torch
 import yaml
-from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType
 
-from helpers import assert_cli_rejects
 from marlkit.envs import make_env
 from marlkit.losses import add_partner_next_actions, make_team_mixer_loss, team_entries, TEAM
 from marlkit.modules import make_deterministic_actor, make_q_critic, make_q_network, make_value_critic
@@ -167,11 +165,11 @@ def test_mixers_train_a_team_of_one_agent_groups(mixer, tmp_path):
     assert "team/loss" in rows[0].split(",") and len(rows) == 3
 
 
-def test_mixers_without_teams_still_refuse_one_agent_groups(tmp_run_dir, capsys, monkeypatch, tmp_path):
-    assert_cli_rejects(["train", "qmix", "--env", SPEAKER_LISTENER, "env.teams.speaker=[speaker]",
+def test_mixers_without_teams_still_refuse_one_agent_groups(cli_rejects):
+    cli_rejects(["train", "qmix", "--env", SPEAKER_LISTENER, "env.teams.speaker=[speaker]",
                         "env.teams.listener=[listener]", "env.num_envs=4", "collector.frames_per_batch=100",
                         "--frames", "200", "replay.buffer_size=400", "replay.batch_size=16"],
-                       "group 'speaker' has 1.*env.teams", capsys, tmp_path, monkeypatch)
+                       "group 'speaker' has 1.*env.teams")
 
 
 def test_maddpg_team_critic_reads_the_partner_from_replay(tmp_path):
@@ -185,7 +183,7 @@ def test_maddpg_team_critic_reads_the_partner_from_replay(tmp_path):
     assert agents["speaker"].replay.partners == ["listener"]
 
 
-def test_unknown_team_group_is_one_line(tmp_path, capsys, monkeypatch):
-    assert_cli_rejects(["train", "mappo", "--env", SPEAKER_LISTENER, "env.teams.team=[speaker,nobody]",
+def test_unknown_team_group_is_one_line(cli_rejects):
+    cli_rejects(["train", "mappo", "--env", SPEAKER_LISTENER, "env.teams.team=[speaker,nobody]",
                         "env.num_envs=4", "collector.frames_per_batch=100", "--frames", "200",
-                        "train.minibatch_size=50"], "unknown group 'nobody'", capsys, tmp_path, monkeypatch)
+                        "train.minibatch_size=50"], "unknown group 'nobody'")

@@ -1,0 +1,137 @@
+"""What every module factory starts from: specs per group, observation encoders and the agent MLP.
+
+Observations of any shape work: vectors go straight to a ``MultiAgentMLP``, images (``H x W x C`` with
+``C <= 4``, as in pistonball or pursuit) go through a ``MultiAgentConvNet`` first, anything else is
+flattened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrl.data import TensorSpec
+from torchrl.envs import EnvBase
+from torchrl.modules import MultiAgentConvNet, MultiAgentMLP
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The ``nn.Module`` class for an activation name, or ``ValueError`` listing the accepted ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not supported; accepted: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def group_spec(env: EnvBase, group: str, key: str) -> TensorSpec:
+    """The spec of ``(group, key)`` without the env's batch dims: shape ``[n_agents, *feature]``."""
+    if key == "action":
+        spec = env.full_action_spec[group, key]
+    else:
+        spec = env.full_observation_spec[group, key]
+    for _ in env.batch_size:
+        spec = spec[0]
+    return spec
+
+
+def _is_image(shape: torch.Size) -> bool:
+    return len(shape) == 3 and shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4
+
+
+class _ImageToChannelsFirst(nn.Module):
+    """``[*B, n_agents, H, W, C]`` (any dtype) -> ``[*B, n_agents, C, H, W]`` floats (uint8 / 255)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(-1, -3).float() * self.scale
+
+
+class _FlattenFeatures(nn.Module):
+    """Flattens everything after the agent dim: ``[*B, n_agents, a, b]`` -> ``[*B, n_agents, a*b]``."""
+
+    def __init__(self, feature_dims: int):
+        super().__init__()
+        self.feature_dims = feature_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(-self.feature_dims).float()
+
+
+def make_encoder(
+    obs_spec: TensorSpec, n_agents: int, *, share_params: bool, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, int]:
+    """Per-agent feature extractor for observations of ``obs_spec`` (shape ``[n_agents, *obs]``).
+
+    Returns the module and its per-agent output size. Images get a ``MultiAgentConvNet`` (strided
+    Atari-style layers for large frames, 3x3 convolutions for small local views).
+    """
+    shape = obs_spec.shape[1:]
+    if len(shape) == 1:
+        return nn.Identity(), shape[0]
+    if _is_image(shape):
+        height, width, channels = shape
+        scale = 1.0 / 255.0 if obs_spec.dtype == torch.uint8 else 1.0
+        if min(height, width) >= 36:
+            conv_kwargs = dict(num_cells=[32, 64, 64], kernel_sizes=[8, 4, 3], strides=[4, 2, 1])
+        else:
+            conv_kwargs = dict(num_cells=[32, 32], kernel_sizes=3, strides=1)
+        conv = MultiAgentConvNet(
+            n_agents=n_agents,
+            centralized=False,
+            share_params=share_params,
+            in_features=channels,
+            activation_class=nn.ReLU,
+            device=device,
+            **conv_kwargs,
+        )
+        encoder = nn.Sequential(_ImageToChannelsFirst(scale), conv)
+        with torch.no_grad():
+            probe = torch.zeros(1, n_agents, height, width, channels, device=device)
+            out_features = encoder(probe).shape[-1]
+        return encoder, out_features
+    encoder = _FlattenFeatures(len(shape))
+    return encoder, int(torch.Size(shape).numel())
+
+
+def _observation_encoder(
+    env: EnvBase, group: str, share_params: bool, device: torch.device | str | None
+) -> tuple[torch.device | str, int, nn.Module, int]:
+    """What every factory starts from: the device, the group's agent count and its encoder."""
+    device = env.device if device is None else device
+    obs_spec = group_spec(env, group, "observation")
+    n_agents = obs_spec.shape[0]
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    return device, n_agents, encoder, features
+
+
+def _mlp(
+    in_features: int,
+    out_features: int,
+    n_agents: int,
+    *,
+    centralised: bool,
+    share_params: bool,
+    num_cells: Sequence[int],
+    activation: str,
+    device: torch.device | str,
+) -> MultiAgentMLP:
+    return MultiAgentMLP(
+        n_agent_inputs=in_features,
+        n_agent_outputs=out_features,
+        n_agents=n_agents,
+        centralized=centralised,
+        share_params=share_params,
+        num_cells=list(num_cells),
+        activation_class=activation_class(activation),
+        device=device,
+    )
