@@ -25,15 +25,11 @@ def run_child(algorithm: str, preset: str, overrides: dict[str, Any], run_dir: P
 
 
 def _main(spec: dict[str, Any]) -> None:
-    from marlkit.pipelines import pipeline_for
-    from marlkit.pipelines.config import apply_overrides, load_preset
+    from marlkit.pipelines import make_config, pipeline_for
 
-    module = pipeline_for(spec["algorithm"])
-    cfg = module.CONFIG(algorithm=spec["algorithm"])
-    apply_overrides(cfg, load_preset(spec["preset"]))
-    cfg.algorithm = spec["algorithm"]
-    apply_overrides(cfg, {**spec["overrides"], "logger.run_dir": spec["run_dir"], "logger.progress": False})
-    module.train(cfg)
+    cfg = make_config(spec["algorithm"], spec["preset"], {**spec["overrides"], "logger.run_dir": spec["run_dir"],
+                                                          "logger.progress": False})
+    pipeline_for(spec["algorithm"]).train(cfg)
     run_dir = Path(spec["run_dir"])
     with (run_dir / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -19,7 +19,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from marlkit.envs import make_env
 from marlkit.pipelines import qlearning
-from marlkit.pipelines.config import apply_overrides
+from marlkit.pipelines import make_config
 
 
 def greedy_return(policy) -> float:
@@ -38,8 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in returns:
             for seed in range(args.seeds):
-                cfg = qlearning.CONFIG(algorithm=algorithm)
-                apply_overrides(cfg, {
+                cfg = make_config(algorithm, overrides={
                     "env.name": "matrix/two_step", "env.num_envs": 100, "seed": seed,
                     "collector.frames_per_batch": 1000, "collector.total_frames": args.frames,
                     "replay.buffer_size": 100_000, "replay.batch_size": 256, "replay.memmap": False,

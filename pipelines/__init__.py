@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from .config import apply_overrides, load_preset
+from .config import apply_overrides, load_preset, RunConfig
 
 # algorithm name -> (pipeline module, the preset trained when no --env / --preset is given)
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -36,7 +36,8 @@ def pipeline_for(algorithm: str) -> ModuleType:
     return importlib.import_module(ALGORITHMS[algorithm][0])
 
 
-def make_config(algorithm: str, preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Any:
+def make_config(algorithm: str, preset: str | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
     """``algorithm``'s config: its defaults, then ``preset`` (a YAML in ``presets/``), then ``overrides``
     (``{"section.field": value}`` or ``["section.field=value", ...]``). The one way every entry point
     (the CLI, :func:`marlkit.pipelines.runs.load_run`, the benchmarks) builds a config.

@@ -2,7 +2,7 @@
 
 Each raises ``ValueError`` naming the bad value and what is accepted; :func:`check_common` runs them
 all and returns the number of iterations. Algorithm sections are checked by their pipeline's
-``validate``.
+``checked_iterations``.
 """
 
 from __future__ import annotations

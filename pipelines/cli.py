@@ -11,10 +11,9 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Any
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
-from .config import apply_overrides, available_presets, describe
+from .config import apply_overrides, available_presets, describe, RunConfig
 from .rundir import default_run_dir
 
 
@@ -169,7 +168,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def resume_config(args: argparse.Namespace) -> Any:
+def resume_config(args: argparse.Namespace) -> RunConfig:
     """A resumed run's own config (``config.yaml``), with only the frame budget changeable."""
     from .runs import config_from_dict, read_config
 
@@ -184,7 +183,7 @@ def resume_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace) -> RunConfig:
     """Defaults < preset < dotted overrides < flags (:func:`marlkit.pipelines.make_config`)."""
     overrides = list(args.overrides)
     if args.algorithm is not None and "=" in args.algorithm:

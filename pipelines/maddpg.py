@@ -39,7 +39,7 @@ ALGORITHMS = ("maddpg", "iddpg")
 
 
 @dataclass
-class ExplorationConfig:
+class NoiseConfig:
     """Additive Gaussian action noise, annealed linearly."""
 
     sigma_init: float = 0.9
@@ -56,14 +56,14 @@ class MaddpgConfig(OffPolicyConfig):
 
     algorithm: str = "maddpg"
     """maddpg (centralised Q critic) or iddpg (local Q critic)."""
-    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    exploration: NoiseConfig = field(default_factory=NoiseConfig)
     """Exploration noise."""
 
 
 CONFIG = MaddpgConfig
 
 
-def validate(cfg: MaddpgConfig) -> int:
+def checked_iterations(cfg: MaddpgConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
     iterations = check_offpolicy(cfg, ALGORITHMS)
     x = cfg.exploration
@@ -100,7 +100,7 @@ def build_learners(env: EnvBase, cfg: MaddpgConfig, device: torch.device, buffer
 def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
     """Train MADDPG / IDDPG as configured (``resume``: continue the run in ``logger.run_dir`` from its
     checkpoint and on-disk buffers); write the run directory; return the final metrics."""
-    run, learners, training = start_offpolicy(cfg, resume, validate, build_learners)
+    run, learners, training = start_offpolicy(cfg, resume, checked_iterations, build_learners)
     cfg, frames, steps = run.cfg, run.start.frames, run.start.optimiser_steps
     for iteration, batch in training.batches(run):
         frames += batch.numel()

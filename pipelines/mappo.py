@@ -30,7 +30,7 @@ ALGORITHMS = ("mappo", "ippo")
 
 
 @dataclass
-class LossConfig:
+class PpoLossConfig:
     """Clipped PPO objective and GAE."""
 
     gamma: float = 0.99
@@ -52,7 +52,7 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
+class PpoTrainConfig:
     """Optimisation."""
 
     lr: float = 3e-4
@@ -73,9 +73,9 @@ class MappoConfig(RunConfig):
 
     algorithm: str = "mappo"
     """mappo (centralised critic) or ippo (local critic)."""
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: PpoLossConfig = field(default_factory=PpoLossConfig)
     """Objective."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PpoTrainConfig = field(default_factory=PpoTrainConfig)
     """Optimisation."""
 
     @property
@@ -87,7 +87,7 @@ class MappoConfig(RunConfig):
 CONFIG = MappoConfig
 
 
-def validate(cfg: MappoConfig) -> int:
+def checked_iterations(cfg: MappoConfig) -> int:
     """Every check that needs no env: raises ``ValueError`` naming the bad value; returns iterations."""
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
@@ -129,7 +129,7 @@ def build_learners(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers
 def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     """Train MAPPO / IPPO as configured (``resume``: continue the run in ``logger.run_dir`` from its
     checkpoint); write the run directory; return the final metrics."""
-    run = start_run(cfg, resume, validate)
+    run = start_run(cfg, resume, checked_iterations)
     cfg = run.cfg
     learners = build_learners(run.env, cfg, run.device)
     minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size

@@ -64,7 +64,7 @@ class MasacConfig(OffPolicyConfig):
 CONFIG = MasacConfig
 
 
-def validate(cfg: MasacConfig) -> int:
+def checked_iterations(cfg: MasacConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
     iterations = check_offpolicy(cfg, ALGORITHMS)
     check_sac_settings(cfg.loss.num_qvalue_nets, cfg.loss.alpha_init, prefix="loss.")
@@ -98,7 +98,7 @@ def build_learners(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers
 def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
     """Train MASAC / ISAC as configured (``resume``: continue the run in ``logger.run_dir`` from its
     checkpoint and on-disk buffers); write the run directory; return the final metrics."""
-    run, learners, training = start_offpolicy(cfg, resume, validate, build_learners)
+    run, learners, training = start_offpolicy(cfg, resume, checked_iterations, build_learners)
     cfg, frames, steps = run.cfg, run.start.frames, run.start.optimiser_steps
     for iteration, batch in training.batches(run):
         frames += batch.numel()

@@ -171,12 +171,12 @@ def learning_now(cfg: OffPolicyConfig, learners: Mapping[str, Learner], frames: 
     return [name for name in learners if iteration < cfg.train.freeze_after.get(name, math.inf)]
 
 
-def start_offpolicy(cfg: OffPolicyConfig, resume: bool, validate: Callable[[OffPolicyConfig], int],
+def start_offpolicy(cfg: OffPolicyConfig, resume: bool, checked_iterations: Callable[[OffPolicyConfig], int],
                     build_learners: Callable[..., dict[str, Learner]]) -> tuple[Run, dict[str, Learner], Training]:
     """Set an off-policy run up: :func:`~marlkit.pipelines.session.start_run`, the learners (replays under
     ``<run-dir>/buffers``), then :func:`~marlkit.pipelines.session.start_training` with the random
     warm-up still due (``replay.warmup_frames`` less what a resumed run already collected)."""
-    run = start_run(cfg, resume, validate)
+    run = start_run(cfg, resume, checked_iterations)
     learners = build_learners(run.env, run.cfg, run.device, run.buffers)
     check_freeze_after(run.cfg, learners)
     training = start_training(run, learners, lr=run.cfg.train.lr, adam_eps=run.cfg.train.adam_eps,

@@ -117,7 +117,7 @@ class QlearningConfig(OffPolicyConfig):
 CONFIG = QlearningConfig
 
 
-def validate(cfg: QlearningConfig) -> int:
+def checked_iterations(cfg: QlearningConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
     family, _ = split_env_name(cfg.env.name)
     if family == "vmas" and cfg.env.kwargs.get("continuous_actions", True) is not False:
@@ -250,7 +250,7 @@ def build_learners(env: EnvBase, cfg: QlearningConfig, device: torch.device,
 def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
     """Train IQL / VDN / QMIX (or SUPER) as configured (``resume``: continue the run in ``logger.run_dir``);
     write the run directory; return the final metrics."""
-    run, learners, training = start_offpolicy(cfg, resume, validate, build_learners)
+    run, learners, training = start_offpolicy(cfg, resume, checked_iterations, build_learners)
     cfg, frames, steps = run.cfg, run.start.frames, run.start.optimiser_steps
     for iteration, batch in training.batches(run):
         frames += batch.numel()

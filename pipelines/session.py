@@ -54,10 +54,10 @@ class Run:
         return self.dir.path / "buffers"
 
 
-def start_run(cfg: RunConfig, resume: bool, validate: Callable[[Any], int]) -> Run:
-    """Check ``cfg`` (``validate`` returns the iteration count), open the run directory (its checkpoint
+def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunConfig], int]) -> Run:
+    """Check ``cfg`` (``checked_iterations`` checks it and returns the iteration count), open the run directory (its checkpoint
     when ``resume``), seed torch, build the env and resolve the teams."""
-    iterations = validate(cfg)
+    iterations = checked_iterations(cfg)
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = device_of(cfg.device)
     run_dir, start = open_run_dir(cfg, resume)

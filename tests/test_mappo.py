@@ -13,7 +13,7 @@ import yaml
 
 from marlkit.pipelines.cli import main as cli_main
 from marlkit.pipelines.config import apply_overrides, load_preset
-from marlkit.pipelines.mappo import MappoConfig, train, validate
+from marlkit.pipelines.mappo import MappoConfig, train, checked_iterations
 
 REQUIRED_COLUMNS = {"iteration", "frames", "time_s", "frames_per_s"}
 
@@ -123,7 +123,7 @@ def test_navigation_matched_preset_matches_anchor_config():
     assert (cfg.train.num_epochs, cfg.train.minibatch_size, cfg.train.lr, cfg.train.max_grad_norm) == (10, 400, 3e-4, 5.0)
     assert (cfg.loss.gamma, cfg.loss.lmbda, cfg.loss.clip_epsilon, cfg.loss.entropy_coef) == (0.99, 0.9, 0.2, 0.0)
     assert cfg.model.num_cells == [256, 256] and cfg.model.activation == "tanh" and cfg.centralised_critic
-    assert validate(cfg) == 20
+    assert checked_iterations(cfg) == 20
 
 
 @pytest.mark.parametrize("args,match", [
