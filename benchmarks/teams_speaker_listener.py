@@ -8,7 +8,8 @@ marlkit makes them one team. This runs, for ``--seeds`` seeds each:
 * ``qmix``: QMIX mixing the speaker's and the listener's Q values (refused before teams: each group
   has one agent),
 
-with the ``speaker-listener`` and ``speaker-listener-q`` presets, and prints per algorithm the final
+with the ``speaker-listener`` and ``speaker-listener-q`` presets (``--arms`` also takes ``vdn`` and
+``iql``, independent DQNs, for comparison), and prints per algorithm the final
 return (mean of the last 5 iterations), the area under the return curve and frames/s, as mean and
 95% interval over seeds. It writes every run's ``metrics.csv`` and one PNG of the curves (mean and
 95% band) into ``--out``.
@@ -34,7 +35,8 @@ import numpy as np
 
 from _child import run_child
 
-ARMS = {"mappo": "speaker-listener", "ippo": "speaker-listener", "qmix": "speaker-listener-q"}
+ARMS = {"mappo": "speaker-listener", "ippo": "speaker-listener", "qmix": "speaker-listener-q",
+        "vdn": "speaker-listener-q", "iql": "speaker-listener-q"}
 KEY = "speaker/episode_reward_mean"  # the shared reward: the listener's column is the same
 
 
@@ -72,7 +74,7 @@ def _plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, tit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default="mappo,ippo,qmix", help=f"any of {', '.join(ARMS)}")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--frames", type=int, default=153_600)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each with one torch thread)")
