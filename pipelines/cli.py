@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
 from .config import apply_overrides, available_presets, describe, RunConfig
+from .learners import TrainingDiverged
 from .rundir import default_run_dir
 
 
@@ -97,6 +98,8 @@ def _render(argv: list[str]) -> int:
         parser.exit(2, "marlkit render: error: give either a run directory or --env NAME (not both)\n")
     try:
         out = check_video_path(args.out)  # before anything is built
+        if args.fps < 1:
+            raise ValueError(f"--fps must be a positive number of frames per second, got {args.fps}")
         if args.run_dir is not None:
             from .runs import load_run
 
@@ -125,7 +128,7 @@ def _plot(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="marlkit plot",
         description="Per-group mean return vs frames and the loss terms; several runs of one config are "
-                    "drawn as their mean with a shaded 95%% interval over seeds.",
+                    "drawn as their mean with a shaded 95% interval over seeds.",
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.csv)")
     parser.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
@@ -159,6 +162,14 @@ def _eval(argv: list[str]) -> int:
               f"{result['steps']} steps; they are scored at that step")
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
+
+
+def _last_good(run_dir: str) -> str:
+    """Where a stopped run can go on from."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if last.is_file():
+        return f"nothing non-finite was saved; its last good checkpoint is {last}"
+    return "no checkpoint was written before it"
 
 
 def _usage() -> str:
@@ -230,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             result = module.train(cfg, resume=True)
         except ValueError as err:  # e.g. no checkpoint, or one from another config: nothing was changed
             parser.exit(2, f"marlkit train: error: {err}\n")
+        except TrainingDiverged as err:
+            parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(args.resume)}\n")
         print(f"resumed {result.run_dir}: {result.frames} frames")
         return 0
     seeds = [cfg.seed]
@@ -238,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             parser.exit(2, f"marlkit train: error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated or not seeds:
+            parser.exit(2, f"marlkit train: error: --seeds must list distinct seeds, got {args.seeds!r}\n")
     base = Path(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, seeds[0]))
     run_dirs = []
     for seed in seeds:
@@ -248,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             result = module.train(run_cfg)
         except ValueError as err:  # ConfigError and the like, found once the env was built
             parser.exit(2, f"marlkit train: error: {err}\n")
+        except TrainingDiverged as err:
+            parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(run_cfg.logger.run_dir)}\n")
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
         print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "

@@ -257,6 +257,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"override {item!r} must look like section.field=value")
+            if key.strip() in pairs:
+                raise ValueError(f"{key.strip()} is set twice ({pairs[key.strip()]!r} and {value!r}); give it once")
             pairs[key.strip()] = value
         overrides = pairs
     for key, value in overrides.items():

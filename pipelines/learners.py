@@ -35,12 +35,29 @@ class Learner:
     """Team critics: the other team groups' actors, which give their next actions to the TD target."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term or gradient became NaN or infinite: training stops before the step is taken, so the
+    parameters (and every checkpoint) stay finite."""
+
+
 def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: TensorDictBase,
-                  max_grad_norm: float) -> None:
+                  max_grad_norm: float, where: str = "") -> None:
     """Minimise the sum of the learner's loss terms in ``loss_out``: backward, clip the global gradient
-    norm, step and clear the optimiser, then move the target networks (when the loss has them)."""
-    sum(loss_out[key] for key in learner.loss_terms if key in loss_out.keys()).backward()
-    torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
+    norm, step and clear the optimiser, then move the target networks (when the loss has them).
+
+    Raises :class:`TrainingDiverged` (naming ``where``, e.g. the iteration and group, and the term)
+    when a term or the gradient norm is not finite; nothing is updated then.
+    """
+    terms = {key: loss_out[key] for key in learner.loss_terms if key in loss_out.keys()}
+    total = sum(terms.values())
+    if not torch.isfinite(total):
+        bad = [key for key, value in terms.items() if not torch.isfinite(value).all()]
+        raise TrainingDiverged(f"{where}: loss terms not finite: {', '.join(bad)} (sum {total.item()})")
+    total.backward()
+    norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
+    if not torch.isfinite(norm):
+        optimiser.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"{where}: the gradient norm is not finite ({norm.item()})")
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
     if learner.target_updater is not None:

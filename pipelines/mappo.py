@@ -8,6 +8,7 @@ back to the collector -> log.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,8 @@ def checked_iterations(cfg: MappoConfig) -> int:
         )
     if t.num_epochs < 1:
         raise ValueError(f"train.num_epochs must be >= 1, got {t.num_epochs}")
-    if t.lr <= 0 or t.max_grad_norm <= 0:
-        raise ValueError(f"train.lr ({t.lr}) and train.max_grad_norm ({t.max_grad_norm}) must be > 0")
+    if not (0 < t.lr < math.inf and 0 < t.max_grad_norm < math.inf):
+        raise ValueError(f"train.lr ({t.lr}) and train.max_grad_norm ({t.max_grad_norm}) must be finite and > 0")
     return iterations
 
 
@@ -151,7 +152,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                 minibatch = buffer.sample()
                 for group, learner in learners.items():
                     out = learner.loss(minibatch)
-                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm)
+                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm,
+                                  where=f"iteration {iteration}, group {group}")
                     terms[group].append(scalar_entries(out))
         training.collector.update_policy_weights_()
         end_iteration(run, training, learners, iteration, batch, terms)

@@ -130,10 +130,10 @@ def check_offpolicy(cfg: OffPolicyConfig, algorithm_names: tuple[str, ...], disc
         )
     check_target_update(loss.target_update, loss.tau, loss.hard_update_interval, prefix="loss.")
     check_td_settings(loss.loss_function, loss.gamma, prefix="loss.")
-    if train.optimiser_steps < 0 or train.lr <= 0 or train.max_grad_norm <= 0:
+    if train.optimiser_steps < 0 or not (0 < train.lr < math.inf and 0 < train.max_grad_norm < math.inf):
         raise ValueError(
             f"train.optimiser_steps ({train.optimiser_steps}) must be >= 0, train.lr ({train.lr}) and "
-            f"train.max_grad_norm ({train.max_grad_norm}) > 0"
+            f"train.max_grad_norm ({train.max_grad_norm}) finite and > 0"
         )
     for group, k in train.freeze_after.items():
         if not isinstance(k, int) or k < 0:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REWARD_SUFFIX = "/episode_reward_mean"
 LOSS_PREFIX = "loss"
@@ -44,6 +45,29 @@ def _band(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mean, 1.96 * sem
 
 
+def _config_without_seed(run_dir: str | Path) -> dict | None:
+    """A run's ``config.yaml`` less what may differ between seeds of one config (None when absent)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in data.items() if k not in ("seed", "logger", "device", "derived")}
+
+
+def check_same_config(run_dirs: list[str | Path]) -> None:
+    """``ValueError`` unless the runs are seeds of one config: a mean over different algorithms or
+    settings, cut to the shortest run, would be drawn as if it were one experiment."""
+    configs = [_config_without_seed(d) for d in run_dirs]
+    known = [(d, c) for d, c in zip(run_dirs, configs) if c is not None]
+    for run_dir, config in known[1:]:
+        if config != known[0][1]:
+            differ = sorted(k for k in set(config) | set(known[0][1]) if config.get(k) != known[0][1].get(k))
+            raise ValueError(
+                f"{run_dir} is not another seed of {known[0][0]}'s config (they differ in {', '.join(differ)}); "
+                "plot runs of one config together, or each run on its own"
+            )
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Draw the curves of ``run_dirs`` (one config, several seeds) into the PNG ``out``."""
     import matplotlib
@@ -54,6 +78,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; got {str(out)!r} (use a .png name)")
+    check_same_config(run_dirs)
     runs = [read_metrics(d) for d in run_dirs]
     keys = [k for k in runs[0] if k.endswith(REWARD_SUFFIX)]
     keys += [k for k in runs[0] if k.split("/")[-1].startswith(LOSS_PREFIX) and "/" in k]

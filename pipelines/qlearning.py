@@ -265,7 +265,8 @@ def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
                 learner = learners[name]
                 minibatch = learner.replay.sample()  # prioritized: with importance weights and indices
                 out = learner.loss(minibatch)  # writes each transition's squared TD error
-                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm,
+                              where=f"iteration {iteration}, learner {name}")
                 learner.replay.update_priority(minibatch, minibatch.get(learner.priority_key))
                 terms[name].append(scalar_entries(out))
                 steps += 1

@@ -46,3 +46,18 @@ class Countdown(pettingzoo.ParallelEnv):
         if end:
             self.agents = []
         return obs, rew, term, trunc, {a: {} for a in self.possible_agents}
+
+
+class NanReward(Countdown):
+    """Countdown whose rewards turn NaN from global step ``nan_after`` on (every copy counts its own steps)."""
+
+    def __init__(self, longest: int = 9, nan_after: int = 25):
+        super().__init__(longest)
+        self.nan_after, self.steps = nan_after, 0
+
+    def step(self, actions):
+        obs, rew, term, trunc, info = super().step(actions)
+        self.steps += 1
+        if self.steps > self.nan_after:
+            rew = {agent: float("nan") for agent in rew}
+        return obs, rew, term, trunc, info

@@ -1,0 +1,73 @@
+"""Nothing silent: a diverging run stops with a message and keeps its last good checkpoint; inputs that
+used to be accepted silently are refused in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marlkit.pipelines.learners import TrainingDiverged
+from marlkit.pipelines.mappo import train
+
+TESTS = Path(__file__).parent
+
+
+def test_nan_reward_stops_training_and_keeps_the_last_good_checkpoint(tmp_run_dir, tiny_config, read_metrics):
+    from custom_envs import NanReward
+
+    # 4 copies x 10 steps per iteration: the rewards turn NaN in the third iteration's batch.
+    cfg = tiny_config("mappo", "custom_envs:Countdown", tmp_run_dir, frames_per_batch=40, iterations=5,
+                      **{"logger.checkpoint_every": 1})
+    cfg.env.name = NanReward
+    with pytest.raises(TrainingDiverged, match=r"iteration 2, group runner: loss terms not finite: loss_\w+"):
+        train(cfg)
+    state = torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == 1  # the last iteration that finished with finite values
+    assert all(torch.isfinite(v).all() for v in state["losses"]["runner"].values() if v.is_floating_point())
+    assert [r["iteration"] for r in read_metrics(tmp_run_dir)] == ["0", "1"]
+
+
+def test_diverging_run_is_one_line_from_the_cli(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from marlkit.pipelines.cli import main\n"
+        "sys.exit(main(['train', 'mappo', '--env', 'custom_envs:NanReward', '--frames', '120', '--run-dir', %r,"
+        " 'env.num_envs=4', 'collector.frames_per_batch=40', 'train.minibatch_size=20', 'logger.progress=false',"
+        " 'logger.checkpoint_every=1', 'model.num_cells=[8]']))\n"
+    ) % (str(TESTS), str(tmp_path / "run"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("marlkit train: training stopped: iteration 2, group runner:") and "last good checkpoint" in last
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "mappo", "train.lr=1e-3", "train.lr=2e-3"], r"train.lr is set twice \('1e-3' and '2e-3'\)"),
+    (["train", "mappo", "train.lr=inf"], r"train.lr \(inf\) .* must be finite and > 0"),
+    (["train", "qmix", "train.lr=nan"], r"train.lr \(nan\) .* finite and > 0"),
+    (["train", "mappo", "--seeds", "0,0"], "--seeds must list distinct seeds, got '0,0'"),
+    (["render", "--env", "gridworld", "--fps", "0"], "--fps must be a positive number of frames per second, got 0"),
+    (["render", "--env", "gridworld", "--fps", "-5"], "got -5"),
+])
+def test_silently_accepted_inputs_are_refused(args, match, cli_rejects):
+    cli_rejects(args, match)
+
+
+def test_plot_refuses_runs_of_different_configs(tmp_path, tiny_config, capsys):
+    from marlkit.pipelines.cli import main as cli_main
+
+    for name, seed, lr in (("a", 0, 3e-4), ("b", 1, 3e-4), ("c", 0, 1e-3)):
+        train(tiny_config("mappo", "matrix/coordination", tmp_path / name, frames_per_batch=20,
+                          **{"seed": seed, "train.lr": lr}))
+    assert cli_main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab.png")]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["plot", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not another seed of" in err and "they differ in train" in err
+    assert not (tmp_path / "ac.png").exists()
