@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,29 @@ def make_buffer(
     return ReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size)
 
 
+_WRITES = "writes.json"  # per buffer folder: how many transitions it will have received, written first
+
+
+def _mark_writes(buffer: ReplayBuffer, directory: Path | None, count: int) -> None:
+    """Record (atomically, before writing them) that ``count`` more transitions go into ``buffer``, so a
+    resumed run can tell whether data its checkpoint held was overwritten after it."""
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{_WRITES}.tmp"
+    tmp.write_text(json.dumps({"write_count": buffer.writer._write_count + count}))
+    os.replace(tmp, directory / _WRITES)
+
+
+def _overwritten_since(directory: Path, saved: dict[str, Any], capacity: int) -> int:
+    """How many of the ``saved["len"]`` transitions held at a checkpoint were overwritten after it."""
+    marker = directory / _WRITES
+    if not marker.is_file():
+        return 0
+    written = json.loads(marker.read_text())["write_count"] - saved["writer"]["_write_count"]
+    return min(saved["len"], max(0, written - (capacity - saved["len"])))
+
+
 def transitions(batch: TensorDictBase, groups: list[str], *, partners: list[str] = (), team: bool = False,
                 state: bool = False) -> TensorDictBase:
     """The part of a collected ``[envs, time]`` batch a loss reads, flattened to ``[frames]``.
@@ -150,16 +176,47 @@ class GroupReplay:
         return [(self.buffer, self.scratch_dir)]
 
     def dump(self) -> dict[str, Any]:
-        """Flush the on-disk buffers where they live (a metadata refresh, no copy); returns small state."""
+        """The buffers' small state for the checkpoint itself: how much each holds, its writer's cursor
+        and count, its sampler's state (priorities). The transitions stay in their memmap files, written
+        as they arrive; nothing is rewritten in place, so the checkpoint file alone (renamed atomically)
+        says which of them the run had at that point, and a kill at any instant leaves it consistent."""
+        states = []
         for buffer, directory in self._buffers():
             if directory is not None and buffer.storage.initialized:
-                buffer.storage.dumps(directory)
-                buffer.writer.dumps(directory / "writer")
-                buffer.sampler.dumps(directory)
-        return {}
+                # Reopen the files, as a resumed run will: reads only, and both runs then compute on
+                # identically mapped tensors (their float results match to the last bit).
+                buffer.storage._storage = TensorDict.load_memmap(directory)
+            states.append({"len": len(buffer.storage) if buffer.storage.initialized else 0,
+                           "writer": buffer.writer.state_dict(), "sampler": buffer.sampler.state_dict()})
+        return {"buffers": states}
 
     def load(self, state: dict[str, Any]) -> None:
-        """Reopen the on-disk buffers flushed by :meth:`dump`."""
+        """Reopen the on-disk buffers as :meth:`dump` describes them; warn when transitions they held at
+        the checkpoint were overwritten after it (the buffer wrapped), since the resumed run then samples
+        other data than the uninterrupted one would have."""
+        if "buffers" not in state:  # checkpoints written before the replay state moved into them
+            return self._load_flushed()
+        for (buffer, directory), saved in zip(self._buffers(), state["buffers"], strict=True):
+            if directory is None:
+                raise ValueError("resuming an off-policy run needs replay.memmap=true (buffers in the run directory)")
+            if saved["len"] == 0:
+                continue
+            if not (directory / "meta.json").is_file():
+                raise ValueError(f"cannot resume the replay: {directory} no longer holds its buffer files")
+            storage = buffer.storage
+            storage._storage = TensorDict.load_memmap(directory)  # the files, in place
+            storage.initialized = True
+            storage._len = saved["len"]
+            buffer.writer.load_state_dict(saved["writer"])
+            buffer.sampler.load_state_dict(saved["sampler"])
+            lost = _overwritten_since(directory, saved, storage.max_size)
+            if lost:
+                warnings.warn(
+                    f"{directory}: {lost} of the {saved['len']} transitions the checkpoint's replay held were "
+                    "overwritten after it (the buffer wrapped); the resumed run samples newer ones in their "
+                    "place, so it will not repeat the uninterrupted run exactly", stacklevel=2)
+
+    def _load_flushed(self) -> None:
         for buffer, directory in self._buffers():
             if directory is None:
                 raise ValueError("resuming an off-policy run needs replay.memmap=true (buffers in the run directory)")
@@ -171,7 +228,9 @@ class GroupReplay:
 
     def extend(self, batch: TensorDictBase) -> dict[str, float]:
         """Store a collected batch; returns metrics to log (none here)."""
-        self.buffer.extend(transitions(batch, self.groups, partners=self.partners, team=self.team, state=self.state))
+        data = transitions(batch, self.groups, partners=self.partners, team=self.team, state=self.state)
+        _mark_writes(self.buffer, self.scratch_dir, data.shape[0])
+        self.buffer.extend(data)
         return {}
 
     def sample(self) -> TensorDictBase:
@@ -281,9 +340,8 @@ class SharedReplay(GroupReplay):
         return list(zip(self.buffers, self.dirs, strict=True))
 
     def dump(self) -> dict[str, Any]:
-        """Flush every agent's buffer in place; the selector's |TD| window goes into the checkpoint."""
-        super().dump()
-        return {"history": self.selector.history.clone()}
+        """Every agent's buffer state (see :meth:`GroupReplay.dump`) and the selector's |TD| window."""
+        return {**super().dump(), "history": self.selector.history.clone()}
 
     def load(self, state: dict[str, Any]) -> None:
         super().load(state)
@@ -302,6 +360,9 @@ class SharedReplay(GroupReplay):
         with torch.no_grad():
             share = self.selector.select(self.score(data.to(self.device)))  # [M, n_agents]
         per_agent = self._per_agent(data)
+        chosen_by = share.sum(0).tolist()  # agent i's buffer gets its own and every other agent's chosen
+        for i, (buffer, directory) in enumerate(self._buffers()):
+            _mark_writes(buffer, directory, data.shape[0] + int(sum(chosen_by)) - int(chosen_by[i]))
         for i, buffer in enumerate(self.buffers):
             buffer.extend(per_agent[:, i])
         for sender in range(self.n_agents):

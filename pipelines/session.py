@@ -8,8 +8,10 @@ state), the loop, then :func:`end_iteration` at the end of each iteration and :f
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +86,47 @@ class Training:
     """Scheduled evaluations and videos."""
     checkpointer: Checkpointer
     """Scheduled checkpoints."""
+    stop_signal: int | None = None
+    """SIGINT or SIGTERM once one arrived: the iteration under way finishes, is checkpointed, and the loop ends."""
+    _previous_handlers: dict[int, Any] = field(default_factory=dict)
 
     def batches(self, run: Run):
-        """``(iteration, batch)`` from the run's first iteration to its last, timing each collection."""
+        """``(iteration, batch)`` from the run's first iteration to its last, timing each collection; after
+        a SIGINT / SIGTERM, none after the iteration under way (which :func:`end_iteration` checkpoints)."""
         for iteration, batch in zip(range(run.start.iteration, run.iterations), self.collector):
             self.reporter.collected()
             yield iteration, batch
+            if self.stop_signal is not None:
+                return
+
+    def catch_stop_signals(self) -> None:
+        """SIGINT / SIGTERM end the run after the current iteration instead of wherever they land (a
+        second one stops at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers :meth:`catch_stop_signals` replaced."""
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers.clear()
+
+
+class TrainingStopped(Exception):
+    """The run was stopped by SIGINT / SIGTERM; its last iteration was checkpointed, so it can resume."""
+
+    def __init__(self, signum: int, run_dir: Path, iteration: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; "
+                         f"checkpoint saved, continue with: marlkit train --resume {run_dir}")
+        self.signum, self.run_dir, self.iteration = signum, run_dir, iteration
 
 
 def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam_eps: float,
@@ -112,14 +149,17 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
     if state is not None:
         restore_rollout(state, run.env, collector)
-    return Training(optimisers, policy, collector, reporter, evaluator, checkpointer)
+    training = Training(optimisers, policy, collector, reporter, evaluator, checkpointer)
+    training.catch_stop_signals()
+    return training
 
 
 def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int,
                   batch: TensorDictBase, terms: Mapping[str, list[TensorDictBase]],
                   extra: Mapping[str, float] | None = None, optimiser_steps: int = 0) -> None:
-    """After training on a batch: evaluate (when due), log the row, checkpoint (when due)."""
-    final = iteration == run.iterations - 1
+    """After training on a batch: evaluate (when due), log the row, checkpoint (when due, and always when
+    it is the last iteration or a stop signal arrived)."""
+    final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
     row.update(training.evaluator.after(iteration, training.policy, final))
     training.reporter.log(iteration, batch, terms, row)
@@ -130,7 +170,14 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
 
 
 def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
-    """Stop the collector (and its env) and the evaluator; write the summary; return the result."""
+    """Stop the collector (and its env) and the evaluator; write the summary; return the result.
+
+    Raises :class:`TrainingStopped` (after all that) when a SIGINT / SIGTERM ended the run early.
+    """
+    training.restore_signal_handlers()
     training.collector.shutdown()  # closes the env too
     training.evaluator.close()
-    return training.reporter.finish(run.iterations, training.policy, **summary)
+    result = training.reporter.finish(run.iterations, training.policy, **summary)
+    if training.stop_signal is not None:
+        raise TrainingStopped(training.stop_signal, run.dir.path, int(result.metrics.get("iteration", -1)))
+    return result

@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from torchrl.data import Categorical, Composite, Unbounded
-from torchrl.envs import EnvBase
 
-from marlkit.pipelines import make_config
-
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # before anything else touches torch's thread pool
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame-based PettingZoo envs, no display
 os.environ.setdefault("PYGLET_HEADLESS", "1")
+
+from torchrl.data import Categorical, Composite, Unbounded  # noqa: E402
+from torchrl.envs import EnvBase  # noqa: E402
+
+from marlkit.pipelines import make_config  # noqa: E402
 
 ON_POLICY = ("mappo", "ippo")
 

@@ -3,8 +3,10 @@ used to be accepted silently are refused in one line."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,25 @@ def test_plot_refuses_runs_of_different_configs(tmp_path, tiny_config, capsys):
     err = capsys.readouterr().err
     assert "is not another seed of" in err and "they differ in train" in err
     assert not (tmp_path / "ac.png").exists()
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(signum, code, tmp_path, read_metrics):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "40000",
+            "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
+            "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=1000"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    last_row = int(read_metrics(run)[-1]["iteration"])
+    assert err.strip().splitlines()[-1] == (
+        f"marlkit train: stopped by {signal.Signals(signum).name} after iteration {last_row}; checkpoint saved, "
+        f"continue with: marlkit train --resume {run}")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == last_row  # nothing done is lost: the stopping iteration was checkpointed
