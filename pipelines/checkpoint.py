@@ -203,7 +203,7 @@ class Checkpointer:
 
     def save(self, cfg: RunConfig, iteration: int, final: bool, *, new_best: bool, best_eval: float, frames: int,
              optimiser_steps: int, learners: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
-             env: Any, collector: Any) -> None:
+             env: Any, collector: Any, time_s: float = 0.0) -> None:
         """Write what is due after ``iteration`` (nothing when neither checkpoint is)."""
         due = final or (self.every > 0 and (iteration + 1) % self.every == 0)
         if not due and not new_best:
@@ -211,6 +211,7 @@ class Checkpointer:
         state = checkpoint_state(cfg, iteration=iteration, frames=frames, optimiser_steps=optimiser_steps,
                                  agents=learners, optimisers=optimisers, env=env, collector=collector)
         state["best_eval"] = best_eval
+        state["time_s"] = time_s  # rebuilds metrics.csv's clock if the file is lost
         if new_best:
             save_checkpoint(self.folder / "best.pt", state)
         if due:

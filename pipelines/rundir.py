@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,16 +44,30 @@ class RunDir:
                 "--run-dir so the existing results are kept, or continue it with --resume"
             )
 
-    def keep_rows_through(self, iteration: int) -> float:
-        """On resume: drop metrics rows after the checkpoint's ``iteration`` (they are run again, so
-        none is duplicated); returns the last kept row's ``time_s``."""
+    def keep_rows_through(self, iteration: int, checkpoint: Mapping[str, Any] | None = None) -> float:
+        """On resume: keep the metrics rows up to the checkpoint's ``iteration`` and drop the rest (they
+        are run again, so none is duplicated), warning about each dropped row, and about rows that are
+        damaged (cut short, or not numbers); returns the last kept row's ``time_s``.
+
+        A missing ``metrics.csv`` is rebuilt with one row from what ``checkpoint`` knows (its
+        iteration, frames and time), with a warning that the earlier rows are gone.
+        """
         file = self.path / "metrics.csv"
         if not file.exists():
-            return 0.0
-        with file.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            rows = [row for row in reader if int(row["iteration"]) <= iteration]
+            if iteration < 0 or checkpoint is None:
+                return 0.0
+            time_s = float(checkpoint.get("time_s", 0.0))
+            warnings.warn(f"{file} is missing: its rows through iteration {iteration} are lost; it restarts from "
+                          "one row rebuilt from the checkpoint", stacklevel=2)
+            self._columns = None
+            self.log({"iteration": iteration, "frames": checkpoint["frames"], "time_s": time_s})
+            return time_s
+        columns, rows, dropped = _read_rows(file)
+        kept = [row for row in rows if int(row["iteration"]) <= iteration]
+        dropped += [f"iteration {row['iteration']} (after the checkpoint)" for row in rows if row not in kept]
+        if dropped:
+            warnings.warn(f"{file}: dropped {'; '.join(dropped)}", stacklevel=2)
+        rows = kept
         tmp = file.with_name(".metrics.csv.tmp")
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, restval="")
@@ -96,6 +111,37 @@ class RunDir:
         (self.path / "summary.json").write_text(json.dumps(dict(data), indent=2, default=str))
 
 
+def _read_rows(file: Path) -> tuple[list[str], list[dict[str, str]], list[str]]:
+    """``metrics.csv``'s columns, its sound rows, and a description of each damaged one."""
+    try:
+        with file.open(newline="") as handle:
+            reader = csv.reader(handle)
+            columns = next(reader, [])
+            raw = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{file} is not a metrics file ({err}); move it away to resume without its rows") from None
+    if not columns or columns[0] != "iteration":
+        raise ValueError(f"{file} is not a metrics file (no iteration column); move it away to resume without it")
+    rows, damaged = [], []
+    for number, cells in enumerate(raw, start=2):
+        sound = len(cells) == len(columns) and all(_is_number(cell) for cell in cells) and cells[0].isdigit()
+        if sound:
+            rows.append(dict(zip(columns, cells)))
+        else:
+            damaged.append(f"line {number} (damaged: {','.join(cells)[:40]!r})")
+    return columns, rows, damaged
+
+
+def _is_number(cell: str) -> bool:
+    if cell == "":
+        return True
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
@@ -125,10 +171,16 @@ def open_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunDir, RunStart]:
     run = RunDir(path, resume=resume)
     if not resume:
         return run, RunStart()
+    if not (run.path / "checkpoints" / "last.pt").is_file():
+        # Killed before its first checkpoint: nothing to continue, so it starts over from its config.
+        warnings.warn(f"{run.path} has no checkpoint yet (it stopped before its first one): starting it afresh "
+                      "from its config.yaml", stacklevel=2)
+        run.keep_rows_through(-1)
+        return run, RunStart()
     state = load_checkpoint(checkpoint_path(run.path), to_dict(cfg))
     if state["frames"] >= cfg.collector.total_frames:
         raise ValueError(
             f"{run.path} already has {state['frames']} frames; pass --frames larger than that to continue"
         )
-    time_s = run.keep_rows_through(state["iteration"])
+    time_s = run.keep_rows_through(state["iteration"], state)
     return run, RunStart(state, state["iteration"] + 1, state["frames"], state["optimiser_steps"], time_s)

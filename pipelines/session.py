@@ -166,7 +166,8 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     training.checkpointer.save(run.cfg, iteration, final, new_best=training.evaluator.new_best,
                                best_eval=training.evaluator.best_eval, frames=training.reporter.frames,
                                optimiser_steps=optimiser_steps, learners=dict(learners),
-                               optimisers=training.optimisers, env=run.env, collector=training.collector)
+                               optimisers=training.optimisers, env=run.env, collector=training.collector,
+                               time_s=float(training.reporter.row.get("time_s", 0.0)))
 
 
 def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
