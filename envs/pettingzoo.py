@@ -158,6 +158,18 @@ def resolve_import_path(path: str) -> Any:
     return obj
 
 
+def _checked_custom_env(factory: Callable[[], Any], name: str) -> Any:
+    """A user's env wrapped and taken through a reset and one random step, so what does not follow the
+    ParallelEnv API (spaces, agent keys, rewards, constructor arguments) is said in one line, here."""
+    try:
+        probe = _wrap_parallel(factory, seed=None)
+        probe.rand_step(probe.reset())
+    except Exception as err:  # user code and the wrapper fail in many ways; one line says which
+        raise ValueError(f"{name} does not work as a PettingZoo ParallelEnv: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    return probe
+
+
 def _factory_from_user(env: Any) -> tuple[Callable[[], Any], str]:
     """Turn a user's ParallelEnv class, zero-argument factory or instance into a factory."""
     import pettingzoo
@@ -223,7 +235,10 @@ def make_pettingzoo_env(
         name = f"pettingzoo/custom/{label}"
 
     # Build one copy first: it fails early on bad kwargs and gives the group map.
-    probe = _wrap_parallel(factory, seed=None)
+    if isinstance(source, str):
+        probe = _wrap_parallel(factory, seed=None)
+    else:
+        probe = _checked_custom_env(factory, name)
     group_map = dict(probe.group_map)
     del probe  # not closed: for a user's instance, closing would close the env SerialEnv reuses
     base = SerialEnv(

@@ -182,7 +182,9 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise many kinds of errors
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        # torch's own message suggests weights_only=False: never follow it for a file one did not write
+        raise ValueError(f"{path} is not a readable checkpoint: not a marlkit checkpoint, or damaged "
+                         f"({type(err).__name__}); it was not loaded, and only files marlkit wrote are trusted") from None
     if not isinstance(state, dict) or state.get("format") not in _READABLE_FORMATS:
         raise ValueError(f"{path} is not a marlkit checkpoint (formats {_READABLE_FORMATS})")
     if state["algorithm"] != config["algorithm"]:

@@ -184,8 +184,10 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
     """A resumed run's own config (``config.yaml``), with only the frame budget changeable."""
     from .runs import config_from_dict, read_config
 
-    other = [name for name in ("algorithm", "env", "seed", "device", "run_dir", "preset", "seeds")
-             if getattr(args, name) is not None] + list(args.overrides)
+    other = [name for name in ("env", "seed", "device", "run_dir", "preset", "seeds") if getattr(args, name) is not None]
+    if args.algorithm is not None:  # a lone override lands in the algorithm slot
+        other.insert(0, args.algorithm if "=" in args.algorithm else "algorithm")
+    other += list(args.overrides)
     if other:
         raise ValueError(f"--resume continues a run with its own config; only --frames may change it (got {other})")
     cfg = config_from_dict(read_config(args.resume))

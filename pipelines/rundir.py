@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class RunDir:
     def __init__(self, path: str | Path, resume: bool = False):
         self.path = Path(path)
         self._columns: list[str] | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"run directory {self.path} is a file; choose another --run-dir")
+        existing = next((p for p in [self.path, *self.path.parents] if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK):
+            raise ValueError(f"run directory {self.path} cannot be written ({existing} is read-only); choose "
+                             "another --run-dir")
         if resume:
             if not (self.path / "config.yaml").is_file():
                 raise ValueError(f"cannot resume {self.path}: it is not a run directory (no config.yaml)")

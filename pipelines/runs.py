@@ -30,7 +30,13 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: it has no config.yaml")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as err:  # e.g. !!python/object tags: never loaded
+        raise ValueError(f"{path} holds a tag marlkit never writes and does not load ({err.problem}); "
+                         "it is not a marlkit config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix or restore it") from None
     if not isinstance(data, dict) or "algorithm" not in data:
         raise ValueError(f"{path} is not a marlkit config (no algorithm)")
     return data
@@ -38,7 +44,10 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """The config dataclass of ``data["algorithm"]`` filled from a ``config.yaml`` dict."""
-    return make_config(data["algorithm"], overrides=flatten({k: v for k, v in data.items() if k != "derived"}))
+    try:
+        return make_config(data["algorithm"], overrides=flatten({k: v for k, v in data.items() if k != "derived"}))
+    except ValueError as err:
+        raise ValueError(f"config.yaml does not fit algorithm={data['algorithm']!r} (was it edited?): {err}") from None
 
 
 @dataclass

@@ -61,3 +61,18 @@ class NanReward(Countdown):
         if self.steps > self.nan_after:
             rew = {agent: float("nan") for agent in rew}
         return obs, rew, term, trunc, info
+
+
+class NeedsArgument(Countdown):
+    """A user's env whose constructor needs an argument no one passed."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+
+
+class StringReward(Countdown):
+    """A user's env that pays its rewards as strings."""
+
+    def step(self, actions):
+        obs, rew, term, trunc, info = super().step(actions)
+        return obs, {agent: "one" for agent in rew}, term, trunc, info

@@ -3,6 +3,7 @@ used to be accepted silently are refused in one line."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,40 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
         f"continue with: marlkit train --resume {run}")
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["iteration"] == last_row  # nothing done is lost: the stopping iteration was checkpointed
+
+
+@pytest.mark.parametrize("env,match", [
+    ("custom_envs:NeedsArgument", r"does not work as a PettingZoo ParallelEnv: TypeError: .*missing 1 required"),
+    ("custom_envs:StringReward", r"StringReward does not work as a PettingZoo ParallelEnv: \w+"),
+])
+def test_own_env_that_breaks_the_api_is_one_line(env, match, cli_rejects):
+    cli_rejects(["train", "mappo", "--env", env, "env.num_envs=2", "collector.frames_per_batch=20", "--frames", "20",
+                 "train.minibatch_size=10"], match)
+
+
+def test_damaged_run_files_are_one_line(tmp_path, tiny_gridworld_mappo, capsys):
+    from marlkit.pipelines.cli import main as cli_main
+
+    run = tmp_path / "run"
+    tiny_gridworld_mappo(run)
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["train", "mappo", "--run-dir", str(tmp_path / "file")], "run directory .*file is a file"),
+        (["train", "--resume", str(run), "train.lr=0.1"], r"only --frames may change it \(got \['train.lr=0.1'\]\)"),
+        (["eval", str(run), "--checkpoint", "/etc/passwd"], "not a marlkit checkpoint, or damaged .* only files marlkit wrote"),
+    ]
+    for args, match in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(match, err), err
+    config = (run / "config.yaml").read_text()
+    for text, match in [(config.replace("algorithm: mappo", "algorithm: !!python/object:os.system {}"), "holds a tag"),
+                        ("algorithm: [mappo\n", "is not valid YAML"),
+                        (config.replace("algorithm: mappo", "algorithm: qmix"), "written by algorithm='mappo'")]:
+        (run / "config.yaml").write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["eval", str(run)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and re.search(match, err) and "Traceback" not in err, err
