@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -50,14 +52,22 @@ def make_vmas_env(
     for key in ("n_agents", "max_steps"):
         if key in scenario_kwargs and scenario_kwargs[key] is not None:
             check_positive_int(key, scenario_kwargs[key])
-    base = VmasEnv(
-        scenario=scenario,
-        num_envs=num_envs,
-        device=device,
-        seed=seed,
-        categorical_actions=True,
-        **scenario_kwargs,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base = VmasEnv(
+            scenario=scenario,
+            num_envs=num_envs,
+            device=device,
+            seed=seed,
+            categorical_actions=True,
+            **scenario_kwargs,
+        )
+    for warning in caught:
+        unused = re.search(r"Scenario kwargs: (.*) passed but not used", str(warning.message))
+        if unused:  # VMAS only warns, and trains the scenario's defaults: a typo would go unnoticed
+            raise ValueError(f"vmas/{scenario} does not take the keyword(s) {unused.group(1)}; check their "
+                             f"spelling against the scenario's make_world (e.g. n_agents, max_steps)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     def render(env_index: int = 0, **kwargs: Any):
         return base.render(mode="rgb_array", env_index=env_index, **kwargs)

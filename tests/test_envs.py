@@ -392,6 +392,7 @@ def test_bring_your_own_parallel_env(source):
         ("gym/NoSuchEnv-v0", {}, "unknown Gymnasium env id 'NoSuchEnv-v0'"),
         ("vmas/navigation", dict(num_envs=0), "num_envs must be a positive integer.*0"),
         ("vmas/navigation", dict(n_agents=0), "n_agents must be a positive integer.*0"),
+        ("vmas/navigation", dict(n_agentz=3), r"does not take the keyword\(s\) \{'n_agentz': 3\}"),
         ("gridworld", dict(mode="friendly"), "mode='friendly'.*cooperative.*competitive"),
         ("gridworld", dict(grid_size=2, num_agents=3, num_targets=3), "does not fit"),
         ("gridworld", dict(speed=2), r"unknown gridworld arguments \['speed'\]"),
