@@ -12,8 +12,10 @@ algorithm or config.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,10 @@ def restore_rollout(state: dict[str, Any], env: Any, collector: Any) -> None:
     _set_global_rng_state(state["rng"])
 
 
+class DiskFull(OSError):
+    """A run's file could not be written for lack of space (what was there before is intact)."""
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -163,6 +169,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos"
+        if isinstance(err, OSError) and err.errno != errno.ENOSPC and shutil.disk_usage(path.parent).free > 2**20:
+            raise
+        raise DiskFull(f"no space left on {path.parent} while writing {path.name}; the previous "
+                       f"{path.name} is intact: free space there, then resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()

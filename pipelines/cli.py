@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
 from .config import apply_overrides, available_presets, describe, RunConfig
+from .checkpoint import DiskFull
 from .learners import TrainingDiverged
 from .session import TrainingStopped
 from .rundir import default_run_dir
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(args.resume)}\n")
         except TrainingStopped as err:
             parser.exit(128 + err.signum, f"marlkit train: {err}\n")
+        except DiskFull as err:
+            parser.exit(1, f"marlkit train: error: {err}\n")
         print(f"resumed {result.run_dir}: {result.frames} frames")
         return 0
     seeds = [cfg.seed]
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(run_cfg.logger.run_dir)}\n")
         except TrainingStopped as err:  # 128 + the signal's number, as a shell reports it
             parser.exit(128 + err.signum, f"marlkit train: {err}\n")
+        except DiskFull as err:
+            parser.exit(1, f"marlkit train: error: {err}\n")
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
         print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "

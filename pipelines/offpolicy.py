@@ -179,6 +179,9 @@ def start_offpolicy(cfg: OffPolicyConfig, resume: bool, checked_iterations: Call
     run = start_run(cfg, resume, checked_iterations)
     learners = build_learners(run.env, run.cfg, run.device, run.buffers)
     check_freeze_after(run.cfg, learners)
+    step = run.env.fake_tensordict().unsqueeze(-1)  # one step of every copy, to size the buffers
+    for learner in learners.values():
+        learner.replay.check_space(step)
     training = start_training(run, learners, lr=run.cfg.train.lr, adam_eps=run.cfg.train.adam_eps,
                               init_random_frames=max(0, run.cfg.replay.warmup_frames - run.start.frames))
     return run, learners, training

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -216,6 +217,27 @@ class GroupReplay:
                     "overwritten after it (the buffer wrapped); the resumed run samples newer ones in their "
                     "place, so it will not repeat the uninterrupted run exactly", stacklevel=2)
 
+    def check_space(self, example: TensorDictBase) -> None:
+        """``ValueError`` when the on-disk buffers, once full, would not fit in the free space of their
+        folder (memmap files grow as they fill; a full disk would kill the run with SIGBUS later).
+
+        ``example`` is one collected step of the env (``[num_envs, 1]``), e.g. from ``env.fake_tensordict()``.
+        """
+        on_disk = [(buffer, directory) for buffer, directory in self._buffers() if directory is not None]
+        if not on_disk:
+            return
+        one = transitions(example, self.groups, partners=self.partners, team=self.team, state=self.state)[:1]
+        per_transition = sum(t.numel() * t.element_size() for t in one.values(True, True))
+        # SUPER's per-agent buffers each keep one agent's share of a transition: the same total
+        needed = on_disk[0][0].storage.max_size * per_transition
+        folder = on_disk[0][1]
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+        free = shutil.disk_usage(existing).free
+        if needed > free:
+            raise ValueError(f"the replay buffers need {needed / 2**30:.2f} GiB under {folder} when full, but only "
+                             f"{free / 2**30:.2f} GiB is free; lower replay.buffer_size, free space, or set "
+                             "replay.memmap=false (in memory)")
+
     def _load_flushed(self) -> None:
         for buffer, directory in self._buffers():
             if directory is None:
@@ -328,6 +350,7 @@ class SharedReplay(GroupReplay):
                  alpha: float = 0.6, beta: float = 0.4):
         self.group, self.device, self.prioritized = group, device, prioritized
         self.team = self.state = False
+        self.groups, self.partners = [group], []
         self.n_agents, self.selector, self.score = n_agents, selector, score
         self.dirs = [None if scratch_dir is None else scratch_dir / f"agent_{i}" for i in range(n_agents)]
         self.buffers = [

@@ -133,3 +133,33 @@ def test_damaged_run_files_are_one_line(tmp_path, tiny_gridworld_mappo, capsys):
             cli_main(["eval", str(run)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and re.search(match, err) and "Traceback" not in err, err
+
+
+def test_replay_that_would_not_fit_on_disk_is_refused_before_training(tmp_path, monkeypatch, cli_rejects):
+    import shutil as shutil_module
+
+    from marlkit.pipelines import replay
+
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(replay.shutil, "disk_usage", lambda path: real(path)._replace(free=50 * 2**20))
+    cli_rejects(["train", "maddpg", "--env", "vmas/navigation", "env.n_agents=2", "env.num_envs=4",
+                 "collector.frames_per_batch=40", "--frames", "80", "replay.buffer_size=1000000"],
+                r"the replay buffers need \d+\.\d\d GiB under .*buffers/agents when full, but only 0.05 GiB is free")
+
+
+def test_full_disk_at_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_run_dir, tiny_gridworld_mappo, monkeypatch):
+    import errno
+
+    from marlkit.pipelines import checkpoint
+
+    tiny_gridworld_mappo(tmp_run_dir)
+    last = tmp_run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+
+    def full(state, file, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.DiskFull, match=r"no space left on .*checkpoints while writing last.pt; the previous"):
+        checkpoint.save_checkpoint(last, {"format": 2})
+    assert last.read_bytes() == before and not list(last.parent.glob(".*tmp"))
