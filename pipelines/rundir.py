@@ -90,7 +90,7 @@ class RunDir:
         data = to_dict(config)
         if extra:
             data["derived"] = dict(extra)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        _write_atomically(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
     def log(self, row: Mapping[str, float]) -> None:
         """Append one iteration's metrics to ``metrics.csv``.
@@ -106,16 +106,25 @@ class RunDir:
                 with file.open(newline="") as handle:
                     old_rows = list(csv.DictReader(handle))
             self._columns = [*(self._columns or []), *new]
-            with file.open("w", newline="") as handle:
+            tmp = file.with_name(".metrics.csv.tmp")  # rewritten beside, then renamed: a kill loses no row
+            with tmp.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, self._columns, restval="")
                 writer.writeheader()
                 writer.writerows(old_rows)
+            tmp.replace(file)
         with file.open("a", newline="") as handle:
             csv.writer(handle).writerow([_fmt(row.get(c, math.nan)) for c in self._columns])
 
     def summary(self, data: Mapping[str, Any]) -> None:
         """Write ``summary.json``."""
-        (self.path / "summary.json").write_text(json.dumps(dict(data), indent=2, default=str))
+        _write_atomically(self.path / "summary.json", json.dumps(dict(data), indent=2, default=str))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside, then rename: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _read_rows(file: Path) -> tuple[list[str], list[dict[str, str]], list[str]]:
