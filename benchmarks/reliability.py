@@ -117,6 +117,8 @@ def interrupted(args: list[str], run: Path, work: Path, delay: float, signum: in
         result = marlkit([*args, "--run-dir", str(run)], work)  # nothing was written: the same command again
         return "restarted" if result.returncode == 0 else "lost"
     result = marlkit(["train", "--resume", str(run)], work)
+    if "already has" in result.stderr:  # the last checkpoint was the final one: killed while closing
+        return "complete (killed while closing)"
     if result.returncode != 0:
         return "did not resume: " + (result.stderr.strip().splitlines() or ["?"])[-1][:80]
     return "resumed"
@@ -146,13 +148,16 @@ def main() -> None:
             for k in range(args.kills + 1):
                 signum = signal.SIGKILL if k < args.kills else signal.SIGINT
                 run = work / f"{name.split()[0]}_{k}"
-                delay = rng.uniform(1.0, duration)
+                # kills anywhere from startup on; the SIGINT while training (a Ctrl-C during Python's own
+                # imports in the first seconds still ends in its KeyboardInterrupt traceback)
+                delay = rng.uniform(1.0, duration) if signum == signal.SIGKILL else rng.uniform(0.6, 0.9) * duration
                 how = interrupted([*algorithm, *COMMON], run, work, delay, signum)
-                same = how in ("resumed", "restarted") and _curve(run) == _curve(reference)
+                same = how in ("resumed", "restarted", "complete (killed while closing)") and _curve(run) == _curve(reference)
                 faults.append((name, signal.Signals(signum).name, f"{delay:.1f}", how, same))
         nan_run = work / "nan"
         nan = marlkit(["train", "mappo", "--env", "custom_envs:NanReward", "--run-dir", str(nan_run), *TINY[:2],
                        "--frames", "200", "train.minibatch_size=20", "logger.checkpoint_every=1"], work)
+        nan_resumable = (nan_run / "checkpoints" / "last.pt").is_file()
     total = sum(len(v) for v in outcomes.values())
     print(f"\nBad inputs: {total} tried")
     for outcome, cases in sorted(outcomes.items()):
@@ -162,7 +167,7 @@ def main() -> None:
     for name, sig, delay, how, same in faults:
         print(f"| {name} | {sig} | {delay} | {how} | {'yes' if same else 'no'} |")
     last = nan.stderr.strip().splitlines()[-1] if nan.stderr.strip() else ""
-    print(f"\nNaN rewards: exit {nan.returncode}, one line: {last!r}")
+    print(f"\nNaN rewards: exit {nan.returncode}, last good checkpoint kept: {nan_resumable}, last line: {last!r}")
 
 
 if __name__ == "__main__":

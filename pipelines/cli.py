@@ -11,6 +11,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
 from .config import apply_overrides, available_presets, describe, RunConfig
@@ -166,12 +167,35 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str) -> Any:
+    """``train()``, with every way it can stop turned into one line and an exit code."""
+    def stop(code: int, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):  # an open bar would redraw after the message
+            bar.close()
+        parser.exit(code, f"marlkit train: {message}\n")
+
+    try:
+        return train()
+    except ValueError as err:  # bad config found once the env was built, no checkpoint, ...: nothing changed
+        stop(2, f"error: {err}")
+    except TrainingDiverged as err:
+        stop(1, f"training stopped: {err}; {_last_good(run_dir)}")
+    except TrainingStopped as err:  # 128 + the signal's number, as a shell reports it
+        stop(128 + err.signum, str(err))
+    except DiskFull as err:
+        stop(1, f"error: {err}")
+    except KeyboardInterrupt:  # before the first iteration set its handlers up, or a second Ctrl-C
+        stop(130, f"interrupted; {_last_good(run_dir) if run_dir else 'nothing was saved'}")
+
+
 def _last_good(run_dir: str) -> str:
     """Where a stopped run can go on from."""
     last = Path(run_dir) / "checkpoints" / "last.pt"
     if last.is_file():
-        return f"nothing non-finite was saved; its last good checkpoint is {last}"
-    return "no checkpoint was written before it"
+        return f"its last good checkpoint is {last} (marlkit train --resume {run_dir})"
+    return "no checkpoint was written before it: run the same command again"
 
 
 def _usage() -> str:
@@ -241,16 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
     if args.resume:
-        try:
-            result = module.train(cfg, resume=True)
-        except ValueError as err:  # e.g. no checkpoint, or one from another config: nothing was changed
-            parser.exit(2, f"marlkit train: error: {err}\n")
-        except TrainingDiverged as err:
-            parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(args.resume)}\n")
-        except TrainingStopped as err:
-            parser.exit(128 + err.signum, f"marlkit train: {err}\n")
-        except DiskFull as err:
-            parser.exit(1, f"marlkit train: error: {err}\n")
+        result = _run(parser, lambda: module.train(cfg, resume=True), args.resume)
         print(f"resumed {result.run_dir}: {result.frames} frames")
         return 0
     seeds = [cfg.seed]
@@ -268,16 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.seed = seed
         run_cfg.logger.run_dir = str(base.with_name(f"{base.name}_seed{seed}") if args.seeds else base)
-        try:
-            result = module.train(run_cfg)
-        except ValueError as err:  # ConfigError and the like, found once the env was built
-            parser.exit(2, f"marlkit train: error: {err}\n")
-        except TrainingDiverged as err:
-            parser.exit(1, f"marlkit train: training stopped: {err}; {_last_good(run_cfg.logger.run_dir)}\n")
-        except TrainingStopped as err:  # 128 + the signal's number, as a shell reports it
-            parser.exit(128 + err.signum, f"marlkit train: {err}\n")
-        except DiskFull as err:
-            parser.exit(1, f"marlkit train: error: {err}\n")
+        result = _run(parser, lambda: module.train(run_cfg), run_cfg.logger.run_dir)
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
         print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "
