@@ -17,6 +17,10 @@ COMMON = ["--seed", "3", "--env", "vmas/navigation", "env.n_agents=2", "env.max_
           "logger.checkpoint_every=1"]
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, nothing after it runs."""
+
+
 def _killed_at_third_checkpoint(monkeypatch, args: list[str]) -> None:
     """Train until the checkpoint after iteration 2 is being written, and die there (as SIGKILL would:
     nothing after it runs); the buffers already hold iteration 2's transitions."""
@@ -25,11 +29,11 @@ def _killed_at_third_checkpoint(monkeypatch, args: list[str]) -> None:
     def dying_save(path, state):
         calls.append(path)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise _Killed
         return save(path, state)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(_Killed):
         cli_main(args)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
 
