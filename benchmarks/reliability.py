@@ -93,7 +93,7 @@ ALGORITHMS = {
     "iql (prioritized)": ["train", "iql", "--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2",
                           "replay.prioritized=true", "exploration.annealing_frames=200"],
 }
-COMMON = ["--seed", "5", "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40", "--frames", "320",
+COMMON = ["--seed", "5", "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40", "--frames", "640",
           "model.num_cells=[16]", "logger.progress=false", "logger.checkpoint_every=1"]
 
 
@@ -111,6 +111,8 @@ def interrupted(args: list[str], run: Path, work: Path, delay: float, signum: in
         return "finished before the signal"
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
+    if signum == signal.SIGINT and process.returncode == 0:
+        return "complete (signal while closing)"  # it let the finished run close, then exited 0
     if signum == signal.SIGINT and process.returncode != 130:
         return f"SIGINT gave exit {process.returncode}"
     if not (run / "config.yaml").is_file():
@@ -148,11 +150,13 @@ def main() -> None:
             for k in range(args.kills + 1):
                 signum = signal.SIGKILL if k < args.kills else signal.SIGINT
                 run = work / f"{name.split()[0]}_{k}"
-                # kills anywhere from startup on; the SIGINT while training (a Ctrl-C during Python's own
-                # imports in the first seconds still ends in its KeyboardInterrupt traceback)
-                delay = rng.uniform(1.0, duration) if signum == signal.SIGKILL else rng.uniform(0.6, 0.9) * duration
+                # kills from late start-up to closing (most land in training, checkpoint and buffer
+                # writes); the SIGINT while training (a Ctrl-C during Python's own start-up imports
+                # still ends in its KeyboardInterrupt traceback)
+                delay = rng.uniform(0.3, 1.0) * duration if signum == signal.SIGKILL else rng.uniform(0.6, 0.9) * duration
                 how = interrupted([*algorithm, *COMMON], run, work, delay, signum)
-                same = how in ("resumed", "restarted", "complete (killed while closing)") and _curve(run) == _curve(reference)
+                same = how in ("resumed", "restarted", "complete (killed while closing)",
+                               "complete (signal while closing)") and _curve(run) == _curve(reference)
                 faults.append((name, signal.Signals(signum).name, f"{delay:.1f}", how, same))
         nan_run = work / "nan"
         nan = marlkit(["train", "mappo", "--env", "custom_envs:NanReward", "--run-dir", str(nan_run), *TINY[:2],

@@ -173,12 +173,16 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
 def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
     """Stop the collector (and its env) and the evaluator; write the summary; return the result.
 
-    Raises :class:`TrainingStopped` (after all that) when a SIGINT / SIGTERM ended the run early.
+    Raises :class:`TrainingStopped` (after all that) when a SIGINT / SIGTERM ended the run before its
+    last iteration; one that arrives while the finished run closes only lets it close.
     """
-    training.restore_signal_handlers()
-    training.collector.shutdown()  # closes the env too
-    training.evaluator.close()
-    result = training.reporter.finish(run.iterations, training.policy, **summary)
-    if training.stop_signal is not None:
-        raise TrainingStopped(training.stop_signal, run.dir.path, int(result.metrics.get("iteration", -1)))
+    try:
+        training.collector.shutdown()  # closes the env too
+        training.evaluator.close()
+        result = training.reporter.finish(run.iterations, training.policy, **summary)
+    finally:
+        training.restore_signal_handlers()
+    last = int(result.metrics.get("iteration", -1))
+    if training.stop_signal is not None and last < run.iterations - 1:
+        raise TrainingStopped(training.stop_signal, run.dir.path, last)
     return result
