@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,12 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str) -> Any:
-    """``train()``, with every way it can stop turned into one line and an exit code."""
+def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process: bool) -> Any:
+    """``train()``, with every way it can stop turned into one line and an exit code.
+
+    ``owns_process`` (the ``marlkit`` command itself, not a call from Python): Ctrl-C before training
+    sets its handlers stops where it is, and after a completed run the process ends without a traceback.
+    """
     def stop(code: int, message: str) -> None:
         from tqdm.auto import tqdm
 
@@ -176,8 +181,15 @@ def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str) -> Any:
             bar.close()
         parser.exit(code, f"marlkit train: {message}\n")
 
+    if owns_process:  # until training sets its own handlers: stop where it is
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        return train()
+        result = train()
+        if owns_process:  # the run is complete: a late signal must not end it in a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return result
     except ValueError as err:  # bad config found once the env was built, no checkpoint, ...: nothing changed
         stop(2, f"error: {err}")
     except TrainingDiverged as err:
@@ -241,6 +253,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``marlkit`` command."""
+    owns_process = argv is None  # run as the command, not called from Python (tests, notebooks)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
     if args.resume:
-        result = _run(parser, lambda: module.train(cfg, resume=True), args.resume)
+        result = _run(parser, lambda: module.train(cfg, resume=True), args.resume, owns_process)
         print(f"resumed {result.run_dir}: {result.frames} frames")
         return 0
     seeds = [cfg.seed]
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.seed = seed
         run_cfg.logger.run_dir = str(base.with_name(f"{base.name}_seed{seed}") if args.seeds else base)
-        result = _run(parser, lambda: module.train(run_cfg), run_cfg.logger.run_dir)
+        result = _run(parser, lambda: module.train(run_cfg), run_cfg.logger.run_dir, owns_process)
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
         print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "
