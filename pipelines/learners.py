@@ -50,13 +50,13 @@ def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: 
     """
     terms = {key: loss_out[key] for key in learner.loss_terms if key in loss_out.keys()}
     total = sum(terms.values())
-    if not torch.isfinite(total):
-        bad = [key for key, value in terms.items() if not torch.isfinite(value).all()]
-        raise TrainingDiverged(f"{where}: loss terms not finite: {', '.join(bad)} (sum {total.item()})")
     total.backward()
     norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
-    if not torch.isfinite(norm):
+    if not torch.isfinite(total + norm):  # one host sync per step; the details only when it failed
         optimiser.zero_grad(set_to_none=True)
+        bad = [key for key, value in terms.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise TrainingDiverged(f"{where}: loss terms not finite: {', '.join(bad)} (sum {total.item()})")
         raise TrainingDiverged(f"{where}: the gradient norm is not finite ({norm.item()})")
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)

@@ -181,15 +181,9 @@ class GroupReplay:
         and count, its sampler's state (priorities). The transitions stay in their memmap files, written
         as they arrive; nothing is rewritten in place, so the checkpoint file alone (renamed atomically)
         says which of them the run had at that point, and a kill at any instant leaves it consistent."""
-        states = []
-        for buffer, directory in self._buffers():
-            if directory is not None and buffer.storage.initialized:
-                # Reopen the files, as a resumed run will: reads only, and both runs then compute on
-                # identically mapped tensors (their float results match to the last bit).
-                buffer.storage._storage = TensorDict.load_memmap(directory)
-            states.append({"len": len(buffer.storage) if buffer.storage.initialized else 0,
-                           "writer": buffer.writer.state_dict(), "sampler": buffer.sampler.state_dict()})
-        return {"buffers": states}
+        return {"buffers": [{"len": len(buffer.storage) if buffer.storage.initialized else 0,
+                             "writer": buffer.writer.state_dict(), "sampler": buffer.sampler.state_dict()}
+                            for buffer, _ in self._buffers()]}
 
     def load(self, state: dict[str, Any]) -> None:
         """Reopen the on-disk buffers as :meth:`dump` describes them; warn when transitions they held at
