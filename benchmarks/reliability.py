@@ -5,7 +5,8 @@ anything is built where the check needs no env. Faults: for MAPPO, MADDPG and pr
 uninterrupted reference run, then runs SIGKILLed at random instants (checkpoints every iteration, so
 kills land in checkpoint, buffer and metrics writes too) and one stopped with SIGINT, each resumed with
 ``marlkit train --resume`` and compared with the reference (rewards and losses, every row); and a run
-whose rewards turn NaN. A full disk is covered by the tests (simulated ENOSPC), not here.
+whose rewards turn NaN; a run directory on a full filesystem (a small tmpfs, then grown and
+resumed) and on a read-only one (both need root to mount).
 
     python benchmarks/reliability.py [--kills 4] [--seed 0]
 """
@@ -72,6 +73,19 @@ def bad_inputs(work: Path) -> list[list[str]]:
         ["train", "mappo", "--env", "pettingzoo/mpe2/simple_speaker_listener_v4", "env.teams.t=[nobody]"],
         ["train", "mappo", "--env", "custom_envs:NeedsArgument"], ["train", "mappo", "--env", "custom_envs:StringReward"],
         ["train", "mappo", "--env", "no_such_module:Env"],
+        [*mappo, "train.num_epochs=-1"], [*mappo, "loss.lmbda=2"], [*mappo, "env.max_steps=0"], [*mappo, "--frames", "abc"],
+        [*mappo, "replay.buffer_size=10"], [*mappo, "model.num_cells=[0]"], [*mappo, "model.num_cells=abc"],
+        [*mappo, "--device", "cuda"], [*mappo, "train.lr=-1"], [*mappo, "--seed", "-1"], [*mappo, "--seed", "abc"],
+        [*mappo, "train.max_grad_norm=0"], [*mappo, "loss.entropy_coef=-1"], [*mappo, "model.share_params=maybe"],
+        [*mappo, "logger.eval_every=-1"], [*mappo, "logger.video_every=abc"], [*mappo, "env.teams=abc"],
+        ["train", "iql", "--env", "gridworld", "replay.buffer_size=0"], ["train", "iql", "--env", "gridworld", "replay.alpha=-1"],
+        ["train", "iql", "--env", "gridworld", "exploration.eps_init=2"], ["train", "iql", "--env", "gridworld", "sharing.beta=-1"],
+        ["train", "iql", "--env", "gridworld", "replay.batch_size=0"], ["train", "iql", "--env", "gridworld", "loss.gamma=-0.5"],
+        ["train", "iql", "--env", "gridworld", "exploration.annealing_frames=-5"], ["train", "masac", "--env", "gridworld"],
+        ["train", "maddpg", "--env", "vmas/navigation", "env.n_agents=0"], ["train", "maddpg", "loss.tau=2"],
+        ["train", "maddpg", "exploration.sigma_init=-1"], ["train", "mappo", "--env", "vmas/nosuchscenario"],
+        ["train", "mappo", "--env", "pettingzoo/sisl/nosuch_v1"], ["train", "mappo", "--env", "gymnasium/NoSuch-v0"],
+        ["train", "mappo", "--seeds", "0,-1"],
     ]
 
 
@@ -102,10 +116,27 @@ def _curve(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if "reward" in k or "loss" in k} for row in csv.DictReader(handle)]
 
 
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def reference_run(args: list[str], run: Path, work: Path) -> float:
+    """Run ``args`` uninterrupted; the seconds from its ``config.yaml`` (env built, training begins) to its end."""
+    process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", *args, "--run-dir", str(run)],
+                               cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run / "config.yaml", process)
+    start = time.perf_counter()
+    process.wait(timeout=300)
+    return time.perf_counter() - start
+
+
 def interrupted(args: list[str], run: Path, work: Path, delay: float, signum: int) -> str:
-    """Start ``args``, send ``signum`` after ``delay`` s, then resume until done; how it went."""
+    """Start ``args``, send ``signum`` ``delay`` s after training began, then resume until done; how it went."""
     process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", *args, "--run-dir", str(run)],
                                cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "config.yaml", process)
     time.sleep(delay)
     if process.poll() is not None:
         return "finished before the signal"
@@ -126,6 +157,31 @@ def interrupted(args: list[str], run: Path, work: Path, delay: float, signum: in
     return "resumed"
 
 
+def _mount(point: Path, options: str) -> bool:
+    point.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode == 0
+
+
+def full_disk(args: list[str], kib: int, reference: Path, work: Path) -> str:
+    """Train on a ``kib`` KiB filesystem until it is full, grow it, resume; how it went."""
+    point = work / f"disk{kib}"
+    if not _mount(point, f"size={kib}k"):
+        return "not run (mounting a tmpfs needs root)"
+    try:
+        first = marlkit([*args, "--run-dir", str(point / "run")], work)
+        line = (first.stderr.strip().splitlines() or ["?"])[-1]
+        if first.returncode == 0 or "no space left" not in line or "Traceback" in first.stderr:
+            return f"not one line: exit {first.returncode}, {line[:80]}"
+        subprocess.run(["mount", "-o", "remount,size=65536k", str(point)], check=True)
+        resumed = marlkit(["train", "--resume", str(point / "run")], work)
+        if resumed.returncode != 0:
+            return "did not resume: " + (resumed.stderr.strip().splitlines() or ["?"])[-1][:80]
+        same = _curve(point / "run") == _curve(reference)
+        return f"one line ({line.split(' while writing ')[-1].split(';')[0]}), resumed, {'equal' if same else 'NOT equal'}"
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=4, help="SIGKILLs per algorithm")
@@ -141,23 +197,28 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 result = None
             outcomes.setdefault(classify(result), []).append(" ".join(case[:6]))
-        faults = []
+        read_only = work / "readonly"
+        if _mount(read_only, "size=64k,ro"):
+            result = marlkit(["train", "mappo", "--env", "gridworld", *TINY, "--run-dir", str(read_only / "run")], work)
+            outcomes.setdefault(classify(result), []).append("train --run-dir <read-only filesystem>")
+            subprocess.run(["umount", str(read_only)], check=False)
+        faults, disks = [], []
         for name, algorithm in ALGORITHMS.items():
             reference = work / f"ref_{name.split()[0]}"
-            start = time.perf_counter()
-            marlkit([*algorithm, *COMMON, "--run-dir", str(reference)], work)
-            duration = time.perf_counter() - start
+            duration = reference_run([*algorithm, *COMMON], reference, work)
             for k in range(args.kills + 1):
                 signum = signal.SIGKILL if k < args.kills else signal.SIGINT
                 run = work / f"{name.split()[0]}_{k}"
-                # kills from late start-up to closing (most land in training, checkpoint and buffer
-                # writes); the SIGINT while training (a Ctrl-C during Python's own start-up imports
-                # still ends in its KeyboardInterrupt traceback)
-                delay = rng.uniform(0.3, 1.0) * duration if signum == signal.SIGKILL else rng.uniform(0.6, 0.9) * duration
+                # SIGKILLs anywhere in training and closing (checkpoint, buffer and metrics writes
+                # included); the SIGINT while training
+                delay = rng.uniform(0.0, 1.0) * duration if signum == signal.SIGKILL else rng.uniform(0.2, 0.8) * duration
                 how = interrupted([*algorithm, *COMMON], run, work, delay, signum)
                 same = how in ("resumed", "restarted", "complete (killed while closing)",
                                "complete (signal while closing)") and _curve(run) == _curve(reference)
                 faults.append((name, signal.Signals(signum).name, f"{delay:.1f}", how, same))
+            # small enough that a checkpoint (or the replay files beside one) cannot be written
+            kib = 160 if name == "mappo" else 400
+            disks.append((name, kib, full_disk([*algorithm, *COMMON], kib, reference, work)))
         nan_run = work / "nan"
         nan = marlkit(["train", "mappo", "--env", "custom_envs:NanReward", "--run-dir", str(nan_run), *TINY[:2],
                        "--frames", "200", "train.minibatch_size=20", "logger.checkpoint_every=1"], work)
@@ -170,6 +231,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, sig, delay, how, same in faults:
         print(f"| {name} | {sig} | {delay} | {how} | {'yes' if same else 'no'} |")
+    print("\n| algorithm | filesystem | outcome |\n|---|---|---|")
+    for name, kib, how in disks:
+        print(f"| {name} | {kib} KiB tmpfs | {how} |")
     last = nan.stderr.strip().splitlines()[-1] if nan.stderr.strip() else ""
     print(f"\nNaN rewards: exit {nan.returncode}, last good checkpoint kept: {nan_resumable}, last line: {last!r}")
 

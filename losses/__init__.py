@@ -48,6 +48,7 @@ can die), the PPO, DDPG, SAC and DQN losses also read that mask and average over
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -171,6 +172,9 @@ def make_ppo_loss(
         raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
     if clip_epsilon <= 0.0:
         raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
+    if not (0.0 <= entropy_coef < math.inf and 0.0 <= critic_coef < math.inf):
+        # a negative entropy bonus rewards collapsing the policy: always a sign flip, never a setting
+        raise ValueError(f"entropy_coef ({entropy_coef}) and critic_coef ({critic_coef}) must be finite and >= 0")
     loss = MAPPOLoss(
         actor_network=actor,
         critic_network=critic,

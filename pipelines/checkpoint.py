@@ -15,8 +15,9 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,21 +160,38 @@ class DiskFull(OSError):
     """A run's file could not be written for lack of space (what was there before is intact)."""
 
 
+def _out_of_space(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch's zip writer reports a short write as a RuntimeError ("unexpected pos", "iostream error")
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in ("unexpected pos", "iostream error",
+                                                                         "No space left"))
+
+
+@contextmanager
+def space_guarded(path: Path, kept: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one :class:`DiskFull` line; ``kept`` says what is intact."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _out_of_space(err):
+            raise
+        raise DiskFull(f"no space left on {path.parent} while writing {path.name}; {kept}") from None
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    kept = (f"the previous {path.name} is intact: free space there, then resume" if path.exists()
+            else "no checkpoint was written yet: free space there, then --resume starts the run afresh")
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos"
-        if isinstance(err, OSError) and err.errno != errno.ENOSPC and shutil.disk_usage(path.parent).free > 2**20:
-            raise
-        raise DiskFull(f"no space left on {path.parent} while writing {path.name}; the previous "
-                       f"{path.name} is intact: free space there, then resume") from None
+        with space_guarded(path, kept):
+            torch.save(state, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

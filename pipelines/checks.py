@@ -55,6 +55,8 @@ def check_logger_config(logger: LoggerConfig) -> None:
 
 def check_common(cfg: RunConfig) -> int:
     """The checks every pipeline shares (env, frames, model, device, logger); returns the iteration count."""
+    if cfg.seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy, Gymnasium and PettingZoo take no negative seeds), got {cfg.seed}")
     check_env_config(cfg.env)
     iterations = check_frames(cfg.collector, cfg.env.num_envs)
     check_model_config(cfg.model)

@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for
-from .config import apply_overrides, available_presets, describe, RunConfig
-from .checkpoint import DiskFull
-from .learners import TrainingDiverged
-from .session import TrainingStopped
-from .rundir import default_run_dir
+
+def _interrupted_while_starting(signum: int, frame: Any) -> None:
+    sys.stderr.write(f"marlkit: stopped by {signal.Signals(signum).name} while starting\n")
+    os._exit(128 + signum)
+
+
+# Run as the command (console script or ``python -m``), a Ctrl-C during the imports below (seconds of
+# torch and torchrl) ends in one line rather than a traceback through them; main() takes over after.
+if __name__ == "__main__" or Path(sys.argv[0]).name == "marlkit":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _interrupted_while_starting)
+
+from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for  # noqa: E402
+from .config import apply_overrides, available_presets, describe, RunConfig  # noqa: E402
+from .checkpoint import DiskFull  # noqa: E402
+from .learners import TrainingDiverged  # noqa: E402
+from .session import TrainingStopped  # noqa: E402
+from .rundir import default_run_dir  # noqa: E402
 
 
 def _train_epilog() -> str:
@@ -254,7 +267,18 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``marlkit`` command."""
     owns_process = argv is None  # run as the command, not called from Python (tests, notebooks)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if not owns_process:
+        return _main(list(argv), owns_process)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return _main(sys.argv[1:], owns_process)
+    except KeyboardInterrupt:  # eval, render, plot or a config check; train() has its own handling
+        sys.stderr.write("marlkit: interrupted\n")
+        return 130
+
+
+def _main(argv: list[str], owns_process: bool) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -288,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.exit(2, f"marlkit train: error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
         repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-        if repeated or not seeds:
-            parser.exit(2, f"marlkit train: error: --seeds must list distinct seeds, got {args.seeds!r}\n")
+        if repeated or not seeds or min(seeds) < 0:
+            parser.exit(2, f"marlkit train: error: --seeds must list distinct seeds >= 0, got {args.seeds!r}\n")
     base = Path(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, seeds[0]))
     run_dirs = []
     for seed in seeds:

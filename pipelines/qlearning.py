@@ -131,7 +131,7 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
     check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
-    if r.prioritized and (r.alpha < 0 or not 0.0 <= r.beta <= 1.0):
+    if r.alpha < 0 or not 0.0 <= r.beta <= 1.0:
         raise ValueError(f"replay.alpha must be >= 0 and replay.beta in [0, 1], got {r.alpha}, {r.beta}")
     return iterations
 

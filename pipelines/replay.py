@@ -28,6 +28,8 @@ from torchrl.data.replay_buffers.samplers import Sampler
 
 from marlkit.losses import team_entries
 
+from .checkpoint import space_guarded
+
 SHARING_MODES = ("none", "all", "random", "quantile", "gaussian", "stochastic")
 
 
@@ -109,14 +111,30 @@ _WRITES = "writes.json"  # per buffer folder: how many transitions it will have 
 
 
 def _mark_writes(buffer: ReplayBuffer, directory: Path | None, count: int) -> None:
-    """Record (atomically, before writing them) that ``count`` more transitions go into ``buffer``, so a
-    resumed run can tell whether data its checkpoint held was overwritten after it."""
+    """Before ``count`` more transitions go into ``buffer``: allocate the disk blocks they will land in
+    (:func:`_allocate`), then record (atomically) how many it will have received, so a resumed run can
+    tell whether data its checkpoint held was overwritten after it."""
     if directory is None:
         return
+    written, capacity = buffer.writer._write_count, buffer.storage.max_size
+    if buffer.storage.initialized and written < capacity:  # after one pass every block is allocated
+        _allocate(directory, written, min(capacity, written + count), capacity)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{_WRITES}.tmp"
-    tmp.write_text(json.dumps({"write_count": buffer.writer._write_count + count}))
-    os.replace(tmp, directory / _WRITES)
+    with space_guarded(tmp, "the last checkpoint is intact: free space there, then resume"):
+        tmp.write_text(json.dumps({"write_count": written + count}))
+        os.replace(tmp, directory / _WRITES)
+
+
+def _allocate(directory: Path, start: int, stop: int, capacity: int) -> None:
+    """Allocate slots ``[start, stop)`` of every memmap file under ``directory``. The files are sparse: a
+    write to a page the full disk cannot provide kills the process with SIGBUS; allocated beforehand, a
+    full disk is one :class:`DiskFull` line and the last checkpoint stays the state to resume from."""
+    for file in directory.rglob("*.memmap"):
+        with space_guarded(file, "the last checkpoint is intact: free space there, then resume"), \
+                open(file, "r+b") as handle:
+            row = os.fstat(handle.fileno()).st_size // capacity
+            os.posix_fallocate(handle.fileno(), start * row, (stop - start) * row)
 
 
 def _overwritten_since(directory: Path, saved: dict[str, Any], capacity: int) -> int:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig, to_dict
 from .loggers import make_logger
 from .plots import plot_runs
+from .checkpoint import space_guarded
 from .rundir import RunDir, RunStart
 
 
@@ -136,7 +137,9 @@ class Reporter:
         self.bar.close()
         self.logger.close()
         if self.row:
-            plot_runs([self.run.path], self.run.path / "plots" / "curves.png")
+            curves = self.run.path / "plots" / "curves.png"
+            with space_guarded(curves, "metrics.csv and the checkpoints are intact; `marlkit plot` redraws it"):
+                plot_runs([self.run.path], curves)
         time_s = time.perf_counter() - self.start
         result = TrainResult(self.run.path, self.row, dict(self.rewards), self.frames, time_s,
                              self.frames / time_s, policy)

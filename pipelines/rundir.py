@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, space_guarded
 from .config import RunConfig, to_dict
 
 
@@ -50,6 +51,11 @@ class RunDir:
                 f"{self.path} already holds a run (config.yaml / metrics.csv); choose another "
                 "--run-dir so the existing results are kept, or continue it with --resume"
             )
+
+    @property
+    def buffers(self) -> Path:
+        """Where the off-policy replays keep their memmap files."""
+        return self.path / "buffers"
 
     def keep_rows_through(self, iteration: int, checkpoint: Mapping[str, Any] | None = None) -> float:
         """On resume: keep the metrics rows up to the checkpoint's ``iteration`` and drop the rest (they
@@ -99,6 +105,11 @@ class RunDir:
         the header; earlier rows get empty cells there.
         """
         file = self.path / "metrics.csv"
+        with space_guarded(file, "the rows of earlier iterations are intact (resume drops a row cut short): "
+                                 "free space there, then resume"):
+            self._append(file, row)
+
+    def _append(self, file: Path, row: Mapping[str, float]) -> None:
         new = [key for key in row if key not in (self._columns or [])]
         if self._columns is None or new:
             old_rows = []
@@ -123,8 +134,12 @@ class RunDir:
 def _write_atomically(path: Path, text: str) -> None:
     """Write beside, then rename: a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        with space_guarded(path, f"the previous {path.name}, if any, is intact: free space there, then resume"):
+            tmp.write_text(text)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_rows(file: Path) -> tuple[list[str], list[dict[str, str]], list[str]]:
@@ -192,6 +207,8 @@ def open_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunDir, RunStart]:
         warnings.warn(f"{run.path} has no checkpoint yet (it stopped before its first one): starting it afresh "
                       "from its config.yaml", stacklevel=2)
         run.keep_rows_through(-1)
+        # replay files of the first iteration: no checkpoint refers to them, and memmaps refuse to reopen
+        shutil.rmtree(run.buffers, ignore_errors=True)
         return run, RunStart()
     state = load_checkpoint(checkpoint_path(run.path), to_dict(cfg))
     if state["frames"] >= cfg.collector.total_frames:

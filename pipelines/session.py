@@ -53,7 +53,7 @@ class Run:
     @property
     def buffers(self) -> Path:
         """Where the off-policy replays keep their files."""
-        return self.dir.path / "buffers"
+        return self.dir.buffers
 
 
 def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunConfig], int]) -> Run:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,29 @@ def tiny_gridworld_mappo(tiny_config):
             **overrides}))
 
     return run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kib, read_only=False) -> Path``: a tmpfs of that size mounted under ``tmp_path``, and
+    ``small_disk.grow(path, kib)`` to enlarge it. A real full (or read-only) filesystem, where a
+    monkeypatched ENOSPC cannot show torch's and the memmaps' own failures; skipped where mounting is
+    not allowed (it needs root)."""
+    mounted: list[Path] = []
+
+    def mount(kib: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        options = f"size={kib}k" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounted.append(point)
+        return point
+
+    def grow(point: Path, kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(point)], check=True)
+
+    mount.grow = grow
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)

@@ -53,7 +53,11 @@ def test_diverging_run_is_one_line_from_the_cli(tmp_path):
     (["train", "mappo", "train.lr=1e-3", "train.lr=2e-3"], r"train.lr is set twice \('1e-3' and '2e-3'\)"),
     (["train", "mappo", "train.lr=inf"], r"train.lr \(inf\) .* must be finite and > 0"),
     (["train", "qmix", "train.lr=nan"], r"train.lr \(nan\) .* finite and > 0"),
-    (["train", "mappo", "--seeds", "0,0"], "--seeds must list distinct seeds, got '0,0'"),
+    (["train", "mappo", "--seeds", "0,0"], "--seeds must list distinct seeds >= 0, got '0,0'"),
+    (["train", "mappo", "--seeds", "0,-1"], "--seeds must list distinct seeds >= 0, got '0,-1'"),
+    (["train", "mappo", "--seed", "-1"], "seed must be >= 0 .* got -1"),
+    (["train", "mappo", "--env", "gridworld", "loss.entropy_coef=-0.01"], r"entropy_coef \(-0.01\) .* must be finite and >= 0"),
+    (["train", "iql", "--env", "gridworld", "replay.alpha=-1"], r"replay.alpha must be >= 0 .* got -1.0"),
     (["render", "--env", "gridworld", "--fps", "0"], "--fps must be a positive number of frames per second, got 0"),
     (["render", "--env", "gridworld", "--fps", "-5"], "got -5"),
 ])
@@ -96,6 +100,16 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
         f"continue with: marlkit train --resume {run}")
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["iteration"] == last_row  # nothing done is lost: the stopping iteration was checkpointed
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld",
+                                "--run-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(1.5)  # past the interpreter's start, inside the seconds of torch / torchrl imports
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err == "marlkit: stopped by SIGINT while starting\n", err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("env,match", [
