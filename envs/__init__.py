@@ -24,7 +24,7 @@ import torch
 from ._common import check_positive_int, device_of, MultiAgentEnv
 from .pettingzoo import importable
 
-FAMILIES = ("vmas", "pettingzoo", "gridworld", "matrix", "gym")
+FAMILIES = ("vmas", "pettingzoo", "gridworld", "pursuit", "matrix", "gym")
 
 __all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "check_env_name", "check_positive_int", "device_of",
            "importable", "make_env", "split_env_name"]
@@ -40,6 +40,7 @@ def available_envs() -> dict[str, list[str]]:
         "vmas": [f"vmas/{s}" for s in vmas_scenarios()],
         "pettingzoo": [f"pettingzoo/{f}/<env>" for f in PETTINGZOO_FAMILIES],
         "gridworld": ["gridworld"],
+        "pursuit": ["pursuit"],
         "matrix": [f"matrix/{g}" for g in MATRIX_GAMES],
         "gym": ["gym/<any registered Gymnasium id, e.g. CartPole-v1>"],
     }
@@ -69,8 +70,8 @@ def split_env_name(name: str) -> tuple[str, str]:
             f"{', '.join(FAMILIES)} (e.g. vmas/navigation, pettingzoo/mpe2/simple_spread_v3, "
             "gridworld, matrix/climbing, gym/CartPole-v1)"
         )
-    if family == "gridworld" and rest:
-        raise ValueError(f"'gridworld' takes no sub-name, got {name!r}")
+    if family in ("gridworld", "pursuit") and rest:
+        raise ValueError(f"{family!r} takes no sub-name, got {name!r}")
     if family == "pettingzoo" and rest.count("/") != 1:
         raise ValueError(f"PettingZoo envs are named 'pettingzoo/<family>/<env>', got {name!r}")
     if family in ("vmas", "matrix", "gym") and not rest:
@@ -155,6 +156,10 @@ def make_env(
         from .gridworld import make_gridworld_env
 
         return make_gridworld_env(num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    if family == "pursuit":
+        from .pursuit import make_pursuit_env
+
+        return make_pursuit_env(num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
     if family == "matrix":
         from .matrix import make_matrix_env
 
