@@ -1,66 +1,98 @@
-"""Benchmark: SUPER selective experience sharing on SISL pursuit (the SUPER paper's benchmark).
+"""Benchmark: the SUPER paper's pursuit experiment at its full budget, one raw CSV per finished run.
 
-Runs IQL (independent double DQN, ``pursuit-super`` preset) with each sharing arm for ``--frames``
-frames and ``--seeds`` seeds, and prints per arm the area under the return curve (mean episode
-return averaged over iterations) and the final return, as mean ± standard deviation over seeds,
-plus the realised share fraction. Pursuit steps slowly (≈130 env steps/s here), so budgets that
-separate the arms take hours; the defaults only check that every arm runs end to end.
+Runs ``marlkit train iql --preset pursuit-super`` (tensor pursuit, the paper's settings: see the preset)
+for every arm and seed, ``--jobs`` runs at a time with one torch thread each, and copies each finished
+run's ``metrics.csv`` to ``<out>/<arm>_s<seed>.csv`` (plus ``<arm>_s<seed>.json``: wall time, frames/s,
+config). Runs whose CSV exists are skipped, so the experiment can be stopped and continued on another day.
+``benchmarks/super_pursuit_table.py`` makes the table and the plot from the CSVs alone.
 
-    python benchmarks/super_pursuit.py [--arms none,quantile,random,all] [--seeds 2] [--frames 10000]
+Arms: ``none``, ``quantile``, ``gaussian``, ``stochastic`` (SUPER's three selection rules), ``random``
+(10% at random: the control for "more data"), ``all`` (share everything), and ``none-dqn`` /
+``quantile-dqn`` (plain DQN: no dueling, no double Q; the paper's robustness check).
+
+    python benchmarks/super_pursuit.py [--arms none,quantile,gaussian,stochastic] [--seeds 0-4]
+                                       [--frames 800000] [--jobs 2] [--out benchmarks/results/super_pursuit]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
+import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _child import run_child
+ARMS = {
+    "none": {"sharing.mode": "none"},
+    "quantile": {"sharing.mode": "quantile"},
+    "gaussian": {"sharing.mode": "gaussian"},
+    "stochastic": {"sharing.mode": "stochastic"},
+    "random": {"sharing.mode": "random"},
+    "all": {"sharing.mode": "all"},
+    "none-dqn": {"sharing.mode": "none", "model.dueling": "false", "loss.double_dqn": "false"},
+    "quantile-dqn": {"sharing.mode": "quantile", "model.dueling": "false", "loss.double_dqn": "false"},
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
 
 
-def _curve(rows: list[dict[str, str]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key, "") != ""]
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        low, high = text.split("-")
+        return list(range(int(low), int(high) + 1))
+    return [int(s) for s in text.split(",")]
 
 
-def _fmt(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> str:
+    """Train one arm and seed in a child process; copy its metrics to ``out``; a line saying how it went."""
+    name = f"{arm}_s{seed}"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        overrides = [f"{k}={v}" for k, v in ARMS[arm].items()]
+        args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "iql", "--preset", "pursuit-super",
+                "--seed", str(seed), "--frames", str(frames), "--run-dir", str(run), "logger.progress=false",
+                *overrides, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the runs share the cores instead of fighting for them
+        start = time.perf_counter()
+        result = subprocess.run(args, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        if result.returncode:
+            return f"{name}: FAILED ({(result.stderr.strip().splitlines() or ['?'])[-1][:200]})"
+        summary = json.loads((run / "summary.json").read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run / "metrics.csv", out / f".{name}.csv.tmp")
+        (out / f"{name}.json").write_text(json.dumps({
+            "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
+            "frames_per_s": summary["frames_per_s"], "overrides": overrides + extra,
+            "n_pursuers": 8, "versions": summary.get("versions", {})}, indent=2))
+        os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
+    return f"{name}: {wall / 60:.1f} min, {summary['frames_per_s']:.0f} frames/s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="none,quantile,random,all")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=10_000)
-    parser.add_argument("--frames-per-batch", type=int, default=2000)
+    parser.add_argument("--arms", default="none,quantile,gaussian,stochastic,random,all,none-dqn,quantile-dqn")
+    parser.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,1,2")
+    parser.add_argument("--frames", type=int, default=800_000, help="env steps per run (paper: 800,000)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", help="extra section.field=value for every run (tiny budgets)")
     args = parser.parse_args()
-    table = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in args.arms.split(","):
-            auc, final, share, fps = [], [], [], []
-            for seed in range(args.seeds):
-                run = run_child("iql", "pursuit-super", {
-                    "sharing.mode": arm, "seed": seed, "collector.total_frames": args.frames,
-                    "collector.frames_per_batch": args.frames_per_batch,
-                }, Path(tmp) / f"{arm}{seed}")
-                curve = _curve(run["rows"], "pursuer/episode_reward_mean")
-                auc.append(statistics.mean(curve) if curve else math.nan)
-                final.append(curve[-1] if curve else math.nan)
-                share.append(statistics.mean(_curve(run["rows"], "pursuer/share_fraction") or [0.0]))
-                fps.append(run["summary"]["frames_per_s"])
-                print(f"{arm} seed {seed}: done", file=sys.stderr)
-            table.append((arm, auc, final, share, fps))
-    print(f"\nIQL on pursuit (8 pursuers, 30 evaders, 16x16), {args.frames:,} frames, {args.seeds} seeds\n")
-    print("| sharing | area under return curve | final return | share fraction | frames/s |")
-    print("|---|---|---|---|---|")
-    for arm, auc, final, share, fps in table:
-        print(f"| {arm} | {_fmt(auc)} | {_fmt(final)} | {statistics.mean(share):.3f} | {statistics.mean(fps):.0f} |")
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; accepted: {', '.join(ARMS)}")
+    # seed-major order: with little time, every arm gets its first seeds before any arm gets more
+    todo = [(arm, seed) for seed in _seeds(args.seeds) for arm in arms
+            if not (args.out / f"{arm}_s{seed}.csv").exists()]
+    print(f"{len(todo)} runs to do ({args.jobs} at a time); results in {args.out}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(lambda job: run_one(*job, args.frames, args.out, args.overrides), todo):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -68,17 +68,19 @@ class _FlattenFeatures(nn.Module):
 
 
 def make_encoder(
-    obs_spec: TensorSpec, n_agents: int, *, share_params: bool, device: torch.device | str = "cpu"
+    obs_spec: TensorSpec, n_agents: int, *, share_params: bool, device: torch.device | str = "cpu",
+    flatten_images: bool = False,
 ) -> tuple[nn.Module, int]:
     """Per-agent feature extractor for observations of ``obs_spec`` (shape ``[n_agents, *obs]``).
 
     Returns the module and its per-agent output size. Images get a ``MultiAgentConvNet`` (strided
-    Atari-style layers for large frames, 3x3 convolutions for small local views).
+    Atari-style layers for large frames, 3x3 convolutions for small local views) unless
+    ``flatten_images``, which feeds them to the MLP flat (small local views, as the SUPER paper's MLP).
     """
     shape = obs_spec.shape[1:]
     if len(shape) == 1:
         return nn.Identity(), shape[0]
-    if _is_image(shape):
+    if _is_image(shape) and not flatten_images:
         height, width, channels = shape
         scale = 1.0 / 255.0 if obs_spec.dtype == torch.uint8 else 1.0
         if min(height, width) >= 36:
@@ -104,13 +106,14 @@ def make_encoder(
 
 
 def _observation_encoder(
-    env: EnvBase, group: str, share_params: bool, device: torch.device | str | None
+    env: EnvBase, group: str, share_params: bool, device: torch.device | str | None, flatten_images: bool = False
 ) -> tuple[torch.device | str, int, nn.Module, int]:
     """What every factory starts from: the device, the group's agent count and its encoder."""
     device = env.device if device is None else device
     obs_spec = group_spec(env, group, "observation")
     n_agents = obs_spec.shape[0]
-    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device)
+    encoder, features = make_encoder(obs_spec, n_agents, share_params=share_params, device=device,
+                                     flatten_images=flatten_images)
     return device, n_agents, encoder, features
 
 

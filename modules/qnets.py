@@ -47,10 +47,12 @@ def make_q_network(
     dueling: bool = False,
     device: torch.device | str | None = None,
     algorithm: str = "Q-learning",
+    flatten_images: bool = False,
 ) -> TensorDictSequential:
-    """Per-agent action values and the greedy action for one group (masked when the env gives masks)."""
+    """Per-agent action values and the greedy action for one group (masked when the env gives masks;
+    image observations through a conv net, or flat into the MLP with ``flatten_images``)."""
     n_actions = discrete_actions(env, group, algorithm)
-    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
+    device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device, flatten_images)
     mlp = _mlp(features, n_actions + int(dueling), n_agents, centralised=False, share_params=share_params,
                num_cells=num_cells, activation=activation, device=device)
     layers = [encoder, mlp, _DuelingHead()] if dueling else [encoder, mlp]

@@ -22,6 +22,7 @@ _MAX_STEPS_KEYWORD = {
     "vmas": "max_steps",
     "gridworld": "max_steps",
     "pettingzoo": "max_cycles",
+    "pursuit": "max_cycles",
     "gym": "max_episode_steps",
 }
 # VMAS scenarios never end on their own; without a limit no episode return would ever be logged.

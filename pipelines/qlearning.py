@@ -11,6 +11,7 @@ team for VDN/QMIX) -> backward -> clip -> step -> update targets -> new prioriti
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class QModelConfig(ModelConfig):
 
     dueling: bool = False
     """Dueling head: Q = V + A - mean(A)."""
+    image_encoder: str = "conv"
+    """Image observations (H x W x C): conv (a MultiAgentConvNet first) or flatten (straight into the MLP)."""
     mixing_embed_dim: int = 32
     """QMIX hypernetwork width."""
 
@@ -74,6 +77,9 @@ class QReplayConfig(ReplayConfig):
     """Priority exponent."""
     beta: float = 0.4
     """Importance-weight exponent."""
+    new_priority: float | None = None
+    """Priority of newly stored transitions: None = the largest seen so far (Schaul et al.); a number
+    fixes it (1.0 as RLlib, which the SUPER paper used)."""
 
 
 @dataclass
@@ -131,6 +137,10 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
     check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
+    if cfg.model.image_encoder not in ("conv", "flatten"):
+        raise ValueError(f"model.image_encoder={cfg.model.image_encoder!r}; accepted: conv, flatten")
+    if r.new_priority is not None and not 0.0 < r.new_priority < math.inf:
+        raise ValueError(f"replay.new_priority must be a positive number or null (the largest seen), got {r.new_priority}")
     if r.alpha < 0 or not 0.0 <= r.beta <= 1.0:
         raise ValueError(f"replay.alpha must be >= 0 and replay.beta in [0, 1], got {r.alpha}, {r.beta}")
     return iterations
@@ -159,7 +169,8 @@ def _epsilon_greedy(env: EnvBase, group: str, cfg: QlearningConfig, device: torc
 def _q_network(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device) -> TensorDictSequential:
     m = cfg.model
     return make_q_network(env, group, num_cells=m.num_cells, activation=m.activation, share_params=m.share_params,
-                          dueling=m.dueling, device=device, algorithm=cfg.algorithm)
+                          dueling=m.dueling, device=device, algorithm=cfg.algorithm,
+                          flatten_images=m.image_encoder == "flatten")
 
 
 def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
@@ -184,7 +195,7 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
     q_net = _q_network(env, group, cfg, device)
     n_agents = env.n_agents(group)
     explore = _epsilon_greedy(env, group, cfg, device)
-    prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta}
+    prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta, "new_priority": r.new_priority}
     if cfg.algorithm == "iql":
         loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
                              mask_key=env.live_mask_key(group))
@@ -224,7 +235,7 @@ def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig,
                                 state_key="state" if has_state else (TEAM, "observation"), state_shape=state_shape,
                                 gamma=lc.gamma, loss_function=lc.loss_function, mixing_embed_dim=m.mixing_embed_dim)
     replay = group_replay(cfg, team, scratch_dir, device, team=True, state=has_state, groups=groups,
-                          prioritized=r.prioritized, alpha=r.alpha, beta=r.beta)
+                          prioritized=r.prioritized, alpha=r.alpha, beta=r.beta, new_priority=r.new_priority)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
     policy = TensorDictSequential(*q_nets.values(), explore)
     return Learner(policy, loss, updater, ("loss",), replay, explore, (TEAM, "td_error"))

@@ -36,15 +36,17 @@ SHARING_MODES = ("none", "all", "random", "quantile", "gaussian", "stochastic")
 class ProportionalPrioritizedSampler(Sampler):
     """Proportional prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha, weights (N P(i))^-beta.
 
-    New transitions get the largest priority seen so far; :meth:`update_priority` sets
-    ``p_i = |td_error_i| + eps``. Sampling is ``torch.multinomial`` over the filled part.
+    New transitions get ``new_priority``, or when it is ``None`` the largest priority seen so far (as
+    the paper); :meth:`update_priority` sets ``p_i = |td_error_i| + eps``. Sampling is
+    ``torch.multinomial`` over the filled part.
     """
 
-    def __init__(self, max_capacity: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6):
+    def __init__(self, max_capacity: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
+                 new_priority: float | None = None):
         super().__init__()
         if not 0.0 <= alpha or not 0.0 <= beta <= 1.0:
             raise ValueError(f"need alpha >= 0 and beta in [0, 1], got alpha={alpha}, beta={beta}")
-        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self.alpha, self.beta, self.eps, self.new_priority = alpha, beta, eps, new_priority
         self.priorities = torch.zeros(max_capacity)
         self.max_priority = 1.0
 
@@ -60,10 +62,13 @@ class ProportionalPrioritizedSampler(Sampler):
         return index, {"priority_weight": weights}
 
     def extend(self, index: torch.Tensor) -> None:
-        self.priorities[torch.as_tensor(index)] = self.max_priority
+        self.priorities[torch.as_tensor(index)] = self._new()
 
     def add(self, index: int) -> None:
-        self.priorities[index] = self.max_priority
+        self.priorities[index] = self._new()
+
+    def _new(self) -> float:
+        return self.max_priority if self.new_priority is None else self.new_priority
 
     def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
         priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs().reshape(-1) + self.eps
@@ -97,13 +102,15 @@ def make_buffer(
     prioritized: bool = False,
     alpha: float = 0.6,
     beta: float = 0.4,
+    new_priority: float | None = None,
 ) -> ReplayBuffer:
     """A buffer of ``size`` transitions on disk (``scratch_dir`` given) or in ``device`` memory."""
     if scratch_dir is not None:
         storage = LazyMemmapStorage(size, scratch_dir=scratch_dir)
     else:
         storage = LazyTensorStorage(size, device=device)
-    sampler = ProportionalPrioritizedSampler(size, alpha, beta) if prioritized else RandomSampler()
+    sampler = (ProportionalPrioritizedSampler(size, alpha, beta, new_priority=new_priority) if prioritized
+               else RandomSampler())
     return ReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size)
 
 
@@ -180,14 +187,14 @@ class GroupReplay:
 
     def __init__(self, group: str, buffer_size: int, batch_size: int, *, scratch_dir: Path | None,
                  device: torch.device, prioritized: bool = False, alpha: float = 0.6, beta: float = 0.4,
-                 team: bool = False, state: bool = False, groups: list[str] | None = None,
+                 new_priority: float | None = None, team: bool = False, state: bool = False, groups: list[str] | None = None,
                  partners: list[str] = ()):
         # groups: every group the loss learns (a team of several for VDN/QMIX), partners: the other
         # groups a team critic reads (see transitions)
         self.group, self.device, self.team, self.state = group, device, team, state
         self.groups, self.partners = groups or [group], list(partners)
         self.buffer = make_buffer(buffer_size, batch_size, scratch_dir=scratch_dir, device=device,
-                                  prioritized=prioritized, alpha=alpha, beta=beta)
+                                  prioritized=prioritized, alpha=alpha, beta=beta, new_priority=new_priority)
         self.prioritized = prioritized
         self.scratch_dir = scratch_dir
 
@@ -359,7 +366,7 @@ class SharedReplay(GroupReplay):
     def __init__(self, group: str, n_agents: int, buffer_size: int, batch_size: int, *,
                  scratch_dir: Path | None, device: torch.device, selector: ExperienceSelector,
                  score: Callable[[TensorDictBase], torch.Tensor], prioritized: bool = False,
-                 alpha: float = 0.6, beta: float = 0.4):
+                 alpha: float = 0.6, beta: float = 0.4, new_priority: float | None = None):
         self.group, self.device, self.prioritized = group, device, prioritized
         self.team = self.state = False
         self.groups, self.partners = [group], []
@@ -367,7 +374,7 @@ class SharedReplay(GroupReplay):
         self.dirs = [None if scratch_dir is None else scratch_dir / f"agent_{i}" for i in range(n_agents)]
         self.buffers = [
             make_buffer(buffer_size, batch_size, device=device, prioritized=prioritized, alpha=alpha, beta=beta,
-                        scratch_dir=directory)
+                        new_priority=new_priority, scratch_dir=directory)
             for directory in self.dirs
         ]
 
