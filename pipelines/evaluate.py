@@ -55,13 +55,16 @@ class Evaluator:
 
     :meth:`after` evaluates every ``logger.eval_every`` iterations (``eval/<group>/episode_reward_mean``)
     and records ``videos/iter_<k>.mp4`` every ``logger.video_every``; ``new_best`` says whether the last
-    evaluation beat every earlier one (its checkpoint is then kept as ``best.pt``).
+    evaluation beat every earlier one (its checkpoint is then kept as ``best.pt``). Each evaluation
+    reseeds its env from the run's seed and the iteration, so its episodes depend on nothing but the
+    policy: a resumed run evaluates as the uninterrupted one would, and runs that differ only in
+    their algorithm settings are evaluated on the same episodes.
     """
 
     def __init__(self, cfg: RunConfig, run_path: Path, best_eval: float = -math.inf):
         self.logger, self.max_steps, self.videos = cfg.logger, cfg.env.max_steps, Path(run_path) / "videos"
         self.best_eval, self.new_best = best_eval, False
-        self.env = None
+        self.env, self.seed = None, cfg.seed + 10_000
         if self.logger.eval_every or self.logger.video_every:
             # Built now, before a resumed run restores its RNG: env construction may reseed.
             self.env = build_env(dataclasses.replace(cfg.env, num_envs=self.logger.eval_episodes),
@@ -71,6 +74,8 @@ class Evaluator:
         """Evaluate and film what is due after ``iteration``; returns the eval metrics (or nothing)."""
         out: dict[str, float] = {}
         self.new_best = False
+        if self.env is not None:
+            self.env.set_seed(self.seed + iteration)
         if self._due(self.logger.eval_every, iteration, final):
             stats = evaluate_policy(self.env, policy, max_steps=self.max_steps)
             out = {f"eval/{g}/episode_reward_mean": s["mean"] for g, s in stats["groups"].items()}

@@ -135,6 +135,9 @@ RESUME_CASES = [
     ("iql", ["--env", "pettingzoo/sisl/pursuit_v5", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
              "env.n_evaders=2", "sharing.mode=quantile", "replay.batch_size=16", "train.optimiser_steps=2",
              "exploration.annealing_frames=200"]),
+    ("iql", ["--preset", "pursuit-super", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3", "env.n_evaders=2",
+             "sharing.mode=quantile", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
+             "logger.eval_episodes=2"]),
 ]
 
 

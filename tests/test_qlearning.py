@@ -140,6 +140,7 @@ ENVS = [
     ("pettingzoo/sisl/pursuit_v5", {"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 3, "env.n_evaders": 2,
                                     "env.max_steps": 10}),
     ("gridworld", {"env.grid_size": 4, "env.max_steps": 10}),
+    ("pursuit", {"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 3, "env.n_evaders": 2, "env.max_steps": 10}),
 ]
 RUNS = [(a, e, o, {}) for a in ("iql", "vdn", "qmix") for e, o in ENVS]
 RUNS += [("iql", e, o, {"sharing.mode": m}) for m in ("all", "random", "quantile", "gaussian", "stochastic")

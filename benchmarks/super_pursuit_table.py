@@ -1,0 +1,115 @@
+"""The SUPER pursuit table and plot, from the raw CSVs ``benchmarks/super_pursuit.py`` wrote (nothing re-run).
+
+Per arm: the greedy evaluation return summed over the 8 pursuers (every 4,000 env steps, 20 episodes,
+as the paper's code measures it), its mean over seeds with a 95% band (a PNG), the area under that
+curve (mean over evaluations), the final return (mean of the last 5 evaluations), the paired bootstrap
+95% interval of (arm - none) over the seeds both have, and wall time per run.
+
+    python benchmarks/super_pursuit_table.py [--out benchmarks/results/super_pursuit] [--png FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
+EVAL = "eval/pursuer/episode_reward_mean"
+
+
+def load(out: Path) -> dict[str, dict[int, dict]]:
+    """arm -> seed -> {"frames": [...], "returns": [...] (summed over pursuers), "wall_s": ...}."""
+    runs: dict[str, dict[int, dict]] = {}
+    for file in sorted(out.glob("*_s*.csv")):
+        meta = json.loads(file.with_suffix(".json").read_text())
+        with file.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get(EVAL, "") != ""]
+        n = meta.get("n_pursuers", 8)
+        runs.setdefault(meta["arm"], {})[meta["seed"]] = {
+            "frames": [int(r["frames"]) for r in rows], "returns": [float(r[EVAL]) * n for r in rows],
+            "wall_s": meta["wall_s"]}
+    return runs
+
+
+def _ci(values: np.ndarray) -> float:
+    return 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> tuple[float, float]:
+    """95% interval of the mean of ``diffs`` (one per seed), resampling seeds."""
+    if len(diffs) < 2:
+        return float("nan"), float("nan")
+    means = diffs[rng.integers(len(diffs), size=(n, len(diffs)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """One row per arm: seeds, AUC, final return, paired bootstrap vs none, wall time."""
+    rng = np.random.default_rng(0)
+    rows = []
+    stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in seeds.items()
+                   if r["returns"]} for arm, seeds in runs.items()}
+    for arm, seeds in runs.items():
+        auc = np.array([stats[arm][s][0] for s in stats[arm]])
+        final = np.array([stats[arm][s][1] for s in stats[arm]])
+        paired = sorted(set(stats[arm]) & set(stats.get("none", {})))
+        diff = np.array([stats[arm][s][0] - stats["none"][s][0] for s in paired])
+        rows.append({"arm": arm, "seeds": len(auc), "auc": auc.mean() if len(auc) else float("nan"),
+                     "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
+                     "final_ci": _ci(final), "vs_none": paired_bootstrap(diff, rng) if arm != "none" else None,
+                     "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60})
+    return rows
+
+
+def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, seeds in runs.items():
+        length = min(len(r["returns"]) for r in seeds.values())
+        if length == 0:
+            continue
+        curves = np.array([r["returns"][:length] for r in seeds.values()])
+        frames = np.array(next(iter(seeds.values()))["frames"][:length])
+        mean = curves.mean(0)
+        band = 1.96 * curves.std(0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+        ax.plot(frames, mean, label=f"{arm} ({len(curves)} seeds)")
+        ax.fill_between(frames, mean - band, mean + band, alpha=0.2)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("greedy return, summed over pursuers")
+    ax.set_title("SUPER on pursuit (mean, 95% band over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--png", type=Path, default=None)
+    args = parser.parse_args()
+    runs = load(args.out)
+    if not runs:
+        parser.error(f"no finished runs (<arm>_s<seed>.csv) in {args.out}")
+    print("| arm | seeds | area under curve | final return | AUC - none (paired bootstrap 95%) | wall min/run |")
+    print("|---|---|---|---|---|---|")
+    for r in summarise(runs):
+        vs = "—" if r["vs_none"] is None else f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
+        print(f"| {r['arm']} | {r['seeds']} | {r['auc']:.1f} ± {r['auc_ci']:.1f} | {r['final']:.1f} ± "
+              f"{r['final_ci']:.1f} | {vs} | {r['wall_min']:.1f} |")
+    png = args.png or args.out / "curves.png"
+    plot(runs, png)
+    print(f"\nwrote {png}")
+
+
+if __name__ == "__main__":
+    main()

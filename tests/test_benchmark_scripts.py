@@ -1,0 +1,38 @@
+"""The pursuit benchmark scripts run end to end on tiny budgets, so they cannot rot (no timing is checked)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_pursuit_speed_prints_its_table():
+    out = _run(str(BENCHMARKS / "pursuit_speed.py"), "--seconds", "0.05", "--copies", "1,4", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| pursuit |")]
+    assert len(rows) == 4 and all(float(r.split("|")[4].replace(",", "")) > 0 for r in rows), out
+
+
+def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
+    tiny = ["--seeds", "0,1", "--frames", "160", "--jobs", "2", "--out", str(tmp_path), "env.num_envs=4",
+            "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3", "env.n_evaders=2",
+            "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2", "logger.eval_episodes=2"]
+    out = _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
+    assert "4 runs to do" in out and "FAILED" not in out, out
+    with (tmp_path / "quantile_s1.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and rows[-1]["eval/pursuer/episode_reward_mean"] != ""
+    assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
+    table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
+    quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
+    assert "| 2 |" in quantile and "(2 seeds)" in quantile, table
+    assert (tmp_path / "curves.png").stat().st_size > 0
