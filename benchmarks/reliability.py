@@ -162,22 +162,42 @@ def _mount(point: Path, options: str) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode == 0
 
 
-def full_disk(args: list[str], kib: int, reference: Path, work: Path) -> str:
-    """Train on a ``kib`` KiB filesystem until it is full, grow it, resume; how it went."""
+DISK_CASES = [  # (what, command, filesystem KiB): sizes where, unlike in the default runs, the disk fills
+    ("mappo: a second checkpoint does not fit", ["train", "mappo", "--env", "gridworld", "train.minibatch_size=20",
+                                                "--frames", "400", *COMMON[2:5], "model.num_cells=[16]",
+                                                "logger.progress=false", "logger.checkpoint_every=1"], 100),
+    ("maddpg: the replay fills the disk", ["train", "maddpg", "--env", "vmas/navigation", "--frames", "4000",
+                                           "env.num_envs=4", "env.n_agents=2", "collector.frames_per_batch=400",
+                                           "model.num_cells=[8]", "replay.buffer_size=2000", "replay.batch_size=32",
+                                           "logger.progress=false", "logger.checkpoint_every=3"], 700),
+    ("maddpg: the replay is larger than the disk", [*ALGORITHMS["maddpg"], *COMMON], 400),
+]
+
+
+def full_disk(args: list[str], kib: int, work: Path) -> str:
+    """Train on a ``kib`` KiB filesystem until it is full, grow it, resume, compare with the same run on a
+    large disk; how it went."""
     point = work / f"disk{kib}"
     if not _mount(point, f"size={kib}k"):
         return "not run (mounting a tmpfs needs root)"
     try:
         first = marlkit([*args, "--run-dir", str(point / "run")], work)
         line = (first.stderr.strip().splitlines() or ["?"])[-1]
-        if first.returncode == 0 or "no space left" not in line or "Traceback" in first.stderr:
-            return f"not one line: exit {first.returncode}, {line[:80]}"
+        if "Traceback" in first.stderr:
+            return f"traceback: {line[:80]}"
+        if first.returncode == 2 and "replay buffers need" in line:
+            return "refused before training, in one line"
+        if first.returncode != 1 or "no space left" not in line:
+            return f"exit {first.returncode}: {line[:80]}"
         subprocess.run(["mount", "-o", "remount,size=65536k", str(point)], check=True)
         resumed = marlkit(["train", "--resume", str(point / "run")], work)
         if resumed.returncode != 0:
             return "did not resume: " + (resumed.stderr.strip().splitlines() or ["?"])[-1][:80]
+        reference = work / f"disk_reference{kib}"
+        marlkit([*args, "--run-dir", str(reference)], work)
         same = _curve(point / "run") == _curve(reference)
-        return f"one line ({line.split(' while writing ')[-1].split(';')[0]}), resumed, {'equal' if same else 'NOT equal'}"
+        where = line.split(" while writing ")[-1].split(";")[0]
+        return f"one line (no space left, writing {where}), resumed after growing: {'equal' if same else 'NOT equal'}"
     finally:
         subprocess.run(["umount", str(point)], check=False)
 
@@ -186,24 +206,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=4, help="SIGKILLs per algorithm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="inputs,faults,disk,nan", help="which probes to run")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         outcomes: dict[str, list[str]] = {}
-        for case in bad_inputs(work):
+        for case in bad_inputs(work) if "inputs" in parts else []:
             try:
                 result = marlkit(case, work, timeout=60)
             except subprocess.TimeoutExpired:
                 result = None
             outcomes.setdefault(classify(result), []).append(" ".join(case[:6]))
         read_only = work / "readonly"
-        if _mount(read_only, "size=64k,ro"):
+        if "inputs" in parts and _mount(read_only, "size=64k,ro"):
             result = marlkit(["train", "mappo", "--env", "gridworld", *TINY, "--run-dir", str(read_only / "run")], work)
             outcomes.setdefault(classify(result), []).append("train --run-dir <read-only filesystem>")
             subprocess.run(["umount", str(read_only)], check=False)
         faults, disks = [], []
-        for name, algorithm in ALGORITHMS.items():
+        for name, algorithm in ALGORITHMS.items() if "faults" in parts else []:
             reference = work / f"ref_{name.split()[0]}"
             duration = reference_run([*algorithm, *COMMON], reference, work)
             for k in range(args.kills + 1):
@@ -211,31 +233,36 @@ def main() -> None:
                 run = work / f"{name.split()[0]}_{k}"
                 # SIGKILLs anywhere in training and closing (checkpoint, buffer and metrics writes
                 # included); the SIGINT while training
-                delay = rng.uniform(0.0, 1.0) * duration if signum == signal.SIGKILL else rng.uniform(0.2, 0.8) * duration
+                delay = rng.uniform(0.0, 0.9) * duration if signum == signal.SIGKILL else rng.uniform(0.2, 0.8) * duration
                 how = interrupted([*algorithm, *COMMON], run, work, delay, signum)
                 same = how in ("resumed", "restarted", "complete (killed while closing)",
                                "complete (signal while closing)") and _curve(run) == _curve(reference)
                 faults.append((name, signal.Signals(signum).name, f"{delay:.1f}", how, same))
-            # small enough that a checkpoint (or the replay files beside one) cannot be written
-            kib = 160 if name == "mappo" else 400
-            disks.append((name, kib, full_disk([*algorithm, *COMMON], kib, reference, work)))
+        for what, command, kib in DISK_CASES if "disk" in parts else []:
+            disks.append((what, kib, full_disk(command, kib, work)))
         nan_run = work / "nan"
-        nan = marlkit(["train", "mappo", "--env", "custom_envs:NanReward", "--run-dir", str(nan_run), *TINY[:2],
-                       "--frames", "200", "train.minibatch_size=20", "logger.checkpoint_every=1"], work)
-        nan_resumable = (nan_run / "checkpoints" / "last.pt").is_file()
+        if "nan" in parts:
+            nan = marlkit(["train", "mappo", "--env", "custom_envs:NanReward", "--run-dir", str(nan_run), *TINY[:2],
+                           "--frames", "200", "train.minibatch_size=20", "logger.checkpoint_every=1"], work)
+            nan_resumable = (nan_run / "checkpoints" / "last.pt").is_file()
     total = sum(len(v) for v in outcomes.values())
-    print(f"\nBad inputs: {total} tried")
+    if "inputs" in parts:
+        print(f"\nBad inputs: {total} tried")
     for outcome, cases in sorted(outcomes.items()):
         print(f"- {outcome}: {len(cases)}" + ("" if outcome == "refused cleanly" else f" ({'; '.join(cases)})"))
-    print("\n| algorithm | signal | after s | outcome | resumed run equals the uninterrupted one |")
-    print("|---|---|---|---|---|")
+    if faults:
+        print("\n| algorithm | signal | after s | outcome | resumed run equals the uninterrupted one |")
+        print("|---|---|---|---|---|")
     for name, sig, delay, how, same in faults:
-        print(f"| {name} | {sig} | {delay} | {how} | {'yes' if same else 'no'} |")
-    print("\n| algorithm | filesystem | outcome |\n|---|---|---|")
-    for name, kib, how in disks:
-        print(f"| {name} | {kib} KiB tmpfs | {how} |")
-    last = nan.stderr.strip().splitlines()[-1] if nan.stderr.strip() else ""
-    print(f"\nNaN rewards: exit {nan.returncode}, last good checkpoint kept: {nan_resumable}, last line: {last!r}")
+        equal = "n/a (no signal)" if how == "finished before the signal" else "yes" if same else "no"
+        print(f"| {name} | {sig} | {delay} | {how} | {equal} |")
+    if disks:
+        print("\n| full disk | filesystem | outcome |\n|---|---|---|")
+    for what, kib, how in disks:
+        print(f"| {what} | {kib} KiB tmpfs | {how} |")
+    if "nan" in parts:
+        last = nan.stderr.strip().splitlines()[-1] if nan.stderr.strip() else ""
+        print(f"\nNaN rewards: exit {nan.returncode}, last good checkpoint kept: {nan_resumable}, last line: {last!r}")
 
 
 if __name__ == "__main__":
