@@ -135,6 +135,32 @@ def test_prioritized_sampler_prefers_high_priority():
     assert info["priority_weight"].max() <= 1.0 + 1e-6
 
 
+def test_prioritized_sampler_draws_in_proportion_and_restores_its_state():
+    from marlkit.pipelines.replay import ProportionalPrioritizedSampler
+
+    torch.manual_seed(0)
+    sampler = ProportionalPrioritizedSampler(3000, alpha=0.6, beta=0.4, new_priority=1.0)
+    sampler.extend(torch.arange(1300))  # spans blocks, the last one partly filled
+    priority = torch.rand(1300) * 10
+    sampler.update_priority(torch.arange(1300), priority)
+    index, info = sampler.sample(range(1300), 400_000)
+    expected = (priority + 1e-6).double().pow(0.6)
+    expected /= expected.sum()
+    frequency = torch.bincount(index, minlength=1300).double() / 400_000
+    assert index.max() < 1300 and (frequency - expected).abs().max() < 5 * (expected.max() / 400_000) ** 0.5
+    weights = (1300 * expected[index]).pow(-0.4) / (1300 * expected.min()).pow(-0.4)
+    torch.testing.assert_close(info["priority_weight"].double(), weights, rtol=1e-5, atol=1e-6)
+    restored = ProportionalPrioritizedSampler(3000, alpha=0.6, beta=0.4)
+    restored.load_state_dict(sampler.state_dict())
+    torch.manual_seed(1)
+    first = sampler.sample(range(1300), 64)
+    torch.manual_seed(1)
+    second = restored.sample(range(1300), 64)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1]["priority_weight"], second[1]["priority_weight"])
+    sampler.extend(torch.arange(1300, 1310))
+    assert torch.all(sampler.priorities[1300:1310] == 1.0)  # new transitions at the fixed priority
+
+
 ENVS = [
     ("vmas/navigation", {"env.n_agents": 2, "env.continuous_actions": False, "env.max_steps": 10}),
     ("pettingzoo/sisl/pursuit_v5", {"env.x_size": 7, "env.y_size": 7, "env.n_pursuers": 3, "env.n_evaders": 2,
