@@ -159,16 +159,18 @@ def _plot(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .runs import evaluate_run
+    from .runs import eval_file, evaluate_run
 
     parser = argparse.ArgumentParser(prog="marlkit eval", description="Evaluate the deterministic (greedy / "
                                      "mean-action) policy of a run on a fresh env; prints and writes eval.json.")
     parser.add_argument("run_dir", help="run directory")
     parser.add_argument("--episodes", type=int, default=10, help="episodes in total (one per env copy, each run to its own end)")
     parser.add_argument("--checkpoint", default="last", help="last, or a path to a checkpoint file")
+    parser.add_argument("--env", default=None, help="evaluate on another env with the same groups and specs "
+                        "(e.g. pettingzoo/sisl/pursuit_v5 for a run trained on pursuit); writes eval_<env>.json")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_run(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint)
+        result = evaluate_run(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint, env_name=args.env)
     except ValueError as err:
         parser.exit(2, f"marlkit eval: error: {err}\n")
     for group, stats in result["groups"].items():
@@ -177,7 +179,7 @@ def _eval(argv: list[str]) -> int:
     if result["episodes_ended"] < result["episodes"]:
         print(f"note: {result['episodes'] - result['episodes_ended']} episodes had not ended after "
               f"{result['steps']} steps; they are scored at that step")
-    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    print(f"wrote {eval_file(args.run_dir, args.env)}")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from tensordict.nn import TensorDictSequential
 
-from marlkit.envs import MultiAgentEnv
+from marlkit.envs import check_env_name, MultiAgentEnv
 
 from . import make_config, pipeline_for
 from .checkpoint import checkpoint_path, load_checkpoint, restore_modules
@@ -65,32 +65,56 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | None = None,
-             device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's env and policy from ``config.yaml`` and a checkpoint (nothing is written)."""
+             device: str = "cpu", env_name: str | None = None) -> LoadedRun:
+    """Rebuild a run's env and policy from ``config.yaml`` and a checkpoint (nothing is written).
+
+    ``env_name`` builds another env with the run's env settings instead (one with the same groups and
+    specs, e.g. ``pettingzoo/sisl/pursuit_v5`` for a run trained on ``pursuit``).
+    """
     config = read_config(run_dir)
     state = load_checkpoint(checkpoint_path(run_dir, checkpoint), config)
     cfg = config_from_dict(config)
     if num_envs is not None:
         cfg.env.num_envs = num_envs
+    if env_name is not None:
+        check_env_name(env_name)
+        cfg.env.name = env_name
     torch_device = torch.device(device)
     env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
     learners = pipeline_for(cfg.algorithm).build_learners(env, cfg, torch_device, None)
-    restore_modules(state, learners)
+    try:
+        restore_modules(state, learners)
+    except (KeyError, RuntimeError) as err:  # other groups, or other observation / action sizes
+        if env_name is None:
+            raise
+        env.close()
+        reason = str(err).strip().splitlines()[0][:160]
+        raise ValueError(f"the policy of {run_dir} does not fit {env_name} (trained on {config['env']['name']}): "
+                         f"{reason}; use an env with the same groups and specs") from None
     policy = TensorDictSequential(*(learner.policy for learner in learners.values()))
     return LoadedRun(cfg, env, policy, state)
 
 
-def evaluate_run(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "last") -> dict[str, Any]:
-    """Run ``episodes`` episodes (one per env copy) greedily / with mean actions; write ``eval.json``.
+def eval_file(run_dir: str | Path, env_name: str | None = None) -> Path:
+    """Where :func:`evaluate_run` writes: ``eval.json``, or ``eval_<env>.json`` on another env."""
+    name = "eval.json" if env_name is None else f"eval_{env_name.replace('/', '_').replace(':', '.')}.json"
+    return Path(run_dir) / name
+
+
+def evaluate_run(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "last",
+                 env_name: str | None = None) -> dict[str, Any]:
+    """Run ``episodes`` episodes (one per env copy) greedily / with mean actions; write :func:`eval_file`.
 
     Returns per group the mean episode return (over the group's agents, then episodes), the 95%
-    confidence interval (mean ± 1.96 standard errors) and every episode's return.
+    confidence interval (mean ± 1.96 standard errors) and every episode's return. ``env_name``
+    evaluates on another env with the same specs (see :func:`load_run`).
     """
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
-    loaded = load_run(run_dir, checkpoint, num_envs=episodes)
+    loaded = load_run(run_dir, checkpoint, num_envs=episodes, env_name=env_name)
     stats = evaluate_policy(loaded.env, loaded.policy, max_steps=loaded.cfg.env.max_steps)
     loaded.env.close()
-    result = {"run_dir": str(run_dir), "checkpoint": checkpoint, "frames": loaded.state["frames"], **stats}
-    (Path(run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
+    result = {"run_dir": str(run_dir), "checkpoint": checkpoint, "env": loaded.cfg.env.name,
+              "frames": loaded.state["frames"], **stats}
+    eval_file(run_dir, env_name).write_text(json.dumps(result, indent=2))
     return result

@@ -224,3 +224,25 @@ def test_state_round_trip_resumes_exactly():
 def test_bad_arguments_are_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_env("pursuit", num_envs=2, **kwargs).reset()
+
+
+def test_pursuit_super_trains_on_either_env_and_its_policy_evaluates_on_the_other(tmp_path, capsys):
+    from marlkit.pipelines.cli import main as cli_main
+
+    tiny = ["--frames", "80", "env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7",
+            "env.n_pursuers=3", "env.n_evaders=2", "replay.warmup_frames=0", "train.optimiser_steps=2",
+            "logger.eval_every=0", "logger.progress=false", "env.max_steps=10"]
+    for env in ("pursuit", "pettingzoo/sisl/pursuit_v5"):
+        assert cli_main(["train", "iql", "--preset", "pursuit-super", "--env", env, "--run-dir",
+                         str(tmp_path / env.replace("/", "_")), *tiny]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "pursuit"), "--episodes", "2", "--env", "pettingzoo/sisl/pursuit_v5"]) == 0
+    out = capsys.readouterr().out
+    assert "pursuer: mean return" in out and (tmp_path / "pursuit" / "eval_pettingzoo_sisl_pursuit_v5.json").is_file()
+    assert cli_main(["eval", str(tmp_path / "pettingzoo_sisl_pursuit_v5"), "--episodes", "2", "--env", "pursuit"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", str(tmp_path / "pursuit"), "--env", "gridworld"])
+    err = capsys.readouterr().err
+    # the run's env settings go to the other env: one that does not take them says so in one line
+    assert exit_info.value.code == 2 and "unknown gridworld arguments ['catch_reward'" in err, err
+    assert len(err.strip().splitlines()) == 1
