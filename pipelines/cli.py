@@ -78,6 +78,9 @@ def _train_parser() -> argparse.ArgumentParser:
                        help="continue RUN_DIR from checkpoints/last.pt with its own config (--frames: new total)")
     train.add_argument("--seeds", help="comma-separated seeds run one after another into <run-dir>_seed<k>, "
                                        "then plotted together into <run-dir>_seeds.png")
+    train.add_argument("--threads", type=int, help="torch intra-op threads for this run (default: torch's, one "
+                       "per core); use 1 per run when several runs or other busy programs share the cores. "
+                       "Not part of the config; summary.json records it")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
 
@@ -303,6 +306,12 @@ def _main(argv: list[str], owns_process: bool) -> int:
         module = pipeline_for(cfg.algorithm)
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.exit(2, f"marlkit train: error: --threads must be >= 1, got {args.threads}\n")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.resume:
         result = _run(parser, lambda: module.train(cfg, resume=True), args.resume, owns_process)
         print(f"resumed {result.run_dir}: {result.frames} frames")

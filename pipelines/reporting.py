@@ -146,5 +146,6 @@ class Reporter:
         self.run.summary({"algorithm": self.cfg.algorithm, "env": self.cfg.env.name, "frames": self.frames,
                           "iterations": iterations, "time_s": time_s, "frames_per_s": result.frames_per_s,
                           **summary, "episode_reward_mean": result.episode_reward_mean,
-                          "final_metrics": self.row, "versions": versions()})
+                          "final_metrics": self.row, "torch_threads": torch.get_num_threads(),
+                          "versions": versions()})
         return result

@@ -177,3 +177,21 @@ def test_full_disk_at_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_run_di
     with pytest.raises(checkpoint.DiskFull, match=r"no space left on .*checkpoints while writing last.pt; the previous"):
         checkpoint.save_checkpoint(last, {"format": 2})
     assert last.read_bytes() == before and not list(last.parent.glob(".*tmp"))
+
+
+def test_threads_option_is_applied_and_recorded(tmp_path, cli_rejects):
+    import json
+
+    from marlkit.pipelines.cli import main as cli_main
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli_main(["train", "mappo", "--env", "gridworld", "--threads", "1", "--run-dir", str(tmp_path / "run"),
+                         "--frames", "40", "env.num_envs=4", "collector.frames_per_batch=40",
+                         "train.minibatch_size=20", "logger.progress=false"]) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    cli_rejects(["train", "mappo", "--threads", "0"], "--threads must be >= 1, got 0")
