@@ -226,9 +226,10 @@ class PursuitEnv(NativeState, EnvBase):
         return total
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get((GROUP, "action")).long()
-        if action.shape[-1] != self.n_pursuers:  # one-hot actions
+        action = tensordict.get((GROUP, "action"))
+        if action.dim() == 3:  # one-hot actions
             action = action.argmax(-1)
+        action = action.long()
         old = self.pursuer_pos
         new = self._move(old, action)
         occupied = self._counts(new)

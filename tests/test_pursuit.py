@@ -25,6 +25,7 @@ CONFIGS = {
                   "shared_reward": False},
     "obs_range_3": {"obs_range": 3, "x_size": 10, "y_size": 12, "n_evaders": 4, "n_pursuers": 6},
     "obs_range_5": {"obs_range": 5, "n_evaders": 10, "max_cycles": 300},
+    "obs_range_4": {"obs_range": 4, "x_size": 9, "y_size": 9, "n_evaders": 5, "n_pursuers": 5, "max_cycles": 200},
     "frozen": {"freeze_evaders": True, "x_size": 8, "y_size": 8, "n_evaders": 4, "n_pursuers": 6,
                "max_cycles": 100},
     "window": {"constraint_window": 0.5, "n_evaders": 6, "n_pursuers": 5, "max_cycles": 120},
