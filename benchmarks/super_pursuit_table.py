@@ -66,6 +66,10 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
     return rows
 
 
+def _pm(mean: float, ci: float) -> str:
+    return f"{mean:.1f}" if math.isnan(ci) else f"{mean:.1f} ± {ci:.1f}"
+
+
 def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
     import matplotlib
 
@@ -103,9 +107,14 @@ def main() -> None:
     print("| arm | seeds | area under curve | final return | AUC - none (paired bootstrap 95%) | wall min/run |")
     print("|---|---|---|---|---|---|")
     for r in summarise(runs):
-        vs = "—" if r["vs_none"] is None else f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
-        print(f"| {r['arm']} | {r['seeds']} | {r['auc']:.1f} ± {r['auc_ci']:.1f} | {r['final']:.1f} ± "
-              f"{r['final_ci']:.1f} | {vs} | {r['wall_min']:.1f} |")
+        if r["vs_none"] is None:
+            vs = "—"
+        elif r["paired"] < 2:
+            vs = f"n/a ({r['paired']} paired seed)"
+        else:
+            vs = f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
+        print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'])} | {_pm(r['final'], r['final_ci'])} | {vs} | "
+              f"{r['wall_min']:.1f} |")
     png = args.png or args.out / "curves.png"
     plot(runs, png)
     print(f"\nwrote {png}")
