@@ -11,8 +11,8 @@ Every env is a TorchRL ``EnvBase`` (a :class:`MultiAgentEnv`) whose TensorDicts 
 root ``done``, ``terminated`` and ``step_count``.
 
 Families: ``vmas/<scenario>``, ``pettingzoo/<family>/<env>`` (or a ``ParallelEnv`` class, factory or
-instance of your own, also by its import path ``"my_module:MyEnv"``), ``gridworld``, ``matrix/<game>``
-and ``gym/<id>``.
+instance of your own, also by its import path ``"my_module:MyEnv"``), ``gridworld``, ``pursuit`` (SISL
+pursuit on tensors), ``matrix/<game>`` and ``gym/<id>``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def make_env(
     """Build a batched multi-agent TorchRL env.
 
     Args:
-        name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"gridworld"``,
+        name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"gridworld"``, ``"pursuit"``,
             ``"matrix/<game>"``, ``"gym/<id>"``; or a PettingZoo ``ParallelEnv`` class, zero-argument
             factory or instance of your own (no registration needed).
         num_envs: number of copies stepped together (the leading batch dimension).
