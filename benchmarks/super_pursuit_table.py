@@ -85,7 +85,7 @@ def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
         frames = np.array(next(iter(seeds.values()))["frames"][:length])
         mean = curves.mean(0)
         band = 1.96 * curves.std(0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
-        ax.plot(frames, mean, label=f"{arm} ({len(curves)} seeds)")
+        ax.plot(frames, mean, label=f"{arm} ({len(curves)} seed{'' if len(curves) == 1 else 's'})")
         ax.fill_between(frames, mean - band, mean + band, alpha=0.2)
     ax.set_xlabel("env steps")
     ax.set_ylabel("greedy return, summed over pursuers")
