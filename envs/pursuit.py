@@ -247,9 +247,9 @@ class PursuitEnv(NativeState, EnvBase):
         self.frames = self.frames + 1
         truncated = self.frames >= self.max_cycles
         terminated = ~truncated & ~self.evader_alive.any(-1)
-        return self._output(terminated, truncated, reward.float())
+        return self._output(terminated, truncated, reward.float(), occupied)
 
-    def _observation(self) -> torch.Tensor:
+    def _observation(self, pursuer_counts: torch.Tensor | None = None) -> torch.Tensor:
         """[B, P, obs_range, obs_range, 3] as PettingZoo's ``observe``: walls (1 off the map too),
         pursuer counts, evader counts around each pursuer, in PettingZoo's (y, x, channel) layout."""
         b = self.batch_size[0]
@@ -258,7 +258,8 @@ class PursuitEnv(NativeState, EnvBase):
         layers[:, 0] = 1.0
         inner = (slice(pad, pad + self.x_size), slice(pad, pad + self.y_size))
         layers[:, 0, inner[0], inner[1]] = self.walls.float()
-        layers[:, 1, inner[0], inner[1]] = self._counts(self.pursuer_pos).float()
+        counts = self._counts(self.pursuer_pos) if pursuer_counts is None else pursuer_counts
+        layers[:, 1, inner[0], inner[1]] = counts.float()
         layers[:, 2, inner[0], inner[1]] = self._counts(self.evader_pos, self.evader_alive).float()
         rows = (self.pursuer_pos[..., 0:1] + self._window + pad).clamp(0, self.x_size + 2 * pad - 1)  # [B, P, O]
         cols = (self.pursuer_pos[..., 1:2] + self._window + pad).clamp(0, self.y_size + 2 * pad - 1)
@@ -268,11 +269,11 @@ class PursuitEnv(NativeState, EnvBase):
             3, index.flatten(2).unsqueeze(2).expand(-1, -1, 3, -1))  # [B, P, 3, O*O]
         return obs.view(b, self.n_pursuers, 3, self.obs_range, self.obs_range).permute(0, 1, 4, 3, 2)
 
-    def _output(self, terminated: torch.Tensor, truncated: torch.Tensor,
-                reward: torch.Tensor | None) -> TensorDictBase:
+    def _output(self, terminated: torch.Tensor, truncated: torch.Tensor, reward: torch.Tensor | None,
+                pursuer_counts: torch.Tensor | None = None) -> TensorDictBase:
         b, n = self.batch_size[0], self.n_pursuers
         flags = {"done": terminated | truncated, "terminated": terminated, "truncated": truncated}
-        group = {"observation": self._observation(), "mask": torch.ones(b, n, dtype=torch.bool, device=self.device)}
+        group = {"observation": self._observation(pursuer_counts), "mask": torch.ones(b, n, dtype=torch.bool, device=self.device)}
         group.update({key: value.view(b, 1, 1).expand(b, n, 1) for key, value in flags.items()})
         if reward is not None:
             group["reward"] = reward.unsqueeze(-1)

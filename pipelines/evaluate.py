@@ -74,15 +74,17 @@ class Evaluator:
         """Evaluate and film what is due after ``iteration``; returns the eval metrics (or nothing)."""
         out: dict[str, float] = {}
         self.new_best = False
-        if self.env is not None:
+        evaluate = self._due(self.logger.eval_every, iteration, final)
+        film = self._due(self.logger.video_every, iteration, final)
+        if evaluate or film:
             self.env.set_seed(self.seed + iteration)
-        if self._due(self.logger.eval_every, iteration, final):
+        if evaluate:
             stats = evaluate_policy(self.env, policy, max_steps=self.max_steps)
             out = {f"eval/{g}/episode_reward_mean": s["mean"] for g, s in stats["groups"].items()}
             score = sum(out.values()) / len(out)
             self.new_best = score > self.best_eval
             self.best_eval = max(self.best_eval, score)
-        if self._due(self.logger.video_every, iteration, final):
+        if film:
             record_rollout(self.env, self.videos / f"iter_{iteration:05d}.mp4", steps=self.logger.video_steps,
                            policy=policy)
         return out
