@@ -126,7 +126,8 @@ def make_env(
             factory or instance of your own (no registration needed).
         num_envs: number of copies stepped together (the leading batch dimension).
         device: where the TensorDicts live (``"cpu"`` default, ``"cuda"``).
-        seed: seeds the env (each copy of a Python simulator gets ``seed + i``).
+        seed: seeds the env (each copy of a Python simulator gets its own seed, chained from ``seed`` as
+            TorchRL's batched envs do).
         **task_kwargs: passed to the scenario / env (``n_agents``, ``max_steps``, ``mode``, ...).
 
     Raises:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .collectors import collector_state, load_collector_state
+from .collectors import collector_state, load_collector_state, unsaved_episodes
 from .config import RunConfig, to_dict
 
 FORMAT = 2
@@ -68,7 +68,8 @@ def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_s
         "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
         "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
         "rng": _global_rng_state(),
-        "simulator": _simulator_state(env),
+        "simulator": _simulator_state(env) if unsaved_episodes(collector) is None
+        else {"unsaved": unsaved_episodes(collector)},
         "collector": collector_state(collector),
         "replay": replay,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from marlkit.envs import device_of
 from marlkit.modules import activation_class
 
+from .collectors import check_collector_config
 from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
 from .environment import check_env_config
 from .loggers import check_logger
@@ -54,11 +55,12 @@ def check_logger_config(logger: LoggerConfig) -> None:
 
 
 def check_common(cfg: RunConfig) -> int:
-    """The checks every pipeline shares (env, frames, model, device, logger); returns the iteration count."""
+    """The checks every pipeline shares (env, frames, collector, model, device, logger); returns the iteration count."""
     if cfg.seed < 0:
         raise ValueError(f"seed must be >= 0 (numpy, Gymnasium and PettingZoo take no negative seeds), got {cfg.seed}")
     check_env_config(cfg.env)
     iterations = check_frames(cfg.collector, cfg.env.num_envs)
+    check_collector_config(cfg)
     check_model_config(cfg.model)
     device_of(cfg.device)
     check_logger_config(cfg.logger)

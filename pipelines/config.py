@@ -55,6 +55,14 @@ class CollectorConfig:
     """Total frame budget (--frames); must be a multiple of frames_per_batch."""
     reset_at_each_iter: bool = False
     """Reset every env at the start of each batch, so episodes never span batches (as TorchRL allows)."""
+    backend: str = "sync"
+    """Where the env copies step (also as collector=NAME): sync (this process; resumes exactly), multiprocess (TorchRL's MultiSyncCollector / MultiAsyncCollector: collector.workers processes on this machine) or ray (TorchRL's RayCollector: collector.workers remote collectors on a Ray cluster; needs the [distributed] extra). multiprocess and ray resume with fresh episodes."""
+    workers: int = 1
+    """Worker processes (multiprocess) or remote collectors (ray), each stepping env.num_envs / workers copies on CPU; must divide env.num_envs."""
+    sync: bool = True
+    """multiprocess / ray: gather one batch from every worker per iteration (on-policy safe). false = take each worker's batch as it comes (asynchronous: each iteration is frames_per_batch frames of one worker, collected while the learner trains; off-policy algorithms only)."""
+    ray_address: str | None = None
+    """ray: the cluster to join (auto, or host:port of its head node); None starts a local Ray instance with one CPU per worker."""
 
 
 @dataclass

@@ -93,6 +93,9 @@ def checked_iterations(cfg: MappoConfig) -> int:
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
     iterations = check_common(cfg)
+    if not cfg.collector.sync:
+        raise ValueError("collector.sync=false collects while PPO trains, so its batches would come from older "
+                         "policies; PPO needs collector.sync=true (asynchronous collection is for off-policy algorithms)")
     t = cfg.train
     if t.minibatch_size < 1 or t.minibatch_size > cfg.collector.frames_per_batch:
         raise ValueError(

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
+from torchrl.collectors import BaseCollector
 
 from marlkit.envs import device_of, MultiAgentEnv
 
 from .checkpoint import Checkpointer, restore_rollout, restore_training
-from .collectors import Collector, make_collector
+from .collectors import CollectorFailed, make_collector, unsaved_episodes
 from .config import RunConfig
 from .environment import build_env, resolve_env_config
 from .evaluate import Evaluator
@@ -78,8 +79,8 @@ class Training:
     """One Adam per learner, over its loss's parameters."""
     policy: TensorDictSequential
     """Every learner's acting policy, in turn."""
-    collector: Collector
-    """Yields one batch per iteration."""
+    collector: BaseCollector
+    """Yields one batch per iteration (``collector.backend`` chooses which TorchRL collector)."""
     reporter: Reporter
     """Rows, logger, bar, summary."""
     evaluator: Evaluator
@@ -93,7 +94,16 @@ class Training:
     def batches(self, run: Run):
         """``(iteration, batch)`` from the run's first iteration to its last, timing each collection; after
         a SIGINT / SIGTERM, none after the iteration under way (which :func:`end_iteration` checkpoints)."""
-        for iteration, batch in zip(range(run.start.iteration, run.iterations), self.collector):
+        batches = iter(self.collector)
+        for iteration in range(run.start.iteration, run.iterations):
+            try:
+                batch = next(batches)
+            except RuntimeError as err:  # TorchRL's report of a worker process that died
+                if unsaved_episodes(self.collector) is None or "process failed" not in str(err):
+                    raise
+                self.collector.shutdown()
+                raise CollectorFailed(f"a collector worker died ({str(err).splitlines()[0]}); the run stopped "
+                                      f"at iteration {iteration}") from None
             self.reporter.collected()
             yield iteration, batch
             if self.stop_signal is not None:
@@ -140,8 +150,8 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     if state is not None:
         restore_training(state, dict(learners), optimisers)
     policy = TensorDictSequential(*(learner.policy for learner in learners.values()))
-    collector = make_collector(run.env, policy, run.cfg.collector, device=run.device,
-                               init_random_frames=init_random_frames)
+    collector = make_collector(run.env, policy, run.cfg, device=run.device, init_random_frames=init_random_frames,
+                               start_iteration=run.start.iteration)
     run.dir.create(run.cfg, extra={"iterations": run.iterations, "groups": run.env.group_map, **(derived or {})})
     reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
     best = state.get("best_eval", float("-inf")) if state else float("-inf")
@@ -177,7 +187,8 @@ def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
     last iteration; one that arrives while the finished run closes only lets it close.
     """
     try:
-        training.collector.shutdown()  # closes the env too
+        training.collector.shutdown()  # closes the env it steps
+        run.env.close(raise_if_closed=False)  # with workers, the run's own env was never stepped
         training.evaluator.close()
         result = training.reporter.finish(run.iterations, training.policy, **summary)
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pettingzoo
 from gymnasium import spaces
@@ -76,3 +78,18 @@ class StringReward(Countdown):
     def step(self, actions):
         obs, rew, term, trunc, info = super().step(actions)
         return obs, {agent: "one" for agent in rew}, term, trunc, info
+
+
+class DiesAfter(Countdown):
+    """Countdown whose process exits, as a crashing simulator's would, after ``die_after`` steps of one copy
+    (only ever stepped in a collector worker's process)."""
+
+    def __init__(self, longest: int = 9, die_after: int = 15):
+        super().__init__(longest)
+        self.die_after, self.steps = die_after, 0
+
+    def step(self, actions):
+        self.steps += 1
+        if self.steps > self.die_after:
+            os._exit(3)
+        return super().step(actions)
