@@ -136,6 +136,8 @@ def restore_training(state: dict[str, Any], agents: dict[str, Any],
     restore_modules(state, agents)
     for group, agent in agents.items():
         optimisers[group].load_state_dict(state["optimisers"][group])
+        for param_group in optimisers[group].param_groups:  # checkpoints from before the fused Adam
+            param_group.update(fused=True, foreach=None)
         if agent.replay is not None:
             agent.replay.load(state["replay"].get(group, {}))
 

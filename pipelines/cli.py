@@ -57,6 +57,7 @@ COMMANDS = {
     "render": "record a rollout video (.mp4 / .gif) of a trained run or of random actions",
     "plot": "draw training curves of one or more run directories to a PNG",
     "eval": "evaluate a trained run's deterministic policy; writes eval.json",
+    "sweep": "train a grid of algorithms x envs x seeds (Ray tasks, or one after another), then tabulate and plot",
 }
 
 
@@ -77,8 +78,8 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help=f"YAML preset: {', '.join(available_presets())}")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from checkpoints/last.pt with its own config (--frames: new total)")
-    train.add_argument("--seeds", help="comma-separated seeds run one after another into <run-dir>_seed<k>, "
-                                       "then plotted together into <run-dir>_seeds.png")
+    train.add_argument("--seeds", help="seeds (0-4, or comma-separated) run one after another into <run-dir>_seed<k>, "
+                                       "then plotted together into <run-dir>_seeds.png (marlkit sweep runs them at once)")
     train.add_argument("--threads", type=int, help="torch intra-op threads for this run (default: torch's, one "
                        "per core); use 1 per run when several runs or other busy programs share the cores. "
                        "Not part of the config; summary.json records it")
@@ -185,6 +186,63 @@ def _eval(argv: list[str]) -> int:
               f"{result['steps']} steps; they are scored at that step")
     print(f"wrote {eval_file(args.run_dir, args.env)}")
     return 0
+
+
+def _sweep(argv: list[str]) -> int:
+    from .collectors import check_ray_address, DISTRIBUTED_EXTRA
+    from .sweep import check_sweep_dir, parse_seeds, plan, run_sweep, summarize, sweep_dir_for, write_grid
+
+    parser = argparse.ArgumentParser(
+        prog="marlkit sweep",
+        description="Train every algorithm on every env with every seed, each run its own run directory "
+                    "<sweep-dir>/<algorithm>/<env>/seed<k>; then write sweep.csv, sweep.md (final and best return, "
+                    "95%% CI over seeds, frames/s) and curves_<env>.png. The same command again skips finished "
+                    "runs and resumes unfinished ones from their checkpoints.")
+    parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. mappo,ippo")
+    parser.add_argument("--envs", required=True, help="comma-separated, e.g. vmas/balance,vmas/navigation")
+    parser.add_argument("--seeds", default="0", help="e.g. 0-4 or 0,1,2 (default 0)")
+    parser.add_argument("--frames", type=int, help="frame budget of every run (collector.total_frames)")
+    parser.add_argument("--preset", help="YAML preset applied to every run before the overrides")
+    parser.add_argument("--sweep-dir", help="default sweeps/<algorithms>_<envs>")
+    parser.add_argument("--max-concurrent", type=int, default=2,
+                        help="runs at once (each gets cores / max-concurrent torch threads and Ray CPUs; default 2)")
+    parser.add_argument("--ray-address", help="join this Ray cluster (auto or host:port); default: a local instance")
+    parser.add_argument("--no-ray", action="store_true", help="run one after another in this process")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides for every run")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        if args.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+        sweep_dir = Path(args.sweep_dir) if args.sweep_dir else sweep_dir_for(algorithms, envs)
+        grid = {"algorithms": algorithms, "envs": envs, "seeds": seeds, "preset": args.preset,
+                "overrides": list(args.overrides), "frames": args.frames}
+        check_sweep_dir(sweep_dir, grid)
+        runs = plan(algorithms, envs, seeds, sweep_dir, preset=args.preset, overrides=args.overrides,
+                    frames=args.frames)
+        if not args.no_ray:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError(f"marlkit sweep runs its runs as Ray tasks and needs the 'ray' package, which is "
+                                 f"not installed: {DISTRIBUTED_EXTRA} (or --no-ray to run them one after another)")
+            if args.ray_address not in (None, "auto"):
+                check_ray_address(args.ray_address, "--ray-address")
+    except ValueError as err:
+        parser.exit(2, f"marlkit sweep: error: {err}\n")
+    write_grid(sweep_dir, grid)
+    print(f"sweep {sweep_dir}: {len(runs)} runs")
+    results = run_sweep(runs, use_ray=not args.no_ray, ray_address=args.ray_address,
+                        max_concurrent=args.max_concurrent)
+    rows = summarize(runs, sweep_dir)
+    print((sweep_dir / "sweep.md").read_text(), end="")
+    print(f"wrote {sweep_dir / 'sweep.csv'}, {sweep_dir / 'sweep.md'} and {len({r['env'] for r in rows})} plots")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        print(f"{len(failed)} runs failed (listed above); the same command again retries them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process: bool) -> Any:
@@ -301,6 +359,8 @@ def _main(argv: list[str], owns_process: bool) -> int:
         return _plot(rest)
     if command == "eval":
         return _eval(rest)
+    if command == "sweep":
+        return _sweep(rest)
     parser = _train_parser()
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)
@@ -321,13 +381,12 @@ def _main(argv: list[str], owns_process: bool) -> int:
         return 0
     seeds = [cfg.seed]
     if args.seeds:
+        from .sweep import parse_seeds
+
         try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            parser.exit(2, f"marlkit train: error: --seeds must be comma-separated integers, got {args.seeds!r}\n")
-        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-        if repeated or not seeds or min(seeds) < 0:
-            parser.exit(2, f"marlkit train: error: --seeds must list distinct seeds >= 0, got {args.seeds!r}\n")
+            seeds = parse_seeds(args.seeds)
+        except ValueError as err:
+            parser.exit(2, f"marlkit train: error: --{err}\n")
     base = Path(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, seeds[0]))
     run_dirs = []
     for seed in seeds:

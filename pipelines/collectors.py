@@ -37,8 +37,8 @@ from marlkit.envs import importable, MultiAgentEnv, split_env_name
 from .config import EnvConfig, RunConfig
 from .environment import build_env
 
-__all__ = ["BACKENDS", "check_collector_config", "Collector", "CollectorFailed", "collector_state",
-           "load_collector_state", "make_collector", "unsaved_episodes", "worker_seeds"]
+__all__ = ["BACKENDS", "check_collector_config", "check_ray_address", "Collector", "CollectorFailed", "collector_state",
+           "load_collector_state", "make_collector", "unsaved_episodes", "worker_failure", "worker_seeds"]
 
 BACKENDS = ("sync", "multiprocess", "ray")
 DISTRIBUTED_EXTRA = 'pip install "marlkit[distributed]"'
@@ -79,20 +79,21 @@ def check_collector_config(cfg: RunConfig) -> None:
         if importlib.util.find_spec("ray") is None:
             raise ValueError(f"collector.backend=ray needs the 'ray' package, which is not installed: {DISTRIBUTED_EXTRA}")
         if c.ray_address not in (None, "auto"):
-            _check_reachable(c.ray_address)
+            check_ray_address(c.ray_address, "collector.ray_address")
 
 
-def _check_reachable(address: str) -> None:
-    """A ``host:port`` Ray head that does not answer fails here in seconds, not in Ray's minute of retries."""
+def check_ray_address(address: str, name: str) -> None:
+    """A ``host:port`` Ray head (``name``: the setting that gave it) that does not answer fails here in
+    seconds, not in Ray's minute of retries."""
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"collector.ray_address={address!r} must be auto or host:port (e.g. 10.0.0.5:6379)")
+        raise ValueError(f"{name}={address!r} must be auto or host:port (e.g. 10.0.0.5:6379)")
     try:
         socket.create_connection((host, int(port)), timeout=_RAY_CONNECT_TIMEOUT_S).close()
     except OSError as err:
-        raise ValueError(f"collector.ray_address={address!r}: no Ray head answers there ({err.strerror or err}); "
-                         "check the address, or leave collector.ray_address unset for a local instance") from None
+        raise ValueError(f"{name}={address!r}: no Ray head answers there ({err.strerror or err}); "
+                         f"check the address, or leave {name} unset for a local instance") from None
 
 
 def worker_seeds(seed: int, workers: int, copies_per_worker: int, start_iteration: int = 0) -> list[int]:
@@ -213,6 +214,17 @@ def _ray_collector(makers: list[Any], policy: TensorDictModuleBase, cfg: RunConf
                          "with `ray start --head`, or leave collector.ray_address unset for a local instance") from None
     collector.update_policy_weights_(policy)  # the remote collectors start from the learner's weights
     return collector
+
+
+def worker_failure(collector: BaseCollector, err: Exception) -> str | None:
+    """What ``err``, raised while ``collector`` collected, says about a worker that died (None: not that)."""
+    if unsaved_episodes(collector) is None:
+        return None
+    if isinstance(err, RuntimeError) and "process failed" in str(err):  # TorchRL's multi-process collectors
+        return str(err).splitlines()[0]
+    if type(err).__module__.startswith("ray."):  # RayActorError, ActorDiedError, ...
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'remote collector lost'}"
+    return None
 
 
 def unsaved_episodes(collector: BaseCollector) -> str | None:

@@ -33,32 +33,53 @@ class Learner:
     """Where the loss writes the TD error that updates replay priorities, or None."""
     partners: dict[str, Any] = field(default_factory=dict)
     """Team critics: the other team groups' actors, which give their next actions to the TD target."""
+    nonfinite: torch.Tensor | None = None
+    """Since the last :func:`check_finite`: which of the loss terms (then the gradient norm) were ever
+    not finite, as a device flag per entry (read once per iteration, not per step)."""
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss term or gradient became NaN or infinite: training stops before the step is taken, so the
-    parameters (and every checkpoint) stay finite."""
+    """A loss term or gradient became NaN or infinite: the steps that saw it were skipped, so the
+    parameters (and every checkpoint) stay finite, and training stops at the end of the iteration."""
+
+
+def make_optimiser(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam with the fused kernel, which can skip a step on the device (:func:`gradient_step`)."""
+    return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
 
 
 def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: TensorDictBase,
-                  max_grad_norm: float, where: str = "") -> None:
+                  max_grad_norm: float) -> None:
     """Minimise the sum of the learner's loss terms in ``loss_out``: backward, clip the global gradient
     norm, step and clear the optimiser, then move the target networks (when the loss has them).
 
-    Raises :class:`TrainingDiverged` (naming ``where``, e.g. the iteration and group, and the term)
-    when a term or the gradient norm is not finite; nothing is updated then.
+    A step whose terms or gradient norm are not finite is skipped on the device, without a host sync:
+    the fused optimiser's ``found_inf`` flag, as AMP's ``GradScaler`` skips steps. The flags collect in
+    ``learner.nonfinite`` for :func:`check_finite` to read once per iteration.
     """
     terms = {key: loss_out[key] for key in learner.loss_terms if key in loss_out.keys()}
     total = sum(terms.values())
     total.backward()
     norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
-    if not torch.isfinite(total + norm):  # one host sync per step; the details only when it failed
-        optimiser.zero_grad(set_to_none=True)
-        bad = [key for key, value in terms.items() if not torch.isfinite(value).all()]
-        if bad:
-            raise TrainingDiverged(f"{where}: loss terms not finite: {', '.join(bad)} (sum {total.item()})")
-        raise TrainingDiverged(f"{where}: the gradient norm is not finite ({norm.item()})")
+    values = torch.stack([*(value.detach().reshape(()) for value in terms.values()), norm.detach().reshape(())])
+    bad = ~torch.isfinite(values)
+    optimiser.found_inf = bad.any().float()  # read by the fused Adam kernel: 1 skips the whole step
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
+    learner.nonfinite = bad if learner.nonfinite is None else learner.nonfinite | bad
     if learner.target_updater is not None:
         learner.target_updater.step()
+
+
+def check_finite(learners: dict[str, Learner], iteration: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the iteration, the learner and the terms (or the gradient
+    norm) that were not finite in any of this iteration's steps; one host sync per learner."""
+    for name, learner in learners.items():
+        flags, learner.nonfinite = learner.nonfinite, None
+        if flags is None or not flags.any():
+            continue
+        terms = [key for key, flag in zip(learner.loss_terms, flags.tolist()) if flag]
+        where = f"iteration {iteration}, group {name}"
+        if terms:
+            raise TrainingDiverged(f"{where}: loss terms not finite: {', '.join(terms)} (those steps were skipped)")
+        raise TrainingDiverged(f"{where}: the gradient norm is not finite (those steps were skipped)")

@@ -116,8 +116,7 @@ def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
                 if learner.partners:  # a team critic's target needs the partners' next (mean) actions
                     add_partner_next_actions(minibatch, learner.partners, ExplorationType.DETERMINISTIC)
                 out = learner.loss(minibatch)
-                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm,
-                              where=f"iteration {iteration}, group {name}")
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
                 terms[name].append(scalar_entries(out))
                 steps += 1
         training.collector.update_policy_weights_()

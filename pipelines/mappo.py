@@ -155,8 +155,7 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                 minibatch = buffer.sample()
                 for group, learner in learners.items():
                     out = learner.loss(minibatch)
-                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm,
-                                  where=f"iteration {iteration}, group {group}")
+                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm)
                     terms[group].append(scalar_entries(out))
         training.collector.update_policy_weights_()
         end_iteration(run, training, learners, iteration, batch, terms)

@@ -112,8 +112,7 @@ def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
                 if learners[name].partners:  # the team critic's target: partners' next actions, sampled
                     add_partner_next_actions(minibatch, learners[name].partners, ExplorationType.RANDOM)
                 out = learners[name].loss(minibatch)  # actor, twin-Q critic and temperature terms
-                gradient_step(learners[name], training.optimisers[name], out, cfg.train.max_grad_norm,
-                              where=f"iteration {iteration}, group {name}")
+                gradient_step(learners[name], training.optimisers[name], out, cfg.train.max_grad_norm)
                 terms[name].append(scalar_entries(out))
             steps += len(learning)
         training.collector.update_policy_weights_()

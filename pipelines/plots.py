@@ -32,6 +32,14 @@ def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
             for key in rows[0]}
 
 
+def mean_return(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """Each iteration's mean episode return, averaged over the run's groups (NaN where none ended)."""
+    columns = np.stack([values for key, values in metrics.items() if key.endswith(REWARD_SUFFIX)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(columns, axis=0)
+
+
 def _band(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     length = min(len(r) for r in runs)
     stacked = np.stack([r[:length] for r in runs])
@@ -103,6 +111,36 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     label = f"{len(runs)} runs: mean and 95% interval" if len(runs) > 1 else str(run_dirs[0])
     fig.suptitle(label, fontsize=10)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(runs_by_label: dict[str, list[Path]], out: str | Path, title: str = "") -> Path:
+    """One panel: for each label (an algorithm of a sweep), the mean episode return (averaged over the
+    groups) of its runs against frames, with its 95% interval over seeds; written to the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run_dirs in runs_by_label.items():
+        runs = [read_metrics(d) for d in run_dirs]
+        mean, half = _band([mean_return(run) for run in runs])
+        frames = runs[0]["frames"][:len(mean)]
+        line, = ax.plot(frames, mean, label=f"{label} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(frames, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("mean episode return")
+    ax.set_title(f"{title}: mean and 95% interval over seeds" if title else "mean and 95% interval over seeds",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -276,8 +276,7 @@ def train(cfg: QlearningConfig, resume: bool = False) -> TrainResult:
                 learner = learners[name]
                 minibatch = learner.replay.sample()  # prioritized: with importance weights and indices
                 out = learner.loss(minibatch)  # writes each transition's squared TD error
-                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm,
-                              where=f"iteration {iteration}, learner {name}")
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
                 learner.replay.update_priority(minibatch, minibatch.get(learner.priority_key))
                 terms[name].append(scalar_entries(out))
                 steps += 1

@@ -101,7 +101,9 @@ class ProportionalPrioritizedSampler(Sampler):
         return self.max_priority if self.new_priority is None else self.new_priority
 
     def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
-        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs().reshape(-1) + self.eps
+        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs().reshape(-1)
+        # a skipped (non-finite) step's TD errors must not poison the sums before the run stops
+        priority = priority.nan_to_num(nan=0.0, posinf=0.0) + self.eps
         index = torch.as_tensor(index).cpu().reshape(-1)
         self.priorities[index] = priority
         self.max_priority = max(self.max_priority, float(priority.max()))

@@ -23,11 +23,11 @@ from torchrl.collectors import BaseCollector
 from marlkit.envs import device_of, MultiAgentEnv
 
 from .checkpoint import Checkpointer, restore_rollout, restore_training
-from .collectors import CollectorFailed, make_collector, unsaved_episodes
+from .collectors import CollectorFailed, make_collector, worker_failure
 from .config import RunConfig
 from .environment import build_env, resolve_env_config
 from .evaluate import Evaluator
-from .learners import Learner
+from .learners import check_finite, Learner, make_optimiser
 from .memory import keep_freed_memory
 from .reporting import Reporter, TrainResult
 from .rundir import open_run_dir, RunDir, RunStart
@@ -98,12 +98,12 @@ class Training:
         for iteration in range(run.start.iteration, run.iterations):
             try:
                 batch = next(batches)
-            except RuntimeError as err:  # TorchRL's report of a worker process that died
-                if unsaved_episodes(self.collector) is None or "process failed" not in str(err):
+            except Exception as err:
+                failure = worker_failure(self.collector, err)
+                if failure is None:
                     raise
                 self.collector.shutdown()
-                raise CollectorFailed(f"a collector worker died ({str(err).splitlines()[0]}); the run stopped "
-                                      f"at iteration {iteration}") from None
+                raise CollectorFailed(f"a collector worker died ({failure}); the run stopped at iteration {iteration}") from None
             self.reporter.collected()
             yield iteration, batch
             if self.stop_signal is not None:
@@ -144,8 +144,7 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     """Optimisers, the policy and its collector, ``config.yaml`` (with ``derived`` values), reporting,
     evaluation and checkpoints; a resumed run gets its weights, optimisers, replays, episodes in flight
     and random streams back (the last of these last, so nothing after it draws random numbers)."""
-    optimisers = {name: torch.optim.Adam(learner.loss.parameters(), lr=lr, eps=adam_eps)
-                  for name, learner in learners.items()}
+    optimisers = {name: make_optimiser(learner.loss.parameters(), lr, adam_eps) for name, learner in learners.items()}
     state = run.start.state
     if state is not None:
         restore_training(state, dict(learners), optimisers)
@@ -167,8 +166,10 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
 def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int,
                   batch: TensorDictBase, terms: Mapping[str, list[TensorDictBase]],
                   extra: Mapping[str, float] | None = None, optimiser_steps: int = 0) -> None:
-    """After training on a batch: evaluate (when due), log the row, checkpoint (when due, and always when
-    it is the last iteration or a stop signal arrived)."""
+    """After training on a batch: stop if a step was not finite (:func:`check_finite`), evaluate (when
+    due), log the row, checkpoint (when due, and always when it is the last iteration or a stop signal
+    arrived)."""
+    check_finite(dict(learners), iteration)
     final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
     row.update(training.evaluator.after(iteration, training.policy, final))

@@ -1,4 +1,4 @@
-"""The pursuit benchmark scripts run end to end on tiny budgets, so they cannot rot (no timing is checked)."""
+"""The benchmark scripts run end to end on tiny budgets, so they cannot rot (no timing is checked)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,25 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
     assert "| 2 |" in quantile and "(2 seeds)" in quantile, table
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_scaling_prints_its_collection_table():
+    out = _run(str(BENCHMARKS / "scaling.py"), "--parts", "collection", "--rounds", "1", "--seconds", "0.05",
+               "--envs", "gym/CartPole-v1", "--policies", "iql", "--backends", "sync,mp2", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| gym/CartPole-v1 | iql | 8 |")]
+    assert len(rows) == 1 and "x)" in rows[0], out  # mp2's ratio to sync
+
+
+def test_scaling_times_its_sweep(tmp_path):
+    tiny = [f"--sweep-override={item}" for item in ("env.num_envs=4", "collector.frames_per_batch=40",
+                                                    "train.minibatch_size=20", "train.num_epochs=1", "model.num_cells=[8]")]
+    out = _run(str(BENCHMARKS / "scaling.py"), "--parts", "sweep", "--rounds", "1", "--sweep-frames", "40", *tiny,
+               "--out", str(tmp_path / "table.txt"))
+    assert "| --no-ray (one after another) |" in out and (tmp_path / "table.txt").read_text().count("\n| ") >= 2
+
+
+def test_gpu_benchmark_runs_its_code_on_cpu():
+    out = _run(str(BENCHMARKS / "gpu.py"), "--device", "cpu", "--num-envs", "8", "--iterations", "1",
+               "--matched-frames", "6000")
+    assert "| navigation-matched | 6,000 |" in out and "| navigation, 8 envs | 800 |" in out, out
+    assert "collection alone" in out
