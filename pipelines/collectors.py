@@ -212,6 +212,12 @@ def _ray_collector(makers: list[Any], policy: TensorDictModuleBase, cfg: RunConf
     except ConnectionError as err:
         raise ValueError(f"collector.ray_address={c.ray_address!r}: {str(err).splitlines()[0]}; start a cluster "
                          "with `ray start --head`, or leave collector.ray_address unset for a local instance") from None
+    except Exception as err:
+        if not type(err).__module__.startswith("ray."):
+            raise
+        raise ValueError(f"collector.backend=ray: a remote collector failed to start ({type(err).__name__}); Ray "
+                         f"workers must import {cfg.env.name!r} and marlkit themselves (install them, or put their "
+                         "folder on PYTHONPATH before Ray starts)") from None
     collector.update_policy_weights_(policy)  # the remote collectors start from the learner's weights
     return collector
 

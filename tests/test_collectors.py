@@ -5,6 +5,8 @@ the bad inputs. Ray tests use a local instance of 2 CPUs (the [distributed] extr
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,15 +168,19 @@ def test_mappo_trains_on_ray_workers(tiny_gridworld_mappo, read_metrics, tmp_pat
     assert result.frames == 120 and len(read_metrics(tmp_path)) == 3
 
 
-def test_a_dead_worker_stops_the_run_in_one_line_with_its_checkpoint_intact(tmp_path, capsys):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dead_worker_stops_the_run_in_one_line_with_its_checkpoint_intact(tmp_path, capsys, monkeypatch, backend):
     """A worker whose simulator kills its process in the second iteration: exit 1, one line naming the
     failure and the checkpoint to resume from; that checkpoint is the first iteration's and loads."""
     from marlkit.pipelines.cli import main
 
+    # Ray workers import the env module themselves: from PYTHONPATH, as a user's would have to be.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "iql", "--env", "custom_envs:DiesAfter", "--frames", "120", "--run-dir", str(run_dir),
-              "env.num_envs=4", "env.die_after=15", "collector.frames_per_batch=40", "collector=multiprocess",
+              "env.num_envs=4", "env.die_after=15", "collector.frames_per_batch=40", f"collector={backend}",
               "collector.workers=2", "model.num_cells=[8]", "replay.batch_size=8", "replay.warmup_frames=40",
               "logger.progress=false", "logger.checkpoint_every=1"])
     assert exit_info.value.code == 1
@@ -183,3 +189,39 @@ def test_a_dead_worker_stops_the_run_in_one_line_with_its_checkpoint_intact(tmp_
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt", read_config(run_dir))
     assert state["iteration"] == 0
 
+
+
+@requires_ray
+def test_ray_workers_that_cannot_import_the_env_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    from marlkit.pipelines.cli import main
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # custom_envs is on this process's path only
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "iql", "--env", "custom_envs:Countdown", "--frames", "40", "--run-dir", str(tmp_path / "run"),
+              "env.num_envs=2", "collector.frames_per_batch=20", "collector=ray", "collector.workers=2",
+              "logger.progress=false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Ray workers must import 'custom_envs:Countdown'" in err[0], err
+
+
+def test_everything_but_ray_works_without_ray(tmp_path):
+    """With Ray absent (``import ray`` fails), marlkit imports, trains with sync and multiprocess
+    collectors and refuses collector=ray naming the extra: marlkit imports Ray only when it is chosen."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # what an environment without the package gives
+        "import importlib.util; real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'ray' else real(name, *a)\n"
+        "from marlkit.pipelines.cli import main\n"
+        "for backend in ('sync', 'multiprocess'):\n"
+        "    main(['train', 'iql', '--env', 'gridworld', '--frames', '40', '--run-dir', %r + backend, 'env.num_envs=2',\n"
+        "          'collector.frames_per_batch=20', 'collector.backend=' + backend, 'collector.workers=' + str(1 + (backend != 'sync')),\n"
+        "          'logger.progress=false', 'replay.warmup_frames=20', 'model.num_cells=[8]'])\n"
+        "main(['train', 'iql', '--env', 'gridworld', 'collector=ray'])\n"
+    ) % str(tmp_path / "run-")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and "marlkit[distributed]" in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert (tmp_path / "run-sync" / "summary.json").is_file() and (tmp_path / "run-multiprocess" / "summary.json").is_file()
