@@ -11,6 +11,9 @@
   their coefficients: their sum is the quantity to minimise) plus diagnostics (``entropy``,
   ``clip_fraction``, ``kl_approx``, ``explained_variance``).
 
+:func:`make_a2c_loss` (IAC / MAA2C, TorchRL's ``A2CLoss`` with GAE) binds the same keys and returns
+the same three terms: the plain policy gradient ``-log pi(a|o) * advantage`` (no ratio, no clip).
+
 :func:`make_ddpg_loss` (MADDPG / IDDPG) and :func:`make_sac_loss` (MASAC / ISAC) for group ``g``,
 with a TD(0) target from target networks:
 
@@ -58,13 +61,15 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
 from torch import nn
 from torchrl.modules import QMixer, VDNMixer
-from torchrl.objectives import DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate, ValueEstimators
+from torchrl.objectives import (A2CLoss, DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate,
+                                 ValueEstimators)
 from torchrl.objectives.multiagent import MAPPOLoss, QMixerLoss
 from torchrl.objectives.utils import TargetNetUpdater
 
 LOSS_CRITIC_TYPES = ("l1", "l2", "smooth_l1")
 # The terms whose sum is minimised; everything else a loss returns is a diagnostic.
 PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
+A2C_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 DDPG_LOSS_TERMS = ("loss_actor", "loss_value")
 SAC_LOSS_TERMS = ("loss_actor", "loss_qvalue", "loss_alpha")
 TARGET_UPDATES = ("soft", "hard")
@@ -72,6 +77,9 @@ MIXERS = ("vdn", "qmix")
 TEAM = "team"  # root entry holding a mixed group's team-level value, reward and flags
 
 __all__ = [
+    "A2C_LOSS_TERMS",
+    "check_actor_critic_settings",
+    "make_a2c_loss",
     "DDPG_LOSS_TERMS",
     "LOSS_CRITIC_TYPES",
     "PPO_LOSS_TERMS",
@@ -93,6 +101,22 @@ __all__ = [
     "make_team_mixer_loss",
     "team_entries",
 ]
+
+
+def check_actor_critic_settings(gamma: float, lmbda: float, entropy_coef: float, critic_coef: float,
+                                loss_critic_type: str) -> None:
+    """What the PPO and A2C losses share: ``ValueError`` naming the bad value."""
+    if loss_critic_type not in LOSS_CRITIC_TYPES:
+        raise ValueError(
+            f"loss_critic_type={loss_critic_type!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
+        )
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
+    if not (0.0 <= entropy_coef < math.inf and 0.0 <= critic_coef < math.inf):
+        # a negative entropy bonus rewards collapsing the policy: always a sign flip, never a setting
+        raise ValueError(f"entropy_coef ({entropy_coef}) and critic_coef ({critic_coef}) must be finite and >= 0")
 
 
 def check_td_settings(loss_function: str, gamma: float, prefix: str = "") -> None:
@@ -162,19 +186,9 @@ def make_ppo_loss(
     statistics of the value target (the MAPPO paper's value normalisation). ``mask_key`` (e.g.
     ``env.live_mask_key(group)``) names the live-agent mask: dead agents' entries leave every term.
     """
-    if loss_critic_type not in LOSS_CRITIC_TYPES:
-        raise ValueError(
-            f"loss_critic_type={loss_critic_type!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
-        )
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
+    check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
     if clip_epsilon <= 0.0:
         raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
-    if not (0.0 <= entropy_coef < math.inf and 0.0 <= critic_coef < math.inf):
-        # a negative entropy bonus rewards collapsing the policy: always a sign flip, never a setting
-        raise ValueError(f"entropy_coef ({entropy_coef}) and critic_coef ({critic_coef}) must be finite and >= 0")
     loss = MAPPOLoss(
         actor_network=actor,
         critic_network=critic,
@@ -187,6 +201,46 @@ def make_ppo_loss(
         # Variance floor 1e-2 as in the MAPPO paper's ValueNorm: early batches often have nearly
         # constant returns, and a tiny floor would blow the critic loss up by orders of magnitude.
         value_norm=RunningValueNorm(shape=1, epsilon=1e-2) if normalize_value_target else None,
+    )
+    loss.set_keys(
+        reward=(group, "reward"),
+        action=(group, "action"),
+        sample_log_prob=(group, "action_log_prob"),
+        value=(group, "state_value"),
+        advantage=(group, "advantage"),
+        value_target=(group, "value_target"),
+        done=(group, "done"),
+        terminated=(group, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
+    _mask_dead_agents(loss, mask_key)
+    return loss
+
+
+def make_a2c_loss(
+    actor: ProbabilisticActor,
+    critic: TensorDictModule,
+    group: str,
+    *,
+    gamma: float = 0.99,
+    lmbda: float = 0.95,
+    entropy_coef: float = 0.01,
+    critic_coef: float = 0.5,
+    loss_critic_type: str = "l2",
+    mask_key: NestedKey | None = None,
+) -> A2CLoss:
+    """Advantage actor-critic loss with GAE for one group (TorchRL's ``A2CLoss``): the policy gradient
+    ``-log pi(a|o) * A`` with no ratio and no clipping, the critic's regression to the GAE return and
+    an entropy bonus. Without an advantage in the batch, the loss computes it (no gradient) from the
+    critic first. ``mask_key`` names the live-agent mask (dead agents' entries are left out)."""
+    check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
+    loss = A2CLoss(
+        actor_network=actor,
+        critic_network=critic,
+        entropy_bonus=entropy_coef > 0,
+        entropy_coeff=entropy_coef,
+        critic_coeff=critic_coef,
+        loss_critic_type=loss_critic_type,
     )
     loss.set_keys(
         reward=(group, "reward"),

@@ -16,6 +16,8 @@ from .config import apply_overrides, load_preset, RunConfig
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "mappo": ("marlkit.pipelines.mappo", "navigation-matched"),
     "ippo": ("marlkit.pipelines.mappo", "navigation-matched"),
+    "maa2c": ("marlkit.pipelines.a2c", "navigation-a2c"),
+    "iac": ("marlkit.pipelines.a2c", "navigation-a2c"),
     "maddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
     "iddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
     "masac": ("marlkit.pipelines.masac", "navigation-offpolicy"),

@@ -22,19 +22,21 @@ from torchrl.envs import EnvBase  # noqa: E402
 
 from marlkit.pipelines import make_config  # noqa: E402
 
-ON_POLICY = ("mappo", "ippo")
+ON_POLICY = ("mappo", "ippo", "maa2c", "iac")
 
 
 def make_tiny_config(algorithm: str, env: str, run_dir: Path | str, *, num_envs: int = 4,
                      frames_per_batch: int = 100, iterations: int = 2, **overrides: Any) -> Any:
     """``iterations`` iterations of ``frames_per_batch`` frames with 16-unit networks and no bar:
-    minibatches of half a batch and 2 epochs on-policy, 32-transition minibatches from a 1,000-frame
+    minibatches of half a batch and 2 epochs for PPO, 32-transition minibatches from a 1,000-frame
     buffer and 2 optimiser steps off-policy. ``overrides`` (``{"section.field": value}``) go last."""
     sizes = {"env.name": env, "env.num_envs": num_envs, "collector.frames_per_batch": frames_per_batch,
              "collector.total_frames": iterations * frames_per_batch, "model.num_cells": [16],
              "logger.progress": False, "logger.run_dir": str(run_dir)}
-    if algorithm in ON_POLICY:
+    if algorithm in ("mappo", "ippo"):
         sizes.update({"train.minibatch_size": frames_per_batch // 2, "train.num_epochs": 2})
+    elif algorithm in ON_POLICY:
+        pass  # A2C: one step on each whole batch
     else:
         sizes.update({"replay.batch_size": 32, "replay.buffer_size": 1000, "train.optimiser_steps": 2})
     return make_config(algorithm, overrides={**sizes, **overrides})

@@ -132,6 +132,7 @@ RESUME_CASES = [
     ("iql", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2", "replay.prioritized=true",
              "exploration.annealing_frames=200"]),
     ("ippo", ["--env", "pettingzoo/mpe2/simple_spread_v3", "env.N=2", "train.minibatch_size=20"]),
+    ("maa2c", ["--env", "gridworld"]),
     ("iql", ["--env", "pettingzoo/sisl/pursuit_v5", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
              "env.n_evaders=2", "sharing.mode=quantile", "replay.batch_size=16", "train.optimiser_steps=2",
              "exploration.annealing_frames=200"]),
