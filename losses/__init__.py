@@ -153,6 +153,23 @@ def _mask_dead_agents(loss: LossModule, mask_key: NestedKey | None) -> None:
         loss.loss_mask_key = mask_key
 
 
+def _bind_actor_critic_keys(loss: LossModule, group: str, gamma: float, lmbda: float,
+                            mask_key: NestedKey | None) -> None:
+    """The keys the PPO and A2C losses of a group read and write, their GAE and the live-agent mask."""
+    loss.set_keys(
+        reward=(group, "reward"),
+        action=(group, "action"),
+        sample_log_prob=(group, "action_log_prob"),
+        value=(group, "state_value"),
+        advantage=(group, "advantage"),
+        value_target=(group, "value_target"),
+        done=(group, "done"),
+        terminated=(group, "terminated"),
+    )
+    loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
+    _mask_dead_agents(loss, mask_key)
+
+
 def _bind_td_keys(loss: LossModule, group: str, gamma: float) -> None:
     """The keys every off-policy loss of a group shares, and its TD(0) target."""
     loss.set_keys(
@@ -202,18 +219,7 @@ def make_ppo_loss(
         # constant returns, and a tiny floor would blow the critic loss up by orders of magnitude.
         value_norm=RunningValueNorm(shape=1, epsilon=1e-2) if normalize_value_target else None,
     )
-    loss.set_keys(
-        reward=(group, "reward"),
-        action=(group, "action"),
-        sample_log_prob=(group, "action_log_prob"),
-        value=(group, "state_value"),
-        advantage=(group, "advantage"),
-        value_target=(group, "value_target"),
-        done=(group, "done"),
-        terminated=(group, "terminated"),
-    )
-    loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
-    _mask_dead_agents(loss, mask_key)
+    _bind_actor_critic_keys(loss, group, gamma, lmbda, mask_key)
     return loss
 
 
@@ -242,18 +248,7 @@ def make_a2c_loss(
         critic_coeff=critic_coef,
         loss_critic_type=loss_critic_type,
     )
-    loss.set_keys(
-        reward=(group, "reward"),
-        action=(group, "action"),
-        sample_log_prob=(group, "action_log_prob"),
-        value=(group, "state_value"),
-        advantage=(group, "advantage"),
-        value_target=(group, "value_target"),
-        done=(group, "done"),
-        terminated=(group, "terminated"),
-    )
-    loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
-    _mask_dead_agents(loss, mask_key)
+    _bind_actor_critic_keys(loss, group, gamma, lmbda, mask_key)
     return loss
 
 

@@ -8,7 +8,6 @@ on the whole batch per group -> weights back to the collector -> log.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,11 @@ from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 
 from marlkit.losses import A2C_LOSS_TERMS, make_a2c_loss
-from marlkit.modules import make_stochastic_actor, make_value_critic
-from marlkit.pipelines.checks import check_common
+from marlkit.pipelines.checks import check_common, check_on_policy, check_optimiser
 from marlkit.pipelines.config import RunConfig
-from marlkit.pipelines.learners import gradient_step, Learner
+from marlkit.pipelines.learners import actor_and_critic, gradient_step, Learner
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
 from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
-from marlkit.pipelines.teams import team_of
 
 ALGORITHMS = ("maa2c", "iac")
 
@@ -82,23 +79,15 @@ def checked_iterations(cfg: A2cConfig) -> int:
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
     iterations = check_common(cfg)
-    if not cfg.collector.sync:
-        raise ValueError("collector.sync=false collects while A2C trains, so its batches would come from older "
-                         "policies; A2C needs collector.sync=true (asynchronous collection is for off-policy algorithms)")
-    t = cfg.train
-    if not (0 < t.lr < math.inf and 0 < t.max_grad_norm < math.inf):
-        raise ValueError(f"train.lr ({t.lr}) and train.max_grad_norm ({t.max_grad_norm}) must be finite and > 0")
+    check_on_policy(cfg, "A2C")
+    check_optimiser(cfg.train.lr, cfg.train.max_grad_norm)
     return iterations
 
 
 def build_group(env: EnvBase, group: str, cfg: A2cConfig, device: torch.device) -> Learner:
     """Stochastic actor, value critic (over the team for MAA2C) and A2C loss for one group."""
-    model, lc = cfg.model, cfg.loss
-    actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
-                                  share_params=model.share_params, device=device)
-    critic = make_value_critic(env, group, centralised=cfg.centralised_critic, num_cells=model.num_cells,
-                               activation=model.activation, share_params=model.critic_share_params, device=device,
-                               team=team_of(cfg.env.teams, group))
+    lc = cfg.loss
+    actor, critic = actor_and_critic(env, group, cfg, centralised=cfg.centralised_critic, device=device)
     loss = make_a2c_loss(actor, critic, group, gamma=lc.gamma, lmbda=lc.lmbda, entropy_coef=lc.entropy_coef,
                          critic_coef=lc.critic_coef, loss_critic_type=lc.loss_critic_type,
                          mask_key=env.live_mask_key(group))  # agents that died leave the loss

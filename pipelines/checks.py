@@ -7,6 +7,8 @@ all and returns the number of iterations. Algorithm sections are checked by thei
 
 from __future__ import annotations
 
+import math
+
 from marlkit.envs import device_of
 from marlkit.modules import activation_class
 
@@ -65,3 +67,17 @@ def check_common(cfg: RunConfig) -> int:
     device_of(cfg.device)
     check_logger_config(cfg.logger)
     return iterations
+
+
+def check_on_policy(cfg: RunConfig, family: str) -> None:
+    """On-policy algorithms (``family``: PPO, A2C) train on synchronous batches of the current policy."""
+    if not cfg.collector.sync:
+        raise ValueError(f"collector.sync=false collects while {family} trains, so its batches would come from older "
+                         f"policies; {family} needs collector.sync=true (asynchronous collection is for off-policy "
+                         "algorithms)")
+
+
+def check_optimiser(lr: float, max_grad_norm: float) -> None:
+    """The learning rate and gradient clip of the ``train`` section: finite and positive."""
+    if not (0 < lr < math.inf and 0 < max_grad_norm < math.inf):
+        raise ValueError(f"train.lr ({lr}) and train.max_grad_norm ({max_grad_norm}) must be finite and > 0")

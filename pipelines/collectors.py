@@ -136,41 +136,34 @@ def make_collector(env: EnvBase, policy: TensorDictModuleBase, cfg: RunConfig, *
     workers. The first ``init_random_frames`` frames use uniformly random actions (off-policy warm-up).
     """
     c = cfg.collector
-    if c.backend == "sync":
+    common = dict(
+        frames_per_batch=c.frames_per_batch,
+        # Endless: a collector that reaches its budget closes the env before yielding the last batch,
+        # and the final checkpoint needs the env's state (the loop counts iterations itself).
+        total_frames=-1,
         # Policy, env and storage share one device, so nothing moves between CPU and GPU in the loop.
-        return Collector(
-            env,
-            policy,
-            frames_per_batch=c.frames_per_batch,
-            # Endless: a collector that reaches its budget closes the env before yielding the last batch,
-            # and the final checkpoint needs the env's state (the loop counts iterations itself).
-            total_frames=-1,
-            device=device,
-            storing_device=device,
-            init_random_frames=init_random_frames or None,
-            reset_at_each_iter=c.reset_at_each_iter,
-            # make_env owns the env's transforms; feed-forward policies need none added (and a silent
-            # default that flips in torchrl 0.15 would change runs between versions).
-            auto_register_policy_transforms=False,
-        )
+        device=device,
+        storing_device=device,
+        init_random_frames=init_random_frames or None,
+        reset_at_each_iter=c.reset_at_each_iter,
+        # make_env owns the env's transforms; feed-forward policies need none added (and a silent
+        # default that flips in torchrl 0.15 would change runs between versions).
+        auto_register_policy_transforms=False,
+    )
+    if c.backend == "sync":
+        return Collector(env, policy, **common)
     copies = cfg.env.num_envs // c.workers
     worker_cfg = dataclasses.replace(cfg.env, num_envs=copies)
     makers = [functools.partial(worker_env, worker_cfg, seed)
               for seed in worker_seeds(cfg.seed, c.workers, copies, start_iteration)]
     if c.backend == "multiprocess":
+        # Synchronous: the workers' batches concatenated along the copies. Asynchronous: each worker's
+        # own batch of frames_per_batch frames is a whole iteration.
         cls = MultiSyncCollector if c.sync else MultiAsyncCollector
         return cls(
             makers,
             policy,
-            # Synchronous: the workers' batches concatenated along the copies. Asynchronous: each
-            # worker's own batch is a whole iteration.
-            frames_per_batch=c.frames_per_batch,
-            total_frames=-1,
-            device=device,
-            storing_device=device,
-            init_random_frames=init_random_frames or None,
-            reset_at_each_iter=c.reset_at_each_iter,
-            auto_register_policy_transforms=False,
+            **common,
             # TorchRL would take a thread from the learner per worker; keep the run's own count
             # (workers and learner take turns when synchronous) and one thread per worker.
             num_threads=torch.get_num_threads(),

@@ -7,8 +7,15 @@ from typing import Any
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from torchrl.envs import EnvBase
+from torchrl.modules import ProbabilisticActor
 from torchrl.objectives import LossModule
+
+from marlkit.modules import make_stochastic_actor, make_value_critic
+
+from .config import RunConfig
+from .teams import team_of
 
 
 @dataclass
@@ -36,6 +43,19 @@ class Learner:
     nonfinite: torch.Tensor | None = None
     """Since the last :func:`check_finite`: which of the loss terms (then the gradient norm) were ever
     not finite, as a device flag per entry (read once per iteration, not per step)."""
+
+
+def actor_and_critic(env: EnvBase, group: str, cfg: RunConfig, *, centralised: bool,
+                     device: torch.device) -> tuple[ProbabilisticActor, TensorDictModule]:
+    """An on-policy group's stochastic actor and value critic, sized from the env's specs (a centralised
+    critic sees every agent of the group's team)."""
+    model = cfg.model
+    actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
+                                  share_params=model.share_params, device=device)
+    critic = make_value_critic(env, group, centralised=centralised, num_cells=model.num_cells,
+                               activation=model.activation, share_params=model.critic_share_params, device=device,
+                               team=team_of(cfg.env.teams, group))
+    return actor, critic
 
 
 class TrainingDiverged(RuntimeError):
