@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pettingzoo.sisl import pursuit_v5
+from pettingzoo.sisl.pursuit import pursuit_base
 from pettingzoo.sisl.pursuit.utils import two_d_maps
 from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs
@@ -70,8 +71,12 @@ def _chasing(pursuers: np.ndarray, evaders: np.ndarray, alive: np.ndarray, rng: 
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_steps_equal_pettingzoo(name):
+def test_steps_equal_pettingzoo(name, monkeypatch):
     kwargs = CONFIGS[name]
+    # PettingZoo's constructor places agents with an unseeded generator by rejection sampling, which
+    # never ends for some placements in the "window" setup (4 of 100 tries): construct from a fixed seed.
+    real = pursuit_base.seeding.np_random
+    monkeypatch.setattr(pursuit_base.seeding, "np_random", lambda seed=None: real(11 if seed is None else seed))
     reference = pursuit_v5.parallel_env(**kwargs)
     sim = reference.unwrapped.env
     env = PursuitEnv(num_envs=1, **kwargs)
