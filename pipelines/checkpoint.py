@@ -58,6 +58,7 @@ def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_s
     place first (their files already live in the run directory).
     """
     replay = {group: agent.replay.dump() for group, agent in agents.items() if agent.replay is not None}
+    unsaved = unsaved_episodes(collector)  # the workers' copies: their episodes restart on resume
     return {
         "format": FORMAT,
         "algorithm": cfg.algorithm,
@@ -68,8 +69,7 @@ def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_s
         "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
         "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
         "rng": _global_rng_state(),
-        "simulator": _simulator_state(env) if unsaved_episodes(collector) is None
-        else {"unsaved": unsaved_episodes(collector)},
+        "simulator": _simulator_state(env) if unsaved is None else {"unsaved": unsaved},
         "collector": collector_state(collector),
         "replay": replay,
     }

@@ -189,7 +189,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from .collectors import check_ray_address, DISTRIBUTED_EXTRA
+    from .collectors import check_ray_address, check_ray_installed
     from .sweep import check_sweep_dir, parse_seeds, plan, run_sweep, summarize, sweep_dir_for, write_grid
 
     parser = argparse.ArgumentParser(
@@ -223,11 +223,8 @@ def _sweep(argv: list[str]) -> int:
         runs = plan(algorithms, envs, seeds, sweep_dir, preset=args.preset, overrides=args.overrides,
                     frames=args.frames)
         if not args.no_ray:
-            import importlib.util
-
-            if importlib.util.find_spec("ray") is None:
-                raise ValueError(f"marlkit sweep runs its runs as Ray tasks and needs the 'ray' package, which is "
-                                 f"not installed: {DISTRIBUTED_EXTRA} (or --no-ray to run them one after another)")
+            check_ray_installed("marlkit sweep (its runs are Ray tasks)",
+                                " (or --no-ray to run them one after another)")
             if args.ray_address not in (None, "auto"):
                 check_ray_address(args.ray_address, "--ray-address")
     except ValueError as err:

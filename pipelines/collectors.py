@@ -37,7 +37,7 @@ from marlkit.envs import importable, MultiAgentEnv, split_env_name
 from .config import EnvConfig, RunConfig
 from .environment import build_env
 
-__all__ = ["BACKENDS", "check_collector_config", "check_ray_address", "Collector", "CollectorFailed", "collector_state",
+__all__ = ["BACKENDS", "check_collector_config", "check_ray_address", "check_ray_installed", "Collector", "CollectorFailed", "collector_state",
            "load_collector_state", "make_collector", "unsaved_episodes", "worker_failure", "worker_seeds"]
 
 BACKENDS = ("sync", "multiprocess", "ray")
@@ -76,10 +76,15 @@ def check_collector_config(cfg: RunConfig) -> None:
     if c.backend == "multiprocess" and c.ray_address is not None:
         raise ValueError("collector.ray_address is for collector.backend=ray")
     if c.backend == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise ValueError(f"collector.backend=ray needs the 'ray' package, which is not installed: {DISTRIBUTED_EXTRA}")
+        check_ray_installed("collector.backend=ray")
         if c.ray_address not in (None, "auto"):
             check_ray_address(c.ray_address, "collector.ray_address")
+
+
+def check_ray_installed(who: str, alternative: str = "") -> None:
+    """``ValueError`` naming ``who`` needs Ray, the extra that installs it and ``alternative``, when it is missing."""
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError(f"{who} needs the 'ray' package, which is not installed: {DISTRIBUTED_EXTRA}{alternative}")
 
 
 def check_ray_address(address: str, name: str) -> None:

@@ -157,10 +157,12 @@ def run_sweep(runs: list[SweepRun], *, use_ray: bool = True, ray_address: str | 
     cores = os.cpu_count() or 1
     concurrent = max(1, min(max_concurrent, len(runs))) if use_ray else 1
     threads = max(1, cores // concurrent)  # two-thread runs sharing two cores slow each other about 8x
-    todo = [run for run in runs if not run.finished]
+    todo = []
     for run in runs:
         if run.finished:
             report(f"done already: {run.run_dir}")
+        else:
+            todo.append(run)
     results: list[dict[str, Any]] = []
 
     def finished(outcome: dict[str, Any]) -> None:
