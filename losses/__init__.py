@@ -40,6 +40,17 @@ group's observations.
 ``(TEAM, "observation")``; it reads the actions at ``(TEAM, "agent_action")``. :func:`team_entries`
 adds the team reward, flags and actions to a collected batch for both.
 
+:func:`make_qtran_loss` (QTRAN-base) learns a joint action value ``Q_jt(s, u)`` from the team reward
+(``L_td``) and ties the agents' summed Q values to it (``L_opt`` at the greedy joint action, ``L_nopt``
+at the taken one, both through the state value ``V(s)``); it reads the group's observation and action,
+the state, the team reward and flags of :func:`team_entries`, returns ``loss`` and its three parts, and
+writes ``(TEAM, "td_error")``.
+
+:func:`make_coma_loss` (COMA, discrete actions, on-policy batches laid out ``[envs, time]``) reads the
+group's observation, action (and mask), the state and the next step's entries; it returns
+``loss_objective`` (policy gradient with the counterfactual advantage), ``loss_critic`` (to TD(lambda)
+targets from the target critic) and ``loss_entropy``, weighted as in A2C.
+
 Team critics (MADDPG / MASAC with a team of several groups) read every team group's observation and
 action; :func:`add_partner_next_actions` fills in the partners' next actions their TD target needs.
 
@@ -55,8 +66,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from tensordict import NestedKey, TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
+from tensordict import NestedKey, TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams, TensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
 from torch import nn
@@ -64,12 +75,16 @@ from torchrl.modules import QMixer, VDNMixer
 from torchrl.objectives import (A2CLoss, DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate,
                                  ValueEstimators)
 from torchrl.objectives.multiagent import MAPPOLoss, QMixerLoss
-from torchrl.objectives.utils import TargetNetUpdater
+from torchrl.objectives.utils import distance_loss, TargetNetUpdater
+from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+from marlkit.modules import action_indices, QTranJoint
 
 LOSS_CRITIC_TYPES = ("l1", "l2", "smooth_l1")
 # The terms whose sum is minimised; everything else a loss returns is a diagnostic.
 PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 A2C_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
+COMA_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 DDPG_LOSS_TERMS = ("loss_actor", "loss_value")
 SAC_LOSS_TERMS = ("loss_actor", "loss_qvalue", "loss_alpha")
 TARGET_UPDATES = ("soft", "hard")
@@ -78,6 +93,11 @@ TEAM = "team"  # root entry holding a mixed group's team-level value, reward and
 
 __all__ = [
     "A2C_LOSS_TERMS",
+    "COMA_LOSS_TERMS",
+    "ComaLoss",
+    "make_coma_loss",
+    "make_qtran_loss",
+    "QTranLoss",
     "check_actor_critic_settings",
     "make_a2c_loss",
     "DDPG_LOSS_TERMS",
@@ -506,3 +526,193 @@ def add_partner_next_actions(batch: TensorDictBase, actors: Mapping[str, TensorD
             acted = actor(next_td.select(*actor.in_keys, strict=False).clone(False))
             next_td.set((group, "action"), acted.get((group, "action")))
     return batch
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` ``[*B, n]`` over the entries where ``mask`` (live agents) is True."""
+    if mask is None:
+        return values.mean()
+    mask = mask.reshape(values.shape).to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class QTranLoss(LossModule):
+    """QTRAN-base (Son et al. 2019) over one group's agents; see :func:`make_qtran_loss`."""
+
+    value_network: TensorDictModule
+    value_network_params: TensorDictParams
+    target_value_network_params: TensorDictParams
+    joint_network: QTranJoint
+    joint_network_params: TensorDictParams
+    target_joint_network_params: TensorDictParams
+
+    def __init__(self, q_network: nn.Module, joint: QTranJoint, group: str, *, state_key: NestedKey, gamma: float,
+                 loss_function: str, lambda_opt: float, lambda_nopt: float):
+        super().__init__()
+        self.convert_to_functional(q_network, "value_network")
+        # the joint networks have a target copy; the agents' greedy actions come from the online nets
+        self.convert_to_functional(joint, "joint_network", create_target_params=True)
+        self.group, self.state_key, self.gamma = group, state_key, gamma
+        self.loss_function, self.lambda_opt, self.lambda_nopt = loss_function, lambda_opt, lambda_nopt
+
+    def _agent_values(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each agent's Q values ``[B, n, A]`` and its greedy action ``[B, n]`` (valid actions only)."""
+        g = self.group
+        with self.value_network_params.to_module(self.value_network):
+            values = self.value_network(tensordict.select(*self.value_network.in_keys, strict=False)).get((g, "action_value"))
+        masked = values.detach()
+        if (g, "action_mask") in tensordict.keys(True):
+            masked = masked.masked_fill(~tensordict.get((g, "action_mask")), -math.inf)
+        return values, masked.argmax(-1)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        g, batch_dims = self.group, tensordict.ndim
+        values, greedy = self._agent_values(tensordict)
+        next_td = tensordict.get("next")
+        _, next_greedy = self._agent_values(next_td)
+        action = action_indices(tensordict.get((g, "action")))
+        state = tensordict.get(self.state_key)
+        with self.joint_network_params.to_module(self.joint_network):
+            joint = self.joint_network.joint_value(state, action)
+            joint_greedy = self.joint_network.joint_value(state, greedy)
+            state_value = self.joint_network.state_value(state, batch_dims)
+        # preserve_module_state=False, as TorchRL's DQNLoss: restoring the module's state would mark
+        # the target buffers as requiring gradients, which the target updater refuses
+        with torch.no_grad(), self.target_joint_network_params.to_module(self.joint_network,
+                                                                          preserve_module_state=False):
+            next_joint = self.joint_network.joint_value(next_td.get(self.state_key), next_greedy)
+        reward = next_td.get((TEAM, "reward"))
+        not_terminal = (~next_td.get((TEAM, "terminated"))).to(reward.dtype)
+        target = (reward + self.gamma * not_terminal * next_joint).detach()
+        td = distance_loss(joint, target, self.loss_function).squeeze(-1)
+        summed = values.gather(-1, action.unsqueeze(-1)).sum(-2)  # [B, 1]
+        summed_greedy = values.gather(-1, greedy.unsqueeze(-1)).sum(-2)
+        # Q' = sum_i Q_i must equal Q_jt - V at the greedy joint action and not fall below it elsewhere
+        opt = (summed_greedy - joint_greedy.detach() + state_value).squeeze(-1).pow(2)
+        nopt = (summed - joint.detach() + state_value).clamp(max=0.0).squeeze(-1).pow(2)
+        per_sample = td + self.lambda_opt * opt + self.lambda_nopt * nopt
+        weight = tensordict.get("priority_weight", None)
+        weighted = (lambda x: x) if weight is None else (lambda x: x * weight.reshape(x.shape))
+        tensordict.set((TEAM, "td_error"), (joint - target).detach().pow(2))
+        return TensorDict({
+            "loss": weighted(per_sample).mean(),
+            "loss_td": td.mean().detach(),
+            "loss_opt": opt.mean().detach(),
+            "loss_nopt": nopt.mean().detach(),
+        }, [])
+
+
+def make_qtran_loss(
+    q_network: nn.Module,
+    joint: QTranJoint,
+    group: str,
+    *,
+    state_key: NestedKey,
+    gamma: float = 0.99,
+    loss_function: str = "l2",
+    lambda_opt: float = 1.0,
+    lambda_nopt: float = 0.1,
+) -> QTranLoss:
+    """QTRAN-base for one group: ``loss = L_td + lambda_opt L_opt + lambda_nopt L_nopt``.
+
+    ``L_td`` regresses ``Q_jt(s, u)`` (``joint``, from :func:`marlkit.modules.make_qtran_joint`) on
+    ``r + gamma Q_jt^target(s', u_greedy')`` with the agents' greedy next actions; ``L_opt`` pulls
+    ``sum_i Q_i(o_i, u_greedy) - Q_jt(s, u_greedy) + V(s)`` to 0 and ``L_nopt`` pushes
+    ``sum_i Q_i(o_i, u) - Q_jt(s, u) + V(s)`` up to at least 0 (``Q_jt`` is held fixed in both).
+    The prioritized replay's ``priority_weight`` weights each transition.
+    """
+    check_td_settings(loss_function, gamma)
+    if not (0.0 <= lambda_opt < math.inf and 0.0 <= lambda_nopt < math.inf):
+        raise ValueError(f"lambda_opt ({lambda_opt}) and lambda_nopt ({lambda_nopt}) must be finite and >= 0")
+    return QTranLoss(q_network, joint, group, state_key=state_key, gamma=gamma, loss_function=loss_function,
+                     lambda_opt=lambda_opt, lambda_nopt=lambda_nopt)
+
+
+class ComaLoss(LossModule):
+    """COMA (Foerster et al. 2018) for one group; see :func:`make_coma_loss`."""
+
+    actor_network: ProbabilisticActor
+    actor_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    critic_network: TensorDictModule
+    critic_network_params: TensorDictParams
+    target_critic_network_params: TensorDictParams
+
+    def __init__(self, actor: ProbabilisticActor, critic: TensorDictModule, group: str, *, gamma: float,
+                 lmbda: float, entropy_coef: float, critic_coef: float, loss_critic_type: str,
+                 mask_key: NestedKey | None):
+        super().__init__()
+        self.convert_to_functional(actor, "actor_network")
+        self.convert_to_functional(critic, "critic_network", create_target_params=True)
+        self.group, self.gamma, self.lmbda, self.mask_key = group, gamma, lmbda, mask_key
+        self.entropy_coef, self.critic_coef, self.loss_critic_type = entropy_coef, critic_coef, loss_critic_type
+
+    def _dist(self, tensordict: TensorDictBase) -> torch.distributions.Distribution:
+        with self.actor_network_params.to_module(self.actor_network):
+            return self.actor_network.get_dist(tensordict.select(*self.actor_network.in_keys, strict=False))
+
+    def _critic(self, tensordict: TensorDictBase, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
+        inputs = tensordict.select(*self.critic_network.in_keys[:-1], strict=False)
+        inputs.set((self.group, "action"), action)
+        target = params is not self.critic_network_params  # see QTranLoss on preserve_module_state
+        with params.to_module(self.critic_network, preserve_module_state=not target):
+            return self.critic_network(inputs).get((self.group, "action_value"))
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        g = self.group
+        if tensordict.ndim < 2:
+            raise ValueError(f"COMA's TD(lambda) targets need a batch laid out [envs, time]; got shape {tuple(tensordict.shape)}")
+        action = tensordict.get((g, "action"))
+        index = action_indices(action)
+        dist = self._dist(tensordict)
+        q = self._critic(tensordict, action, self.critic_network_params)  # [E, T, n, A]
+        q_taken = q.gather(-1, index.unsqueeze(-1))  # [E, T, n, 1]
+        baseline = (dist.probs.detach() * q.detach()).sum(-1, keepdim=True)
+        advantage = (q_taken.detach() - baseline).squeeze(-1)
+        next_td = tensordict.get("next")
+        with torch.no_grad():
+            next_action = self._dist(next_td).sample()  # a fresh on-policy joint action at s'
+            next_q = self._critic(next_td, next_action, self.target_critic_network_params)
+            next_taken = next_q.gather(-1, action_indices(next_action).unsqueeze(-1))
+            # agents before time, as TorchRL's estimators take [..., T, 1]
+            shape = next_taken.shape
+            reward = next_td.get((g, "reward")).mean(-2, keepdim=True).expand(shape)
+            flags = [next_td.get(key).unsqueeze(-2).expand(shape) for key in ("done", "terminated")]
+            target = td_lambda_return_estimate(
+                self.gamma, self.lmbda, *(x.movedim(-2, -3) for x in (next_taken, reward, *flags)), time_dim=-2,
+            ).movedim(-3, -2)
+        mask = tensordict.get(self.mask_key) if self.mask_key is not None else None
+        critic_error = distance_loss(q_taken, target, self.loss_critic_type).squeeze(-1)
+        entropy = dist.entropy()
+        return TensorDict({
+            "loss_objective": -_masked_mean(advantage * dist.log_prob(action), mask),
+            "loss_critic": self.critic_coef * _masked_mean(critic_error, mask),
+            "loss_entropy": -self.entropy_coef * _masked_mean(entropy, mask),
+            "entropy": _masked_mean(entropy.detach(), mask),
+            "advantage": _masked_mean(advantage, mask),
+        }, [])
+
+
+def make_coma_loss(
+    actor: ProbabilisticActor,
+    critic: TensorDictModule,
+    group: str,
+    *,
+    gamma: float = 0.99,
+    lmbda: float = 0.8,
+    entropy_coef: float = 0.01,
+    critic_coef: float = 0.5,
+    loss_critic_type: str = "l2",
+    mask_key: NestedKey | None = None,
+) -> ComaLoss:
+    """COMA for one group of discrete-action agents (``critic`` from
+    :func:`marlkit.modules.make_coma_critic`).
+
+    Each agent's advantage is ``Q(s, u) - sum_u' pi(u'|o) Q(s, (u_-a, u'))``: the others' actions held
+    fixed, its own marginalised under its policy. The critic regresses the taken joint action's value on
+    TD(lambda) returns of the team reward (the agents' mean), bootstrapped from the target critic at a
+    joint action sampled from the current policy at the next step. ``mask_key`` leaves dead agents out.
+    """
+    check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
+    return ComaLoss(actor, critic, group, gamma=gamma, lmbda=lmbda, entropy_coef=entropy_coef,
+                    critic_coef=critic_coef, loss_critic_type=loss_critic_type, mask_key=mask_key)

@@ -10,6 +10,9 @@ Every size comes from the env's specs. For a group ``g``:
 * :func:`make_value_critic` reads ``(g, "observation")`` and writes ``(g, "state_value")``.
 * :func:`make_q_critic` reads ``(g, "observation")`` and ``(g, "action")`` and writes
   ``(g, "state_action_value")``.
+* :func:`make_coma_critic` reads the state, ``(g, "observation")`` and ``(g, "action")`` and writes
+  ``(g, "action_value")``: each agent's value of each of its actions, the others' actions fixed.
+* :func:`make_qtran_joint` builds QTRAN's joint action value and state value (plain tensors in and out).
 * :func:`make_q_network` (IQL, VDN, QMIX) reads ``(g, "observation")`` (and ``(g, "action_mask")``)
   and writes ``(g, "action_value")``, the greedy ``(g, "action")`` and ``(g, "chosen_action_value")``.
 * :mod:`marlkit.modules.exploration` holds the exploration modules composed after a policy
@@ -24,16 +27,18 @@ anything else is flattened. The factories live by topic in :mod:`.actors`, :mod:
 from __future__ import annotations
 
 from .actors import continuous_action_bounds, make_deterministic_actor, make_stochastic_actor
-from .critics import make_q_critic, make_value_critic
-from .encoders import ACTIVATIONS, activation_class, group_spec, make_encoder
+from .critics import ComaCritic, make_coma_critic, make_q_critic, make_qtran_joint, make_value_critic, QTranJoint
+from .encoders import action_indices, ACTIVATIONS, activation_class, group_spec, make_encoder
 from .exploration import AnnealedTogether, EpsilonGreedy, GaussianNoise
 from .qnets import discrete_actions, make_q_network
 
 __all__ = [
     "ACTIVATIONS",
     "AnnealedTogether",
+    "ComaCritic",
     "EpsilonGreedy",
     "GaussianNoise",
+    "action_indices",
     "activation_class",
     "continuous_action_bounds",
     "discrete_actions",
@@ -41,7 +46,10 @@ __all__ = [
     "make_deterministic_actor",
     "make_encoder",
     "make_q_critic",
+    "make_coma_critic",
     "make_q_network",
+    "make_qtran_joint",
     "make_stochastic_actor",
     "make_value_critic",
+    "QTranJoint",
 ]

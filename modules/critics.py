@@ -1,5 +1,5 @@
 """Critics per group: state values (PPO) and Q(observation, action) (DDPG, SAC), local, centralised over
-the group, or over every group of a team."""
+the group, or over every group of a team; COMA's counterfactual critic and QTRAN's joint networks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.envs import EnvBase
 
-from .encoders import _mlp, _observation_encoder, group_spec, make_encoder
+from torchrl.modules import MLP
+
+from .encoders import _mlp, _observation_encoder, action_indices, activation_class, group_spec, make_encoder
+from .qnets import discrete_actions
 
 
 class _TeamCritic(nn.Module):
@@ -141,3 +144,110 @@ def make_q_critic(
         in_keys=[(group, "observation"), (group, "action")],
         out_keys=[(group, "state_action_value")],
     )
+
+
+def _flat_state(state: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    return state.reshape(*state.shape[:batch_dims], -1).to(torch.float32)
+
+
+class ComaCritic(nn.Module):
+    """COMA's critic: for each agent ``a``, the value of every action of ``a`` given the state, ``a``'s
+    observation and identity, and the other agents' actions (``a``'s own action is hidden from it, so
+    one forward pass gives the counterfactual values the advantage marginalises over)."""
+
+    def __init__(self, mlp: nn.Module, n_agents: int, n_actions: int):
+        super().__init__()
+        self.mlp, self.n_agents, self.n_actions = mlp, n_agents, n_actions
+        self.register_buffer("others", 1.0 - torch.eye(n_agents, device=next(mlp.parameters()).device))
+
+    def forward(self, state: torch.Tensor, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        index = action_indices(action)  # [*B, n]
+        batch = index.shape[:-1]
+        one_hot = nn.functional.one_hot(index, self.n_actions).to(torch.float32)  # [*B, n, A]
+        # row a holds every agent's one-hot action with agent a's own zeroed
+        others = one_hot.unsqueeze(-3) * self.others[..., None]  # [*B, n, n, A]
+        parts = [
+            _flat_state(state, len(batch)).unsqueeze(-2).expand(*batch, self.n_agents, -1),
+            observation.reshape(*batch, self.n_agents, -1).to(torch.float32),
+            torch.eye(self.n_agents, device=index.device).expand(*batch, self.n_agents, self.n_agents),
+            others.flatten(-2),
+        ]
+        return self.mlp(torch.cat(parts, dim=-1))
+
+
+def make_coma_critic(
+    env: EnvBase,
+    group: str,
+    *,
+    state_key: tuple[str, ...] | str,
+    num_cells: Sequence[int] = (128, 128),
+    activation: str = "relu",
+    share_params: bool = True,
+    device: torch.device | str | None = None,
+) -> TensorDictModule:
+    """COMA's centralised critic for one group (discrete actions): reads ``state_key`` (the env's
+    ``"state"``, or the group's observations when it has none), ``(group, "observation")`` and
+    ``(group, "action")``; writes ``(group, "action_value")``, ``[*B, n_agents, n_actions]``: Q(s, (u_-a, u))
+    for every action ``u`` of each agent ``a``."""
+    device = env.device if device is None else device
+    n_actions = discrete_actions(env, group, "coma")
+    obs_spec = group_spec(env, group, "observation")
+    n_agents = obs_spec.shape[0]
+    state_spec = env.full_observation_spec[state_key]
+    state_dim = int(state_spec.shape[len(env.batch_size):].numel())
+    features = state_dim + int(obs_spec.shape[1:].numel()) + n_agents + n_agents * n_actions
+    mlp = _mlp(features, n_actions, n_agents, centralised=False, share_params=share_params, num_cells=num_cells,
+               activation=activation, device=device)
+    return TensorDictModule(ComaCritic(mlp, n_agents, n_actions),
+                            in_keys=[state_key, (group, "observation"), (group, "action")],
+                            out_keys=[(group, "action_value")])
+
+
+class QTranJoint(nn.Module):
+    """QTRAN-base's joint networks for one group: the joint action value ``Q_jt(s, u)`` and the state
+    value ``V(s)``.
+
+    Every agent's (identity, action) pair is embedded by one shared MLP and the embeddings are summed
+    (QTRAN's joint-action encoding); ``Q_jt`` reads the state with that sum, ``V`` the state alone.
+    """
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, num_cells: Sequence[int], activation: str,
+                 device: torch.device | str):
+        super().__init__()
+        act = activation_class(activation)
+        width = num_cells[-1] if num_cells else 64
+        self.n_agents, self.n_actions = n_agents, n_actions
+        self.embed = MLP(in_features=n_agents + n_actions, out_features=width, num_cells=[width],
+                         activation_class=act, device=device)
+        self.q = MLP(in_features=state_dim + width, out_features=1, num_cells=list(num_cells), activation_class=act,
+                     device=device)
+        self.v = MLP(in_features=state_dim, out_features=1, num_cells=list(num_cells), activation_class=act,
+                     device=device)
+
+    def joint_value(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """``Q_jt(s, u)``, ``[*B, 1]``, for actions ``[*B, n]`` (indices) or ``[*B, n, A]`` (one-hot)."""
+        index = action_indices(action)
+        batch = index.shape[:-1]
+        pairs = torch.cat([torch.eye(self.n_agents, device=index.device).expand(*batch, self.n_agents, self.n_agents),
+                           nn.functional.one_hot(index, self.n_actions).to(torch.float32)], dim=-1)
+        return self.q(torch.cat([_flat_state(state, len(batch)), self.embed(pairs).sum(-2)], dim=-1))
+
+    def state_value(self, state: torch.Tensor, batch_dims: int) -> torch.Tensor:
+        """``V(s)``, ``[*B, 1]``."""
+        return self.v(_flat_state(state, batch_dims))
+
+
+def make_qtran_joint(
+    env: EnvBase,
+    group: str,
+    *,
+    state_shape: Sequence[int],
+    num_cells: Sequence[int] = (64, 64),
+    activation: str = "relu",
+    device: torch.device | str | None = None,
+) -> QTranJoint:
+    """QTRAN's ``Q_jt`` and ``V`` for one group, sized from the env's specs and the state's shape."""
+    device = env.device if device is None else device
+    n_agents = group_spec(env, group, "observation").shape[0]
+    return QTranJoint(int(torch.Size(state_shape).numel()), n_agents, discrete_actions(env, group, "qtran"),
+                      num_cells, activation, device)

@@ -41,6 +41,13 @@ def group_spec(env: EnvBase, group: str, key: str) -> TensorSpec:
     return spec
 
 
+def action_indices(action: torch.Tensor) -> torch.Tensor:
+    """Discrete actions as indices ``[*B, n_agents]``, whether the env gives indices or one-hot vectors."""
+    if action.dtype.is_floating_point or action.dtype == torch.bool:
+        return action.argmax(-1)
+    return action.long()
+
+
 def _is_image(shape: torch.Size) -> bool:
     return len(shape) == 3 and shape[-1] <= 4 and shape[0] > 4 and shape[1] > 4
 

@@ -18,6 +18,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "ippo": ("marlkit.pipelines.mappo", "navigation-matched"),
     "maa2c": ("marlkit.pipelines.a2c", "navigation-a2c"),
     "iac": ("marlkit.pipelines.a2c", "navigation-a2c"),
+    "coma": ("marlkit.pipelines.a2c", "navigation-coma"),
     "maddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
     "iddpg": ("marlkit.pipelines.maddpg", "navigation-offpolicy"),
     "masac": ("marlkit.pipelines.masac", "navigation-offpolicy"),
@@ -25,6 +26,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "iql": ("marlkit.pipelines.qlearning", "navigation-discrete"),
     "vdn": ("marlkit.pipelines.qlearning", "navigation-discrete"),
     "qmix": ("marlkit.pipelines.qlearning", "navigation-discrete"),
+    "qtran": ("marlkit.pipelines.qlearning", "navigation-discrete"),
 }
 DEFAULT_ALGORITHM = "mappo"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from marlkit.envs import device_of
+from marlkit.envs import device_of, split_env_name
 from marlkit.modules import activation_class
 
 from .collectors import check_collector_config
@@ -81,3 +81,13 @@ def check_optimiser(lr: float, max_grad_norm: float) -> None:
     """The learning rate and gradient clip of the ``train`` section: finite and positive."""
     if not (0 < lr < math.inf and 0 < max_grad_norm < math.inf):
         raise ValueError(f"train.lr ({lr}) and train.max_grad_norm ({max_grad_norm}) must be finite and > 0")
+
+
+def check_discrete_vmas(cfg: RunConfig) -> None:
+    """Discrete-action algorithms on VMAS, whose scenarios default to continuous actions: the one-line fix."""
+    family, _ = split_env_name(cfg.env.name)
+    if family == "vmas" and cfg.env.kwargs.get("continuous_actions", True) is not False:
+        raise ValueError(
+            f"{cfg.algorithm} needs discrete actions; {cfg.env.name} has continuous actions by default: "
+            "set env.continuous_actions=false, or use algorithm=maddpg, masac or mappo"
+        )

@@ -1,12 +1,12 @@
-"""Value-based MARL: IQL (independent double DQN, dueling optional), VDN and QMIX, and SUPER.
+"""Value-based MARL: IQL (independent double DQN, dueling optional), VDN, QMIX, QTRAN, and SUPER.
 
-``marlkit train iql|vdn|qmix --env vmas/navigation env.continuous_actions=false`` or
+``marlkit train iql|vdn|qmix|qtran --env vmas/navigation env.continuous_actions=false`` or
 ``python pipelines/qlearning.py ...``. With ``algorithm=iql`` and ``sharing.mode`` other than ``none``
 every agent keeps its own buffer and relays selected experiences to the others (SUPER; ``all`` and
 ``random`` are its baselines). The loop in :func:`train` is the whole algorithm: collect -> store (SUPER:
-each agent's buffer, then the selected transitions relayed to the others; VDN/QMIX: with the team
+each agent's buffer, then the selected transitions relayed to the others; VDN/QMIX/QTRAN: with the team
 reward, see :func:`marlkit.losses.team_entries`) -> anneal epsilon -> sample -> TD loss (mixed over the
-team for VDN/QMIX) -> backward -> clip -> step -> update targets -> new priorities -> log.
+team for VDN/QMIX; QTRAN's joint value and its two constraints) -> backward -> clip -> step -> update targets -> new priorities -> log.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
-from marlkit.envs import split_env_name
-from marlkit.losses import make_dqn_loss, make_qmixer_loss, make_target_updater, make_team_mixer_loss, TEAM
-from marlkit.modules import EpsilonGreedy, group_spec, make_q_network
+from marlkit.losses import (make_dqn_loss, make_qmixer_loss, make_qtran_loss, make_target_updater, make_team_mixer_loss, TEAM)
+from marlkit.modules import EpsilonGreedy, group_spec, make_q_network, make_qtran_joint
 from marlkit.modules.exploration import AnnealedTogether, check_epsilon
+from marlkit.pipelines.checks import check_discrete_vmas
 from marlkit.pipelines.config import ModelConfig
 from marlkit.pipelines.learners import gradient_step, Learner
 from marlkit.pipelines.offpolicy import (
@@ -40,7 +40,7 @@ from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SharedRe
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
 from marlkit.pipelines.session import end_iteration, finish_run
 
-ALGORITHMS = ("iql", "vdn", "qmix")
+ALGORITHMS = ("iql", "vdn", "qmix", "qtran")
 
 
 @dataclass
@@ -53,6 +53,9 @@ class QModelConfig(ModelConfig):
     """Image observations (H x W x C): conv (a MultiAgentConvNet first) or flatten (straight into the MLP)."""
     mixing_embed_dim: int = 32
     """QMIX hypernetwork width."""
+    joint_num_cells: list[int] = field(default_factory=lambda: [64, 64])
+    """QTRAN: hidden sizes of the joint action-value and state-value networks (the joint action is
+    embedded at the last size)."""
 
 
 @dataclass
@@ -88,6 +91,10 @@ class QLossConfig(OffPolicyLossConfig):
 
     double_dqn: bool = True
     """IQL: pick the next action with the online net, value it with the target net."""
+    lambda_opt: float = 1.0
+    """QTRAN: weight of L_opt (the summed agent values match the joint value at the greedy joint action)."""
+    lambda_nopt: float = 0.1
+    """QTRAN: weight of L_nopt (they do not fall below it at the taken joint action; PyMARL's 0.1)."""
 
 
 @dataclass
@@ -107,7 +114,7 @@ class QlearningConfig(OffPolicyConfig):
     """IQL / VDN / QMIX configuration."""
 
     algorithm: str = "qmix"
-    """iql (independent double DQN), vdn (sum mixer) or qmix (monotonic mixer)."""
+    """iql (independent double DQN), vdn (sum mixer), qmix (monotonic mixer) or qtran (QTRAN-base)."""
     model: QModelConfig = field(default_factory=QModelConfig)
     """Networks."""
     exploration: EpsilonConfig = field(default_factory=EpsilonConfig)
@@ -125,12 +132,7 @@ CONFIG = QlearningConfig
 
 def checked_iterations(cfg: QlearningConfig) -> int:
     """Every check that needs no env; returns the number of iterations."""
-    family, _ = split_env_name(cfg.env.name)
-    if family == "vmas" and cfg.env.kwargs.get("continuous_actions", True) is not False:
-        raise ValueError(
-            f"{cfg.algorithm} needs discrete actions; {cfg.env.name} has continuous actions by default: "
-            "set env.continuous_actions=false, or use algorithm=maddpg, masac or mappo"
-        )
+    check_discrete_vmas(cfg)
     iterations = check_offpolicy(cfg, ALGORITHMS, discrete=True)
     s, x, r = cfg.sharing, cfg.exploration, cfg.replay
     check_sharing(s.mode, s.beta, s.window)
@@ -180,6 +182,12 @@ def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
     return True, tuple(env.full_observation_spec["state"].shape[len(env.batch_size):])
 
 
+def _check_team_size(group: str, n_agents: int) -> None:
+    if n_agents < 2:
+        raise ValueError(f"qtran factorises the joint value of several agents; group {group!r} has {n_agents}: "
+                         "use algorithm=iql")
+
+
 def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device,
                 scratch_dir: Path | None) -> Learner:
     """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
@@ -212,9 +220,16 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
         state_key = "state" if has_state else (group, "observation")
         if not has_state:
             state_shape = tuple(group_spec(env, group, "observation").shape)
-        loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
-                                state_shape=state_shape, gamma=lc.gamma, loss_function=lc.loss_function,
-                                mixing_embed_dim=m.mixing_embed_dim)
+        if cfg.algorithm == "qtran":
+            _check_team_size(group, n_agents)
+            joint = make_qtran_joint(env, group, state_shape=state_shape, num_cells=m.joint_num_cells,
+                                     activation=m.activation, device=device)
+            loss = make_qtran_loss(q_net, joint, group, state_key=state_key, gamma=lc.gamma,
+                                   loss_function=lc.loss_function, lambda_opt=lc.lambda_opt, lambda_nopt=lc.lambda_nopt)
+        else:
+                loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
+                                    state_shape=state_shape, gamma=lc.gamma, loss_function=lc.loss_function,
+                                    mixing_embed_dim=m.mixing_embed_dim)
         priority_key = (TEAM, "td_error")
         replay = group_replay(cfg, group, scratch_dir, device, team=True, state=has_state, **prioritized)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
@@ -246,6 +261,11 @@ def build_learners(env: EnvBase, cfg: QlearningConfig, device: torch.device,
     """IQL: one learner per group. VDN / QMIX: one per team (``env.teams``): a team of one group mixes
     that group's agents, a team of several groups mixes all their agents (:func:`build_team`)."""
     shared = {team: members for team, members in cfg.env.teams.items() if len(members) > 1 and cfg.algorithm != "iql"}
+    if shared and cfg.algorithm == "qtran":
+        raise ValueError(
+            f"qtran's joint value is over one group's agents; env.teams joins groups {shared}: use vdn or qmix "
+            "for a team of several groups, or leave env.teams empty"
+        )
     learners = {group: [group] for group in env.group_map if not any(group in m for m in shared.values())}
     learners.update(shared)
     built = {}
