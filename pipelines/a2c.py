@@ -91,10 +91,6 @@ def checked_iterations(cfg: A2cConfig) -> int:
         check_discrete_vmas(cfg)
         if cfg.loss.target_update_interval < 1:
             raise ValueError(f"loss.target_update_interval must be >= 1, got {cfg.loss.target_update_interval}")
-        several = {team: groups for team, groups in cfg.env.teams.items() if len(groups) > 1}
-        if several:
-            raise ValueError(f"coma's critic is over one group's joint action; env.teams joins groups {several}: "
-                             "use maa2c or mappo for a team of several groups, or leave env.teams empty")
     return iterations
 
 
@@ -129,6 +125,10 @@ def build_group(env: EnvBase, group: str, cfg: A2cConfig, device: torch.device) 
 
 def build_learners(env: EnvBase, cfg: A2cConfig, device: torch.device, buffers: Path | None = None) -> dict[str, Learner]:
     """Every group's actor, critic and loss (``buffers`` unused: A2C keeps no replay)."""
+    several = {team: groups for team, groups in cfg.env.teams.items() if len(groups) > 1}
+    if cfg.algorithm == "coma" and several:
+        raise ValueError(f"coma's critic is over one group's joint action; the teams {several} span several groups: "
+                         "use maa2c or mappo for them, or set env.teams so that each group is its own team")
     return {group: build_group(env, group, cfg, device) for group in env.group_map}
 
 

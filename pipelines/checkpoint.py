@@ -1,7 +1,8 @@
 """Checkpoint state: what a checkpoint holds, writing and reading it safely, and putting it back.
 
 ``<run-dir>/checkpoints/last.pt`` holds every group's loss state (actor, critic and target networks,
-value normalisation, SAC temperature), the optimisers, the frame / iteration / optimiser-step counters
+value normalisation, SAC temperature), the optimisers, the hard target updaters' step counts, the frame /
+iteration / optimiser-step counters
 (exploration schedules are a function of frames), the torch / numpy / Python RNG states, the
 episodes in flight (simulator state and the collector's carried step) and the resolved config. Writes
 are atomic: the file is written beside the old one and renamed over it, so a kill at any moment
@@ -67,6 +68,9 @@ def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_s
         "frames": frames,
         "optimiser_steps": optimiser_steps,
         "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
+        # a hard updater counts steps to its next copy: without the count, a resumed run copies off schedule
+        "target_updaters": {group: agent.target_updater.counter for group, agent in agents.items()
+                            if hasattr(agent.target_updater, "counter")},
         "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
         "rng": _global_rng_state(),
         "simulator": _simulator_state(env) if unsaved is None else {"unsaved": unsaved},
@@ -140,6 +144,8 @@ def restore_training(state: dict[str, Any], agents: dict[str, Any],
             param_group.update(fused=True, foreach=None)
         if agent.replay is not None:
             agent.replay.load(state["replay"].get(group, {}))
+        if hasattr(agent.target_updater, "counter"):  # checkpoints from before the count: a fresh schedule
+            agent.target_updater.counter = state.get("target_updaters", {}).get(group, 0)
 
 
 def restore_rollout(state: dict[str, Any], env: Any, collector: Any) -> None:

@@ -139,6 +139,9 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
     check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
+    if cfg.algorithm == "qtran" and not (0.0 <= cfg.loss.lambda_opt < math.inf and 0.0 <= cfg.loss.lambda_nopt < math.inf):
+        raise ValueError(f"loss.lambda_opt ({cfg.loss.lambda_opt}) and loss.lambda_nopt ({cfg.loss.lambda_nopt}) "
+                         "must be finite and >= 0")
     if cfg.model.image_encoder not in ("conv", "flatten"):
         raise ValueError(f"model.image_encoder={cfg.model.image_encoder!r}; accepted: conv, flatten")
     if r.new_priority is not None and not 0.0 < r.new_priority < math.inf:

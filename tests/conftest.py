@@ -22,7 +22,7 @@ from torchrl.envs import EnvBase  # noqa: E402
 
 from marlkit.pipelines import make_config  # noqa: E402
 
-ON_POLICY = ("mappo", "ippo", "maa2c", "iac")
+ON_POLICY = ("mappo", "ippo", "maa2c", "iac", "coma")
 
 
 def make_tiny_config(algorithm: str, env: str, run_dir: Path | str, *, num_envs: int = 4,

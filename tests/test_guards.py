@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from marlkit.pipelines import ALGORITHMS, make_config, pipeline_for
+from marlkit.pipelines.config import available_presets, load_preset
 from marlkit.pipelines.learners import TrainingDiverged
 from marlkit.pipelines.mappo import train
 
@@ -195,3 +197,13 @@ def test_threads_option_is_applied_and_recorded(tmp_path, cli_rejects):
     finally:
         torch.set_num_threads(before)
     cli_rejects(["train", "mappo", "--threads", "0"], "--threads must be >= 1, got 0")
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_passes_its_own_checks(preset):
+    """A preset as shipped (its algorithm, frames and sizes) is a valid config: no user meets a refusal
+    of a setting they did not choose."""
+    defaults = [name for name, (_, default_preset) in ALGORITHMS.items() if default_preset == preset]
+    algorithm = load_preset(preset).get("algorithm") or (defaults or ["maddpg"])[0]  # tag-competitive: maddpg
+    cfg = make_config(algorithm, preset)
+    assert pipeline_for(cfg.algorithm).checked_iterations(cfg) >= 1
