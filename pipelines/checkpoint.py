@@ -5,9 +5,9 @@ value normalisation, SAC temperature), the optimisers, the hard target updaters'
 frame / iteration / optimiser-step counters (exploration schedules are a function of frames), the
 torch / numpy / Python RNG states, the episodes in flight (simulator state and the collector's carried
 step) and the resolved config. Writes are atomic: the file is written beside the old one and renamed
-over it, so a kill at any moment leaves the previous checkpoint intact. Loading never runs code from the run directory
-(``torch.load(weights_only=True)``, ``yaml.safe_load``) and refuses a checkpoint written for another
-algorithm or config.
+over it, so a kill at any moment leaves the previous checkpoint intact. Loading never runs code from
+the run directory (``torch.load(weights_only=True)``, ``yaml.safe_load``) and refuses a checkpoint
+written for another algorithm or config.
 """
 
 from __future__ import annotations
