@@ -11,6 +11,10 @@
   their coefficients: their sum is the quantity to minimise) plus diagnostics (``entropy``,
   ``clip_fraction``, ``kl_approx``, ``explained_variance``).
 
+:func:`make_happo_loss` (HAPPO) is the PPO loss with two more entry points for HAPPO's sequential
+update: :meth:`HappoLoss.agent_terms` (one agent's clipped objective, its advantage weighted by the
+product of the already-updated agents' ratios) and :meth:`HappoLoss.critic_terms` (the critic alone).
+
 :func:`make_a2c_loss` (IAC / MAA2C, TorchRL's ``A2CLoss`` with GAE) binds the same keys and returns
 the same three terms: the plain policy gradient ``-log pi(a|o) * advantage`` (no ratio, no clip).
 
@@ -96,6 +100,8 @@ __all__ = [
     "COMA_LOSS_TERMS",
     "ComaLoss",
     "make_coma_loss",
+    "HappoLoss",
+    "make_happo_loss",
     "make_qtran_loss",
     "QTranLoss",
     "check_actor_critic_settings",
@@ -223,10 +229,21 @@ def make_ppo_loss(
     statistics of the value target (the MAPPO paper's value normalisation). ``mask_key`` (e.g.
     ``env.live_mask_key(group)``) names the live-agent mask: dead agents' entries leave every term.
     """
+    return _clipped_ppo(MAPPOLoss, actor, critic, group, gamma=gamma, lmbda=lmbda, clip_epsilon=clip_epsilon,
+                        entropy_coef=entropy_coef, critic_coef=critic_coef, loss_critic_type=loss_critic_type,
+                        normalize_advantage=normalize_advantage, normalize_value_target=normalize_value_target,
+                        mask_key=mask_key)
+
+
+def _clipped_ppo(cls: type[MAPPOLoss], actor: ProbabilisticActor, critic: TensorDictModule, group: str, *,
+                 gamma: float, lmbda: float, clip_epsilon: float, entropy_coef: float, critic_coef: float,
+                 loss_critic_type: str, normalize_advantage: bool, normalize_value_target: bool,
+                 mask_key: NestedKey | None) -> MAPPOLoss:
+    """A ``MAPPOLoss`` (or subclass) with the group's keys bound; ``ValueError`` naming a bad setting."""
     check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
     if clip_epsilon <= 0.0:
         raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon}")
-    loss = MAPPOLoss(
+    loss = cls(
         actor_network=actor,
         critic_network=critic,
         clip_epsilon=clip_epsilon,
@@ -716,3 +733,99 @@ def make_coma_loss(
     check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
     return ComaLoss(actor, critic, group, gamma=gamma, lmbda=lmbda, entropy_coef=entropy_coef,
                     critic_coef=critic_coef, loss_critic_type=loss_critic_type, mask_key=mask_key)
+
+
+class HappoLoss(MAPPOLoss):
+    """TorchRL's MAPPO loss (GAE, critic, value normalisation) with HAPPO's per-agent objective; see
+    :func:`make_happo_loss`."""
+
+    def _bind_happo(self, group: str, clip_epsilon: float, entropy_coef: float, normalize_advantage: bool,
+                    mask_key: NestedKey | None) -> None:
+        self.group, self.happo_clip, self.happo_entropy_coef = group, clip_epsilon, entropy_coef
+        self.happo_normalize_advantage, self.mask_key = normalize_advantage, mask_key
+
+    def _agent_log_ratio(self, tensordict: TensorDictBase, agent: int) -> tuple[torch.Tensor, torch.distributions.Distribution]:
+        g = self.group
+        with self.actor_network_params.to_module(self.actor_network):
+            dist = self.actor_network.get_dist(tensordict.select(*self.actor_network.in_keys, strict=False))
+        log_prob = dist.log_prob(tensordict.get((g, "action")))
+        return (log_prob - tensordict.get((g, "action_log_prob")))[..., agent], dist
+
+    def _agent_mask(self, tensordict: TensorDictBase, agent: int) -> torch.Tensor | None:
+        if self.mask_key is None:
+            return None
+        mask = tensordict.get(self.mask_key)
+        return mask.reshape(*tensordict.shape, -1)[..., agent]
+
+    def agent_ratio(self, tensordict: TensorDictBase, agent: int) -> torch.Tensor:
+        """pi_new(a|o) / pi_old(a|o) of ``agent``'s taken actions, ``tensordict.shape`` (1 for dead agents)."""
+        with torch.no_grad():
+            ratio = self._agent_log_ratio(tensordict, agent)[0].exp()
+        mask = self._agent_mask(tensordict, agent)
+        return ratio if mask is None else torch.where(mask, ratio, torch.ones_like(ratio))
+
+    def agent_terms(self, tensordict: TensorDictBase, agent: int, factor_key: NestedKey) -> TensorDictBase:
+        """``loss_objective`` and ``loss_entropy`` of ``agent`` alone: PPO's clipped surrogate of its ratio
+        with the advantage times ``tensordict[factor_key]`` (the product of the ratios of the agents
+        updated before it this iteration)."""
+        log_ratio, dist = self._agent_log_ratio(tensordict, agent)
+        ratio = log_ratio.exp()
+        advantage = tensordict.get((self.group, "advantage"))[..., agent, 0]
+        mask = self._agent_mask(tensordict, agent)
+        if self.happo_normalize_advantage:
+            live = advantage if mask is None else advantage[mask]
+            advantage = (advantage - live.mean()) / live.std().clamp_min(1e-6)
+        advantage = advantage * tensordict.get(factor_key).reshape(advantage.shape)
+        clipped = ratio.clamp(1.0 - self.happo_clip, 1.0 + self.happo_clip)
+        surrogate = torch.minimum(ratio * advantage, clipped * advantage)
+        try:
+            entropy = dist.entropy()[..., agent]
+        except NotImplementedError:  # TanhNormal: a one-sample estimate, as TorchRL's PPO falls back to
+            sample = dist.rsample()
+            entropy = -dist.log_prob(sample)[..., agent]
+        out = {
+            "loss_objective": -_masked_mean(surrogate, mask),
+            "entropy": _masked_mean(entropy.detach(), mask),
+            "clip_fraction": _masked_mean(((ratio - 1.0).abs() > self.happo_clip).float().detach(), mask),
+        }
+        if self.happo_entropy_coef > 0:
+            out["loss_entropy"] = -self.happo_entropy_coef * _masked_mean(entropy, mask)
+        return TensorDict(out, [])
+
+    def critic_terms(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``loss_critic`` alone (weighted by ``critic_coef``), over every live agent."""
+        value, _, _ = self.loss_critic(tensordict)
+        mask = None if self.mask_key is None else tensordict.get(self.mask_key)
+        return TensorDict({"loss_critic": _masked_mean(value.reshape(*tensordict.shape, -1),
+                                                       None if mask is None else mask.reshape(*tensordict.shape, -1))}, [])
+
+
+def make_happo_loss(
+    actor: ProbabilisticActor,
+    critic: TensorDictModule,
+    group: str,
+    *,
+    gamma: float = 0.99,
+    lmbda: float = 0.95,
+    clip_epsilon: float = 0.2,
+    entropy_coef: float = 0.0,
+    critic_coef: float = 1.0,
+    loss_critic_type: str = "l2",
+    normalize_advantage: bool = False,
+    normalize_value_target: bool = False,
+    mask_key: NestedKey | None = None,
+) -> HappoLoss:
+    """HAPPO (Kuba et al. 2022) for one group: the same keys, GAE and critic as :func:`make_ppo_loss`.
+
+    A HAPPO iteration updates the agents one after another: :meth:`HappoLoss.agent_terms` is agent
+    ``m``'s clipped objective with its advantage weighted by ``M``, the product of the ratios
+    ``pi_new / pi_old`` of the agents already updated (:meth:`HappoLoss.agent_ratio` gives each one's
+    factor), and :meth:`HappoLoss.critic_terms` trains the critic alone. Without parameter sharing, a
+    gradient of one agent's objective reaches only that agent's weights.
+    """
+    loss = _clipped_ppo(HappoLoss, actor, critic, group, gamma=gamma, lmbda=lmbda, clip_epsilon=clip_epsilon,
+                        entropy_coef=entropy_coef, critic_coef=critic_coef, loss_critic_type=loss_critic_type,
+                        normalize_advantage=normalize_advantage, normalize_value_target=normalize_value_target,
+                        mask_key=mask_key)
+    loss._bind_happo(group, clip_epsilon, entropy_coef, normalize_advantage, mask_key)
+    return loss

@@ -16,6 +16,7 @@ from .config import apply_overrides, load_preset, RunConfig
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "mappo": ("marlkit.pipelines.mappo", "navigation-matched"),
     "ippo": ("marlkit.pipelines.mappo", "navigation-matched"),
+    "happo": ("marlkit.pipelines.happo", "speaker-listener"),
     "maa2c": ("marlkit.pipelines.a2c", "navigation-a2c"),
     "iac": ("marlkit.pipelines.a2c", "navigation-a2c"),
     "coma": ("marlkit.pipelines.a2c", "navigation-coma"),

@@ -137,10 +137,11 @@ def restore_training(state: dict[str, Any], agents: dict[str, Any],
                      optimisers: dict[str, torch.optim.Optimizer]) -> None:
     """Load modules, exploration schedules, optimisers and replays from a checkpoint."""
     restore_modules(state, agents)
-    for group, agent in agents.items():
-        optimisers[group].load_state_dict(state["optimisers"][group])
-        for param_group in optimisers[group].param_groups:  # checkpoints from before the fused Adam
+    for name, optimiser in optimisers.items():
+        optimiser.load_state_dict(state["optimisers"][name])
+        for param_group in optimiser.param_groups:  # checkpoints from before the fused Adam
             param_group.update(fused=True, foreach=None)
+    for group, agent in agents.items():
         if agent.replay is not None:
             agent.replay.load(state["replay"].get(group, {}))
         if hasattr(agent.target_updater, "counter"):  # checkpoints from before the count: a fresh schedule

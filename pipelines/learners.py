@@ -81,7 +81,10 @@ def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: 
     total = sum(terms.values())
     total.backward()
     norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
-    values = torch.stack([*(value.detach().reshape(()) for value in terms.values()), norm.detach().reshape(())])
+    # one flag per loss term whether or not this step has it (HAPPO steps train the actor or the critic)
+    finite = torch.zeros((), device=norm.device)
+    values = torch.stack([*(terms[key].detach().reshape(()) if key in terms else finite for key in learner.loss_terms),
+                          norm.detach().reshape(())])
     bad = ~torch.isfinite(values)
     optimiser.found_inf = bad.any().float()  # read by the fused Adam kernel: 1 skips the whole step
     optimiser.step()

@@ -89,6 +89,11 @@ def checked_iterations(cfg: MappoConfig) -> int:
     """Every check that needs no env: raises ``ValueError`` naming the bad value; returns iterations."""
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm!r} is not handled here; accepted: {list(ALGORITHMS)}")
+    return check_ppo(cfg)
+
+
+def check_ppo(cfg: MappoConfig) -> int:
+    """The checks every PPO pipeline (MAPPO, IPPO, HAPPO) shares; returns the number of iterations."""
     iterations = check_common(cfg)
     check_on_policy(cfg, "PPO")
     t = cfg.train

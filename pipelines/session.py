@@ -140,11 +140,15 @@ class TrainingStopped(Exception):
 
 
 def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam_eps: float,
-                   init_random_frames: int = 0, derived: Mapping[str, Any] | None = None) -> Training:
-    """Optimisers, the policy and its collector, ``config.yaml`` (with ``derived`` values), reporting,
-    evaluation and checkpoints; a resumed run gets its weights, optimisers, replays, episodes in flight
-    and random streams back (the last of these last, so nothing after it draws random numbers)."""
-    optimisers = {name: make_optimiser(learner.loss.parameters(), lr, adam_eps) for name, learner in learners.items()}
+                   init_random_frames: int = 0, derived: Mapping[str, Any] | None = None,
+                   optimisers: Mapping[str, torch.optim.Optimizer] | None = None) -> Training:
+    """Optimisers (one per learner over its loss's parameters, unless a pipeline gives its own by name),
+    the policy and its collector, ``config.yaml`` (with ``derived`` values), reporting, evaluation and
+    checkpoints; a resumed run gets its weights, optimisers, replays, episodes in flight and random
+    streams back (the last of these last, so nothing after it draws random numbers)."""
+    if optimisers is None:
+        optimisers = {name: make_optimiser(learner.loss.parameters(), lr, adam_eps) for name, learner in learners.items()}
+    optimisers = dict(optimisers)
     state = run.start.state
     if state is not None:
         restore_training(state, dict(learners), optimisers)

@@ -22,7 +22,7 @@ from torchrl.envs import EnvBase  # noqa: E402
 
 from marlkit.pipelines import make_config  # noqa: E402
 
-ON_POLICY = ("mappo", "ippo", "maa2c", "iac", "coma")
+ON_POLICY = ("mappo", "ippo", "happo", "maa2c", "iac", "coma")
 
 
 def make_tiny_config(algorithm: str, env: str, run_dir: Path | str, *, num_envs: int = 4,
@@ -33,7 +33,7 @@ def make_tiny_config(algorithm: str, env: str, run_dir: Path | str, *, num_envs:
     sizes = {"env.name": env, "env.num_envs": num_envs, "collector.frames_per_batch": frames_per_batch,
              "collector.total_frames": iterations * frames_per_batch, "model.num_cells": [16],
              "logger.progress": False, "logger.run_dir": str(run_dir)}
-    if algorithm in ("mappo", "ippo"):
+    if algorithm in ("mappo", "ippo", "happo"):
         sizes.update({"train.minibatch_size": frames_per_batch // 2, "train.num_epochs": 2})
     elif algorithm in ON_POLICY:
         pass  # A2C: one step on each whole batch
