@@ -58,3 +58,23 @@ def test_gpu_benchmark_runs_its_code_on_cpu():
                "--matched-frames", "6000")
     assert "| navigation-matched | 6,000 |" in out and "| navigation, 8 envs | 800 |" in out, out
     assert "collection alone" in out
+
+
+def test_compare_algorithms_runs_skips_finished_runs_and_tabulates(tmp_path):
+    tiny = ["--task", "navigation-discrete", "--arms", "maa2c,coma", "--seeds", "2", "--frames", "80", "--jobs", "2",
+            "--out", str(tmp_path), "--set", "env.num_envs=4", "env.max_steps=5", "collector.frames_per_batch=40",
+            "model.num_cells=[8]"]
+    out = _run(str(BENCHMARKS / "compare_algorithms.py"), *tiny)
+    assert "4 runs to do" in out and (tmp_path / "coma_seed1.csv").exists(), out
+    rows = [line for line in out.splitlines() if line.startswith(("| maa2c |", "| coma |"))]
+    assert len(rows) == 2 and all("±" in row for row in rows), out
+    assert "0 runs to do" in _run(str(BENCHMARKS / "compare_algorithms.py"), *tiny)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_matrix_games_prints_greedy_joint_actions(tmp_path):
+    out = _run(str(BENCHMARKS / "matrix_games.py"), "--games", "nonmonotonic", "--algorithms", "qtran,coma",
+               "--seeds", "1", "--frames", "1000", "--csv", str(tmp_path / "m.csv"))
+    rows = [line for line in out.splitlines() if line.startswith(("| qtran |", "| coma |"))]
+    assert len(rows) == 2 and all("optimal" in row and "(" in row for row in rows), out
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 3

@@ -1,0 +1,172 @@
+"""Benchmark: algorithms side by side on one task, several seeds, mean curves with 95% bands.
+
+Tasks and their arms (algorithm, preset, overrides):
+
+* ``speaker-listener`` (MPE speaker-listener: one-agent ``speaker`` and ``listener`` groups sharing a
+  reward, so one team; heterogeneous roles): ``mappo`` (team critic), ``ippo`` (local critics),
+  ``happo`` (sequential per-agent updates, team critic), ``qmix`` / ``vdn`` (one mixer over both
+  groups), ``iql``; presets ``speaker-listener`` / ``speaker-listener-q``.
+* ``navigation-discrete`` (VMAS navigation, 3 agents, discrete actions): ``mappo``
+  (``navigation-matched``), ``maa2c`` (``navigation-a2c``), ``coma`` (``navigation-coma``).
+
+Every finished run's ``metrics.csv`` is copied to ``<out>/<arm>_seed<seed>.csv``; runs whose CSV is
+there already are skipped (``--rerun`` runs them again), and the table and the PNG are made from the
+CSVs alone: per arm the final return (mean of the last 5 iterations), the mean over the whole curve
+(area under it) and frames/s, as mean and 95% interval over seeds.
+
+    python benchmarks/compare_algorithms.py [--task speaker-listener] [--arms mappo,ippo,happo]
+        [--seeds 3] [--frames N] [--jobs 2] [--out DIR] [--set section.field=value ...]
+
+With ``--jobs 2`` two runs share the machine (one torch thread each): compare returns, not frames/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from _child import run_child
+
+
+@dataclass
+class Task:
+    """A task's arms (name -> algorithm, preset, overrides), the CSV column plotted and its defaults."""
+
+    arms: dict[str, tuple[str, str, dict]]
+    key: str
+    default_arms: str
+    frames: int
+
+
+DISCRETE = {"env.continuous_actions": False}
+TASKS = {
+    "speaker-listener": Task(
+        arms={"mappo": ("mappo", "speaker-listener", {}), "ippo": ("ippo", "speaker-listener", {}),
+              "happo": ("happo", "speaker-listener", {}), "qmix": ("qmix", "speaker-listener-q", {}),
+              "vdn": ("vdn", "speaker-listener-q", {}), "iql": ("iql", "speaker-listener-q", {})},
+        key="speaker/episode_reward_mean",  # the shared reward: the listener's column is the same
+        default_arms="mappo,ippo,happo", frames=153_600),
+    "navigation-discrete": Task(
+        arms={"mappo": ("mappo", "navigation-matched", DISCRETE), "maa2c": ("maa2c", "navigation-a2c", DISCRETE),
+              "coma": ("coma", "navigation-coma", {})},
+        key="agents/episode_reward_mean", default_arms="mappo,maa2c,coma", frames=120_000),
+}
+
+
+def _interval(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "no finished episode"
+    mean = statistics.mean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {half:.2f}"
+
+
+def _plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm, runs in curves.items():
+        length = min(len(r) for _, r in runs)
+        frames = runs[0][0][:length]
+        stacked = np.stack([r[:length] for _, r in runs])
+        mean = np.nanmean(stacked, 0)
+        half = 1.96 * np.nanstd(stacked, 0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * mean
+        ax.plot(frames, mean, label=arm)
+        ax.fill_between(frames, mean - half, mean + half, alpha=0.25, linewidth=0)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("mean episode return")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _parse_set(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected section.field=value")
+        pairs[key] = value
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="speaker-listener", choices=sorted(TASKS))
+    parser.add_argument("--arms", default=None, help="comma-separated; default: the task's usual comparison")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=None, help="default: the task's budget")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each with one torch thread)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<task>")
+    parser.add_argument("--set", nargs="*", default=[], help="section.field=value for every run (tiny checks)")
+    parser.add_argument("--rerun", action="store_true", help="run again even where a CSV exists")
+    args = parser.parse_args()
+    task = TASKS[args.task]
+    arms = (args.arms or task.default_arms).split(",")
+    unknown = sorted(set(arms) - set(task.arms))
+    if unknown:
+        parser.error(f"unknown arms {unknown} for --task {args.task}; accepted: {', '.join(task.arms)}")
+    frames = args.frames or task.frames
+    extra = _parse_set(args.set)
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the children inherit it: one thread each, no oversubscription
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / args.task.replace("-", "_"))
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(arm, seed) for seed in range(args.seeds) for arm in arms  # seeds interleaved across arms
+            if args.rerun or not (out / f"{arm}_seed{seed}.csv").exists()]
+    print(f"{len(jobs)} runs to do ({args.jobs} at a time); results in {out}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(job: tuple[str, int]) -> None:
+            arm, seed = job
+            algorithm, preset, overrides = task.arms[arm]
+            run_dir = Path(tmp) / f"{arm}_seed{seed}"
+            run_child(algorithm, preset, {**overrides, "seed": seed, "collector.total_frames": frames, **extra}, run_dir)
+            shutil.copy(run_dir / "metrics.csv", out / f"{arm}_seed{seed}.csv")
+            print(f"{arm} seed {seed}: done", file=sys.stderr, flush=True)
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(run, jobs))
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {arm: [] for arm in arms}
+    rows = []
+    for arm in arms:
+        final, auc, fps = [], [], []
+        for seed in range(args.seeds):
+            with (out / f"{arm}_seed{seed}.csv").open() as handle:
+                metrics = list(csv.DictReader(handle))
+            steps = np.array([float(r["frames"]) for r in metrics])
+            returns = np.array([float(r[task.key]) if r[task.key] != "" else math.nan for r in metrics])
+            curves[arm].append((steps, returns))
+            final.append(float(np.nanmean(returns[-5:])))
+            auc.append(float(np.nanmean(returns)))
+            fps.append(steps[-1] / float(metrics[-1]["time_s"]))
+        rows.append((arm, final, auc, fps))
+    title = f"{args.task}, {frames:,} frames, {args.seeds} seeds: mean and 95% band"
+    _plot(curves, out / "curves.png", title)
+    print(f"\n{title}\n")
+    print("| algorithm | final return (last 5 iterations) | area under return curve | frames/s |")
+    print("|---|---|---|---|")
+    for arm, final, auc, fps in rows:
+        print(f"| {arm} | {_interval(final)} | {_interval(auc)} | {statistics.mean(fps):.0f} |")
+    print(f"\nwrote {out}/*.csv and {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
