@@ -208,9 +208,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def checkpoint_path(run_dir: str | Path, checkpoint: str = "last") -> Path:
-    """``last`` -> ``<run-dir>/checkpoints/last.pt``; anything else is a path to a checkpoint file."""
-    path = Path(run_dir) / "checkpoints" / "last.pt" if checkpoint == "last" else Path(checkpoint)
+    """``last`` / ``best`` -> ``<run-dir>/checkpoints/last.pt`` / ``best.pt``; anything else is a path to a
+    checkpoint file."""
+    named = checkpoint in ("last", "best")
+    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt" if named else Path(checkpoint)
     if not path.is_file():
+        if checkpoint == "best":
+            raise ValueError(f"no checkpoint at {path}: best.pt is written when evaluations run during training "
+                             "(logger.eval_every > 0); use --checkpoint last")
         raise ValueError(f"no checkpoint at {path}; checkpoints are written to <run-dir>/checkpoints/last.pt")
     return path
 

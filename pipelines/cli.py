@@ -58,6 +58,7 @@ COMMANDS = {
     "plot": "draw training curves of one or more run directories to a PNG",
     "eval": "evaluate a trained run's deterministic policy; writes eval.json",
     "sweep": "train a grid of algorithms x envs x seeds (Ray tasks, or one after another), then tabulate and plot",
+    "export": "write each group's deterministic policy as an ONNX model or a torch.export program (+ a JSON)",
 }
 
 
@@ -94,7 +95,7 @@ def _render_parser() -> argparse.ArgumentParser:
                     "or uniformly random actions on an environment (marlkit render --env NAME).",
     )
     render.add_argument("run_dir", nargs="?", help="run directory whose checkpoint drives the policy")
-    render.add_argument("--checkpoint", default="last", help="with RUN_DIR: last, or a checkpoint file")
+    render.add_argument("--checkpoint", default="last", help="with RUN_DIR: last, best, or a checkpoint file")
     render.add_argument("--env", help="environment name for a random-policy video, e.g. vmas/navigation")
     render.add_argument("--out", default="rollout.mp4", help="output file: .mp4 or .gif (default rollout.mp4)")
     render.add_argument("--steps", type=int, default=100, help="frames to record, one per env step")
@@ -170,7 +171,7 @@ def _eval(argv: list[str]) -> int:
                                      "mean-action) policy of a run on a fresh env; prints and writes eval.json.")
     parser.add_argument("run_dir", help="run directory")
     parser.add_argument("--episodes", type=int, default=10, help="episodes in total (one per env copy, each run to its own end)")
-    parser.add_argument("--checkpoint", default="last", help="last, or a path to a checkpoint file")
+    parser.add_argument("--checkpoint", default="last", help="last, best, or a path to a checkpoint file")
     parser.add_argument("--env", default=None, help="evaluate on another env with the same groups and specs "
                         "(e.g. pettingzoo/sisl/pursuit_v5 for a run trained on pursuit); writes eval_<env>.json")
     args = parser.parse_args(argv)
@@ -185,6 +186,31 @@ def _eval(argv: list[str]) -> int:
         print(f"note: {result['episodes'] - result['episodes_ended']} episodes had not ended after "
               f"{result['steps']} steps; they are scored at that step")
     print(f"wrote {eval_file(args.run_dir, args.env)}")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from .export import export_run, FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="marlkit export",
+        description="Write the deterministic policy of each group of a run (observation [, action mask] -> action "
+                    "of every agent, any batch size) as an ONNX model or a torch.export program, with a JSON beside "
+                    "it naming its inputs, outputs, their shapes and dtypes, and the action space. Running it needs "
+                    "onnxruntime or torch only, not marlkit.")
+    parser.add_argument("run_dir", help="run directory")
+    parser.add_argument("--format", required=True, choices=list(FORMATS), help="onnx (needs marlkit[export]) or pt2")
+    parser.add_argument("--checkpoint", default="last", help="last, best, or a path to a checkpoint file")
+    parser.add_argument("--out", default=None, help="output file (default <run_dir>/exported/<group>.<format>; "
+                        "with several groups, <out stem>.<group>.<format>)")
+    parser.add_argument("--group", default=None, help="export this group only")
+    args = parser.parse_args(argv)
+    try:
+        written = export_run(args.run_dir, fmt=args.format, checkpoint=args.checkpoint, out=args.out, group=args.group)
+    except ValueError as err:
+        parser.exit(2, f"marlkit export: error: {err}\n")
+    for path in written:
+        print(f"wrote {path} and {path.name}.json")
     return 0
 
 
@@ -358,6 +384,8 @@ def _main(argv: list[str], owns_process: bool) -> int:
         return _eval(rest)
     if command == "sweep":
         return _sweep(rest)
+    if command == "export":
+        return _export(rest)
     parser = _train_parser()
     # Intermixed: the algorithm and the dotted overrides may come before or after the options.
     args = parser.parse_intermixed_args(rest)
