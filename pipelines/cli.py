@@ -150,14 +150,19 @@ def _plot(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="marlkit plot",
-        description="Per-group mean return vs frames and the loss terms; several runs of one config are "
-                    "drawn as their mean with a shaded 95% interval over seeds.",
+        description="Per-group mean return and the loss terms (or any --metric column) vs frames, wall time or "
+                    "iterations; several runs of one config are drawn as their mean with a shaded 95% interval over "
+                    "seeds.",
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.csv)")
     parser.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
+    parser.add_argument("--x", default="frames", help="horizontal axis: frames (default), time (wall seconds) "
+                        "or iterations")
+    parser.add_argument("--metric", action="append", default=None,
+                        help="a metrics.csv column to plot (repeat for several; default: returns and loss terms)")
     args = parser.parse_args(argv)
     try:
-        out = plot_runs(args.run_dirs, args.out)
+        out = plot_runs(args.run_dirs, args.out, x=args.x, metrics=args.metric)
     except ValueError as err:
         parser.exit(2, f"marlkit plot: error: {err}\n")
     print(f"wrote {out}")

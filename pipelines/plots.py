@@ -1,8 +1,8 @@
 """Training curves from run directories' ``metrics.csv`` (matplotlib, headless).
 
-One panel per group's mean episode return against frames, then one per loss term. Several run
-directories (seeds of one config) are drawn as their mean with a shaded 95% interval
-(mean ± 1.96 standard errors over runs, at each iteration they share).
+One panel per group's mean episode return, then one per loss term (or one per chosen column), against
+frames, wall time or iterations. Several run directories (seeds of one config) are drawn as their mean
+with a shaded 95% interval (mean ± 1.96 standard errors over runs, at each iteration they share).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 
 REWARD_SUFFIX = "/episode_reward_mean"
 LOSS_PREFIX = "loss"
+X_AXES = {"frames": ("frames", "frames"), "time": ("time_s", "wall time (s)"), "iterations": ("iteration", "iteration")}
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -76,8 +77,11 @@ def check_same_config(run_dirs: list[str | Path]) -> None:
             )
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Draw the curves of ``run_dirs`` (one config, several seeds) into the PNG ``out``."""
+def plot_runs(run_dirs: list[str | Path], out: str | Path, *, x: str = "frames",
+              metrics: list[str] | None = None) -> Path:
+    """Draw the curves of ``run_dirs`` (one config, several seeds) into the PNG ``out``: every group's
+    return and loss terms, or the ``metrics`` columns, against ``x`` (``frames``, ``time`` or
+    ``iterations``; several runs' wall times are averaged per iteration)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,25 +90,36 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; got {str(out)!r} (use a .png name)")
+    if x not in X_AXES:
+        raise ValueError(f"--x {x!r} is not an axis; accepted: {', '.join(X_AXES)}")
     check_same_config(run_dirs)
     runs = [read_metrics(d) for d in run_dirs]
-    keys = [k for k in runs[0] if k.endswith(REWARD_SUFFIX)]
-    keys += [k for k in runs[0] if k.split("/")[-1].startswith(LOSS_PREFIX) and "/" in k]
-    keys = [k for k in keys if all(k in r for r in runs)]
+    if metrics:
+        shared = [k for k in runs[0] if all(k in r for r in runs)]
+        missing = [k for k in metrics if k not in shared]
+        if missing:
+            raise ValueError(f"--metric {missing[0]!r} is not a column of every run's metrics.csv; columns: "
+                             f"{', '.join(shared)}")
+        keys = list(metrics)
+    else:
+        keys = [k for k in runs[0] if k.endswith(REWARD_SUFFIX)]
+        keys += [k for k in runs[0] if k.split("/")[-1].startswith(LOSS_PREFIX) and "/" in k]
+        keys = [k for k in keys if all(k in r for r in runs)]
     if not keys:
         raise ValueError("the runs share no reward or loss columns to plot")
+    column, label = X_AXES[x]
+    length = min(len(r[column]) for r in runs)
+    xs = np.mean(np.stack([r[column][:length] for r in runs]), axis=0)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        length = min(len(r["frames"]) for r in runs)
-        frames = runs[0]["frames"][:length]
         mean, half = _band([r[key] for r in runs])
-        ax.plot(frames, mean, color="tab:blue")
+        ax.plot(xs, mean, color="tab:blue")
         if len(runs) > 1:
-            ax.fill_between(frames, mean - half, mean + half, color="tab:blue", alpha=0.25, linewidth=0)
+            ax.fill_between(xs, mean - half, mean + half, color="tab:blue", alpha=0.25, linewidth=0)
         ax.set_title(key, fontsize=10)
-        ax.set_xlabel("frames")
+        ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

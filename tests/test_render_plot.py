@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 
 from marlkit.envs import make_env
@@ -75,3 +76,30 @@ def test_plot_refuses_non_run_directory(tmp_path, capsys):
         cli_main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2
     assert "is not a run directory: it has no metrics.csv" in capsys.readouterr().err
+
+
+def test_plot_draws_any_column_against_time_or_iterations(tmp_path, monkeypatch, capsys):
+    import matplotlib.axes
+
+    from marlkit.pipelines.plots import read_metrics
+
+    runs = [tmp_path / f"seed{s}" for s in range(2)]
+    for seed, run in enumerate(runs):
+        _tiny_run(run, seed)
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, *a, **k: drawn.append((np.asarray(x), np.asarray(y))) or original(self, x, y, *a, **k))
+    metrics = [read_metrics(run) for run in runs]
+    for axis, column in (("time", "time_s"), ("iterations", "iteration")):
+        drawn.clear()
+        assert cli_main(["plot", *map(str, runs), "--out", str(tmp_path / f"{axis}.png"), "--x", axis,
+                         "--metric", "frames_per_s", "--metric", "timers/training_s"]) == 0
+        assert len(drawn) == 2  # one panel per --metric
+        assert np.allclose(drawn[0][0], (metrics[0][column] + metrics[1][column]) / 2)
+        assert np.allclose(drawn[0][1], (metrics[0]["frames_per_s"] + metrics[1]["frames_per_s"]) / 2)
+    for args, match in ((["--x", "epochs"], "--x 'epochs' is not an axis; accepted: frames, time, iterations"),
+                        (["--metric", "nope"], "--metric 'nope' is not a column of every run's metrics.csv")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["plot", *map(str, runs), "--out", str(tmp_path / "bad.png"), *args])
+        assert exit_info.value.code == 2 and match in capsys.readouterr().err
