@@ -52,6 +52,9 @@ def check_logger_config(logger: LoggerConfig) -> None:
     for name in ("eval_episodes", "video_steps"):
         if getattr(logger, name) < 1:
             raise ValueError(f"logger.{name} must be >= 1, got {getattr(logger, name)}")
+    if logger.marl_eval and logger.eval_every < 1:
+        raise ValueError("logger.marl_eval=true records the evaluations during training; set logger.eval_every "
+                         "to a number of iterations (e.g. logger.eval_every=10)")
     if logger.wandb_mode not in ("offline", "online"):
         raise ValueError(f"logger.wandb_mode={logger.wandb_mode!r}; accepted: offline, online")
 

@@ -101,6 +101,9 @@ class LoggerConfig:
     """Iterations between evaluation videos written to <run-dir>/videos/; 0 = never."""
     video_steps: int = 100
     """Frames per evaluation video."""
+    marl_eval: bool = False
+    """Also write every evaluation's episode returns to <run-dir>/marl_eval.json, in the layout the marl-eval
+    tools read (env -> task -> algorithm -> seed_<k> -> step_<i>); needs eval_every > 0."""
 
 
 @dataclass

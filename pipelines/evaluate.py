@@ -2,12 +2,14 @@
 
 :func:`evaluate_policy` is the measurement (``marlkit eval`` uses it on a loaded run); :class:`Evaluator`
 runs it, and records videos, on a schedule during training (``logger.eval_every``, ``logger.video_every``)
-and keeps the best mean return.
+and keeps the best mean return; :class:`MarlEvalLog` keeps every evaluation's episode returns as the JSON
+the marl-eval tools read (``logger.marl_eval``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,14 @@ from typing import Any
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from marlkit.envs import device_of
+from marlkit.envs import device_of, split_env_name
 
 from .config import RunConfig
 from .environment import build_env
 from .render import record_rollout
+from .rundir import write_atomically
+
+MARL_EVAL_FILE = "marl_eval.json"
 
 # Episodes that have not ended after this many steps are scored at the cap (they are counted).
 MAX_EVAL_STEPS = 10_000
@@ -50,6 +55,43 @@ def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str
     return {"episodes": episodes, "episodes_ended": int(ended.sum()), "steps": done.shape[-1], "groups": groups}
 
 
+class MarlEvalLog:
+    """``<run-dir>/marl_eval.json``: every evaluation during training in the layout the marl-eval tools
+    (and BenchMARL) use, ``{env: {task: {algorithm: {"seed_<k>": {"step_<i>": {...}, "absolute_metrics":
+    {...}}}}}}``.
+
+    Step ``i`` is the ``i``-th evaluation: ``step_count`` (frames so far), ``return`` (each episode's
+    return, averaged over the groups) and ``<group>_return`` per group; ``absolute_metrics`` holds the
+    last evaluation's. A resumed run keeps the steps up to its checkpoint's frames and goes on from there.
+    """
+
+    def __init__(self, cfg: RunConfig, run_path: Path, start_frames: int):
+        family, task = split_env_name(cfg.env.name)
+        keys = (family, task or family, cfg.algorithm, f"seed_{cfg.seed}")  # gridworld: task gridworld
+        self.path, self.keys = Path(run_path) / MARL_EVAL_FILE, keys
+        self.steps: list[dict[str, Any]] = []
+        if self.path.is_file() and start_frames > 0:  # a resumed run: what the checkpoint covers
+            run = self._run(json.loads(self.path.read_text()))
+            steps = sorted((int(key.removeprefix("step_")), step) for key, step in run.items() if key.startswith("step_"))
+            self.steps = [step for _, step in steps if step["step_count"] <= start_frames]
+
+    def _run(self, data: dict[str, Any]) -> dict[str, Any]:
+        for key in self.keys:
+            data = data.get(key, {})
+        return data
+
+    def add(self, frames: int, stats: dict[str, Any]) -> None:
+        """Record one evaluation (``stats`` as :func:`evaluate_policy` returns) and rewrite the file."""
+        groups = stats["groups"]
+        per_episode = torch.tensor([g["returns"] for g in groups.values()]).mean(0).tolist()
+        step = {"step_count": frames, "return": per_episode, **{f"{g}_return": s["returns"] for g, s in groups.items()}}
+        self.steps.append(step)
+        run: dict[str, Any] = {f"step_{i}": s for i, s in enumerate(self.steps)}
+        run["absolute_metrics"] = {k: v for k, v in step.items() if k != "step_count"}
+        family, task, algorithm, seed = self.keys
+        write_atomically(self.path, json.dumps({family: {task: {algorithm: {seed: run}}}}, indent=1))
+
+
 class Evaluator:
     """Evaluation and videos during training, on their own env (``logger.eval_episodes`` copies).
 
@@ -61,17 +103,19 @@ class Evaluator:
     their algorithm settings are evaluated on the same episodes.
     """
 
-    def __init__(self, cfg: RunConfig, run_path: Path, best_eval: float = -math.inf):
+    def __init__(self, cfg: RunConfig, run_path: Path, best_eval: float = -math.inf, start_frames: int = 0):
         self.logger, self.max_steps, self.videos = cfg.logger, cfg.env.max_steps, Path(run_path) / "videos"
         self.best_eval, self.new_best = best_eval, False
+        self.marl_eval = MarlEvalLog(cfg, run_path, start_frames) if cfg.logger.marl_eval else None
         self.env, self.seed = None, cfg.seed + 10_000
         if self.logger.eval_every or self.logger.video_every:
             # Built now, before a resumed run restores its RNG: env construction may reseed.
             self.env = build_env(dataclasses.replace(cfg.env, num_envs=self.logger.eval_episodes),
                                  device=device_of(cfg.device), seed=cfg.seed + 10_000)
 
-    def after(self, iteration: int, policy: Any, final: bool) -> dict[str, float]:
-        """Evaluate and film what is due after ``iteration``; returns the eval metrics (or nothing)."""
+    def after(self, iteration: int, policy: Any, final: bool, frames: int = 0) -> dict[str, float]:
+        """Evaluate and film what is due after ``iteration`` (``frames`` collected so far); returns the eval
+        metrics (or nothing)."""
         out: dict[str, float] = {}
         self.new_best = False
         evaluate = self._due(self.logger.eval_every, iteration, final)
@@ -81,6 +125,8 @@ class Evaluator:
         if evaluate:
             stats = evaluate_policy(self.env, policy, max_steps=self.max_steps)
             out = {f"eval/{g}/episode_reward_mean": s["mean"] for g, s in stats["groups"].items()}
+            if self.marl_eval is not None:
+                self.marl_eval.add(frames, stats)
             score = sum(out.values()) / len(out)
             self.new_best = score > self.best_eval
             self.best_eval = max(self.best_eval, score)

@@ -96,7 +96,7 @@ class RunDir:
         data = to_dict(config)
         if extra:
             data["derived"] = dict(extra)
-        _write_atomically(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+        write_atomically(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
     def log(self, row: Mapping[str, float]) -> None:
         """Append one iteration's metrics to ``metrics.csv``.
@@ -128,10 +128,10 @@ class RunDir:
 
     def summary(self, data: Mapping[str, Any]) -> None:
         """Write ``summary.json``."""
-        _write_atomically(self.path / "summary.json", json.dumps(dict(data), indent=2, default=str))
+        write_atomically(self.path / "summary.json", json.dumps(dict(data), indent=2, default=str))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write beside, then rename: a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:

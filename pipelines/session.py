@@ -158,7 +158,7 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     run.dir.create(run.cfg, extra={"iterations": run.iterations, "groups": run.env.group_map, **(derived or {})})
     reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
     best = state.get("best_eval", float("-inf")) if state else float("-inf")
-    evaluator = Evaluator(run.cfg, run.dir.path, best)
+    evaluator = Evaluator(run.cfg, run.dir.path, best, start_frames=run.start.frames)
     checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
     if state is not None:
         restore_rollout(state, run.env, collector)
@@ -176,7 +176,7 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     check_finite(dict(learners), iteration)
     final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
-    row.update(training.evaluator.after(iteration, training.policy, final))
+    row.update(training.evaluator.after(iteration, training.policy, final, training.reporter.frames + batch.numel()))
     training.reporter.log(iteration, batch, terms, row)
     training.checkpointer.save(run.cfg, iteration, final, new_best=training.evaluator.new_best,
                                best_eval=training.evaluator.best_eval, frames=training.reporter.frames,

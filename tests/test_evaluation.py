@@ -163,3 +163,37 @@ def test_removed_and_unknown_envs_are_refused_before_building(cli_rejects):
                        "waterworld was removed upstream.*pursuit_v5")
     cli_rejects(["train", "mappo", "--env", "gym/NoSuchEnv-v0"], "unknown Gymnasium env id")
     cli_rejects(["train", "mappo", "--env", "no_such_module:Env"], "cannot be imported")
+
+
+MARL_EVAL = ["--env", "matrix/two_step", "env.num_envs=4", "collector.frames_per_batch=8", "train.minibatch_size=4",
+             "model.num_cells=[8]", "logger.progress=false", "logger.eval_every=1", "logger.eval_episodes=3",
+             "logger.marl_eval=true", "logger.checkpoint_every=1", "--seed", "2"]
+
+
+def test_marl_eval_json_has_the_layout_and_the_evaluations_of_metrics_csv(tmp_path, read_metrics):
+    run = tmp_path / "run"
+    assert cli_main(["train", "mappo", "--frames", "24", "--run-dir", str(run), *MARL_EVAL]) == 0
+    data = json.loads((run / "marl_eval.json").read_text())
+    assert list(data) == ["matrix"] and list(data["matrix"]) == ["two_step"]
+    assert list(data["matrix"]["two_step"]) == ["mappo"] and list(data["matrix"]["two_step"]["mappo"]) == ["seed_2"]
+    steps = data["matrix"]["two_step"]["mappo"]["seed_2"]
+    assert list(steps) == ["step_0", "step_1", "step_2", "absolute_metrics"]
+    rows = read_metrics(run)
+    for i, row in enumerate(rows):
+        step = steps[f"step_{i}"]
+        assert step["step_count"] == int(row["frames"])
+        assert len(step["return"]) == 3 and step["return"] == step["agents_return"]
+        assert sum(step["return"]) / 3 == pytest.approx(float(row["eval/agents/episode_reward_mean"]), abs=1e-6)
+    assert steps["absolute_metrics"]["return"] == steps["step_2"]["return"]
+
+
+def test_marl_eval_json_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli_main(["train", "mappo", "--frames", "32", "--run-dir", str(whole), *MARL_EVAL]) == 0
+    assert cli_main(["train", "mappo", "--frames", "16", "--run-dir", str(parts), *MARL_EVAL]) == 0
+    assert cli_main(["train", "--resume", str(parts), "--frames", "32"]) == 0
+    assert json.loads((whole / "marl_eval.json").read_text()) == json.loads((parts / "marl_eval.json").read_text())
+
+
+def test_marl_eval_without_evaluations_is_refused(cli_rejects):
+    cli_rejects(["train", "mappo", "logger.marl_eval=true"], "logger.marl_eval=true records the evaluations")
