@@ -248,8 +248,9 @@ class Checkpointer:
 
     def save(self, cfg: RunConfig, iteration: int, final: bool, *, new_best: bool, best_eval: float, frames: int,
              optimiser_steps: int, learners: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
-             env: Any, collector: Any, time_s: float = 0.0) -> None:
-        """Write what is due after ``iteration`` (nothing when neither checkpoint is)."""
+             env: Any, collector: Any, time_s: float = 0.0, extra: dict[str, Any] | None = None) -> None:
+        """Write what is due after ``iteration`` (nothing when neither checkpoint is); ``extra`` entries
+        (e.g. the curriculum's state) go into the checkpoint as they are."""
         due = final or (self.every > 0 and (iteration + 1) % self.every == 0)
         if not due and not new_best:
             return
@@ -257,6 +258,7 @@ class Checkpointer:
                                  agents=learners, optimisers=optimisers, env=env, collector=collector)
         state["best_eval"] = best_eval
         state["time_s"] = time_s  # rebuilds metrics.csv's clock if the file is lost
+        state.update(extra or {})
         if new_best:
             save_checkpoint(self.folder / "best.pt", state)
         if due:

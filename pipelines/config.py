@@ -43,6 +43,8 @@ class EnvConfig:
     """Scenario keywords passed to make_env; set them as env.<keyword>=value (e.g. env.n_agents=3)."""
     teams: dict[str, list[str]] = field(default_factory=dict)
     """Team name -> agent groups that share a reward and train together (MAPPO/MADDPG/MASAC critics and the VDN/QMIX mixer span the team, e.g. env.teams.team=[speaker,listener]); {} = automatic: groups whose rewards are equal on a short random rollout form one team, every other group is its own team."""
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
+    """Stages that change the task during training, in order: each {at_frames: N, <keyword>: value, ...} or {advance_when: "reward >= x over k", <keyword>: value, ...} (the mean return of the stage's last k iterations); keywords are scenario keywords or max_steps, applied at iteration boundaries; every stage must keep the groups' observation and action specs. [] = none. See marlkit.pipelines.curriculum."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from marlkit.envs import check_env_name, importable, make_env, MultiAgentEnv, split_env_name
 
 from .config import EnvConfig
+from .curriculum import parse_curriculum, stage_env_config, stage_seed
 
 # The keyword each family uses for the episode length limit that env.max_steps sets.
 _MAX_STEPS_KEYWORD = {
@@ -43,6 +44,8 @@ def check_env_config(env_cfg: EnvConfig) -> None:
             raise ValueError(
                 "matrix games have a fixed episode length; set env.max_steps=null and use env.rounds"
             )
+    if env_cfg.curriculum:
+        parse_curriculum(env_cfg.curriculum)
     for key in _AGENT_COUNT_KEYWORDS:
         value = env_cfg.kwargs.get(key)
         if isinstance(value, int) and value < 1:
@@ -82,3 +85,34 @@ def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> M
     if not env.group_map or empty:
         raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
     return env
+
+
+def _specs(env: MultiAgentEnv) -> dict[str, tuple]:
+    """Each group's observation and action shapes (without the copies' batch dimension) and spec types."""
+    specs = {}
+    for group in env.group_map:
+        obs, act = env.full_observation_spec[group], env.full_action_spec[group, "action"]
+        batch = len(env.batch_size)
+        specs[group] = ({k: tuple(v.shape[batch:]) for k, v in obs.items(True, True)},
+                        type(act).__name__, tuple(act.shape[batch:]))
+    return specs
+
+
+def check_curriculum_specs(env_cfg: EnvConfig, env: MultiAgentEnv, *, seed: int) -> None:
+    """Build each curriculum stage's env once (one copy) and refuse, in one line, a stage whose groups'
+    observation or action specs differ from ``env``'s: the networks are sized from the first stage."""
+    base = _specs(env)
+    for stage in range(1, len(env_cfg.curriculum) + 1):
+        probe = build_env(dataclasses.replace(stage_env_config(env_cfg, stage), num_envs=1), device="cpu",
+                          seed=stage_seed(seed, stage))
+        try:
+            specs = _specs(probe)
+        finally:
+            probe.close()
+        for group in sorted(set(base) | set(specs)):
+            if base.get(group) != specs.get(group):
+                raise ValueError(
+                    f"env.curriculum stage {stage} changes group {group!r} (observation and action specs "
+                    f"{base.get(group)} -> {specs.get(group)}); the networks are sized from the first stage, so every "
+                    "stage must keep them: change other keywords, or train the stages as separate runs"
+                )

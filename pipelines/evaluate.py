@@ -19,7 +19,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from marlkit.envs import device_of, split_env_name
 
-from .config import RunConfig
+from .config import EnvConfig, RunConfig
 from .environment import build_env
 from .render import record_rollout
 from .rundir import write_atomically
@@ -107,11 +107,17 @@ class Evaluator:
         self.logger, self.max_steps, self.videos = cfg.logger, cfg.env.max_steps, Path(run_path) / "videos"
         self.best_eval, self.new_best = best_eval, False
         self.marl_eval = MarlEvalLog(cfg, run_path, start_frames) if cfg.logger.marl_eval else None
-        self.env, self.seed = None, cfg.seed + 10_000
+        self.env, self.seed, self.device = None, cfg.seed + 10_000, device_of(cfg.device)
         if self.logger.eval_every or self.logger.video_every:
             # Built now, before a resumed run restores its RNG: env construction may reseed.
-            self.env = build_env(dataclasses.replace(cfg.env, num_envs=self.logger.eval_episodes),
-                                 device=device_of(cfg.device), seed=cfg.seed + 10_000)
+            self.use_env(cfg.env)
+
+    def use_env(self, env_cfg: EnvConfig) -> None:
+        """Evaluate and film on ``env_cfg`` (``logger.eval_episodes`` copies) from now on: a curriculum's stage."""
+        if self.env is not None:
+            self.env.close()
+        self.env = build_env(dataclasses.replace(env_cfg, num_envs=self.logger.eval_episodes), device=self.device,
+                             seed=self.seed)
 
     def after(self, iteration: int, policy: Any, final: bool, frames: int = 0) -> dict[str, float]:
         """Evaluate and film what is due after ``iteration`` (``frames`` collected so far); returns the eval

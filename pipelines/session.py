@@ -25,7 +25,8 @@ from marlkit.envs import device_of, MultiAgentEnv
 from .checkpoint import Checkpointer, restore_rollout, restore_training
 from .collectors import CollectorFailed, make_collector, worker_failure
 from .config import RunConfig
-from .environment import build_env, resolve_env_config
+from .curriculum import Curriculum, parse_curriculum, stage_env_config, stage_seed
+from .environment import build_env, check_curriculum_specs, resolve_env_config
 from .evaluate import Evaluator
 from .learners import check_finite, Learner, make_optimiser
 from .memory import keep_freed_memory
@@ -66,7 +67,10 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     run_dir, start = open_run_dir(cfg, resume)
     keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
     torch.manual_seed(cfg.seed)
-    env = build_env(cfg.env, device=device, seed=cfg.seed)
+    stage = start.state.get("curriculum", {}).get("env_stage", 0) if start.state else 0
+    env = build_env(stage_env_config(cfg.env, stage), device=device, seed=stage_seed(cfg.seed, stage))
+    if cfg.env.curriculum:
+        check_curriculum_specs(cfg.env, env, seed=cfg.seed)
     cfg = with_teams(cfg, env, device)
     return Run(cfg, iterations, device, run_dir, start, env)
 
@@ -87,6 +91,8 @@ class Training:
     """Scheduled evaluations and videos."""
     checkpointer: Checkpointer
     """Scheduled checkpoints."""
+    curriculum: Curriculum | None = None
+    """Where the run is in ``env.curriculum`` (None without one)."""
     stop_signal: int | None = None
     """SIGINT or SIGTERM once one arrived: the iteration under way finishes, is checkpointed, and the loop ends."""
     _previous_handlers: dict[int, Any] = field(default_factory=dict)
@@ -96,6 +102,8 @@ class Training:
         a SIGINT / SIGTERM, none after the iteration under way (which :func:`end_iteration` checkpoints)."""
         batches = iter(self.collector)
         for iteration in range(run.start.iteration, run.iterations):
+            if self.curriculum is not None and self.curriculum.stage > self.curriculum.env_stage:
+                batches = self._next_stage(run, iteration)
             try:
                 batch = next(batches)
             except Exception as err:
@@ -108,6 +116,17 @@ class Training:
             yield iteration, batch
             if self.stop_signal is not None:
                 return
+
+    def _next_stage(self, run: Run, iteration: int):
+        """Swap in the env of the curriculum's stage and a collector over it (episodes start afresh)."""
+        stage = self.curriculum.stage
+        self.collector.shutdown()  # closes the old env
+        run.env = build_env(stage_env_config(run.cfg.env, stage), device=run.device, seed=stage_seed(run.cfg.seed, stage))
+        self.collector = make_collector(run.env, self.policy, run.cfg, device=run.device, start_iteration=iteration)
+        if self.evaluator.env is not None:
+            self.evaluator.use_env(stage_env_config(run.cfg.env, stage))
+        self.curriculum.env_stage = stage
+        return iter(self.collector)
 
     def catch_stop_signals(self) -> None:
         """SIGINT / SIGTERM end the run after the current iteration instead of wherever they land (a
@@ -160,11 +179,23 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     best = state.get("best_eval", float("-inf")) if state else float("-inf")
     evaluator = Evaluator(run.cfg, run.dir.path, best, start_frames=run.start.frames)
     checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
+    curriculum = Curriculum(parse_curriculum(run.cfg.env.curriculum)) if run.cfg.env.curriculum else None
+    if curriculum is not None and state is not None:
+        curriculum.load_state_dict(state["curriculum"])
+        if curriculum.env_stage > 0 and evaluator.env is not None:
+            evaluator.use_env(stage_env_config(run.cfg.env, curriculum.env_stage))
     if state is not None:
         restore_rollout(state, run.env, collector)
-    training = Training(optimisers, policy, collector, reporter, evaluator, checkpointer)
+    training = Training(optimisers, policy, collector, reporter, evaluator, checkpointer, curriculum)
     training.catch_stop_signals()
     return training
+
+
+def mean_return(row: Mapping[str, Any]) -> float:
+    """An iteration's mean episode return, averaged over the groups that finished episodes (NaN if none)."""
+    values = [float(v) for k, v in row.items() if k.endswith("/episode_reward_mean") and not k.startswith("eval/")
+              and v == v]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int,
@@ -177,12 +208,18 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
     row.update(training.evaluator.after(iteration, training.policy, final, training.reporter.frames + batch.numel()))
+    curriculum = training.curriculum
+    if curriculum is not None:
+        row["curriculum/stage"] = curriculum.env_stage
     training.reporter.log(iteration, batch, terms, row)
+    if curriculum is not None:  # the next stage's env, if earned, comes before the next collection
+        curriculum.after_iteration(training.reporter.frames, mean_return(training.reporter.row))
     training.checkpointer.save(run.cfg, iteration, final, new_best=training.evaluator.new_best,
                                best_eval=training.evaluator.best_eval, frames=training.reporter.frames,
                                optimiser_steps=optimiser_steps, learners=dict(learners),
                                optimisers=training.optimisers, env=run.env, collector=training.collector,
-                               time_s=float(training.reporter.row.get("time_s", 0.0)))
+                               time_s=float(training.reporter.row.get("time_s", 0.0)),
+                               extra={"curriculum": curriculum.state_dict()} if curriculum is not None else None)
 
 
 def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
