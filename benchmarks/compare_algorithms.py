@@ -8,6 +8,10 @@ Tasks and their arms (algorithm, preset, overrides):
   groups), ``iql``; presets ``speaker-listener`` / ``speaker-listener-q``.
 * ``navigation-discrete`` (VMAS navigation, 3 agents, discrete actions): ``mappo``
   (``navigation-matched``), ``maa2c`` (``navigation-a2c``), ``coma`` (``navigation-coma``).
+* ``gridworld-curriculum`` (MAPPO on the cooperative grid world, 2 agents, 3 targets, 100-step episodes):
+  ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
+  (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
+  current stage (20 greedy episodes), so their last iterations compare the same 20x20 task.
 
 Every finished run's ``metrics.csv`` is copied to ``<out>/<arm>_seed<seed>.csv``; runs whose CSV is
 there already are skipped (``--rerun`` runs them again), and the table and the PNG are made from the
@@ -43,13 +47,16 @@ from _child import run_child
 class Task:
     """A task's arms (name -> algorithm, preset, overrides), the CSV column plotted and its defaults."""
 
-    arms: dict[str, tuple[str, str, dict]]
+    arms: dict[str, tuple[str, str | None, dict]]
     key: str
     default_arms: str
     frames: int
 
 
 DISCRETE = {"env.continuous_actions": False}
+GRIDWORLD = {"env.name": "gridworld", "env.num_envs": 20, "env.max_steps": 100, "collector.frames_per_batch": 4000,
+             "train.minibatch_size": 1000, "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
+             "logger.eval_every": 1, "logger.eval_episodes": 20}
 TASKS = {
     "speaker-listener": Task(
         arms={"mappo": ("mappo", "speaker-listener", {}), "ippo": ("ippo", "speaker-listener", {}),
@@ -61,6 +68,11 @@ TASKS = {
         arms={"mappo": ("mappo", "navigation-matched", DISCRETE), "maa2c": ("maa2c", "navigation-a2c", DISCRETE),
               "coma": ("coma", "navigation-coma", {})},
         key="agents/episode_reward_mean", default_arms="mappo,maa2c,coma", frames=120_000),
+    "gridworld-curriculum": Task(
+        arms={"curriculum": ("mappo", None, {**GRIDWORLD, "env.grid_size": 5, "env.curriculum": [
+                  {"at_frames": 60_000, "grid_size": 10}, {"at_frames": 120_000, "grid_size": 20}]}),
+              "scratch": ("mappo", None, {**GRIDWORLD, "env.grid_size": 20})},
+        key="eval/agents/episode_reward_mean", default_arms="curriculum,scratch", frames=200_000),
 }
 
 
