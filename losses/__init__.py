@@ -795,9 +795,9 @@ class HappoLoss(MAPPOLoss):
     def critic_terms(self, tensordict: TensorDictBase) -> TensorDictBase:
         """``loss_critic`` alone (weighted by ``critic_coef``), over every live agent."""
         value, _, _ = self.loss_critic(tensordict)
+        value = value.reshape(*tensordict.shape, -1)  # [B, n_agents]
         mask = None if self.mask_key is None else tensordict.get(self.mask_key)
-        return TensorDict({"loss_critic": _masked_mean(value.reshape(*tensordict.shape, -1),
-                                                       None if mask is None else mask.reshape(*tensordict.shape, -1))}, [])
+        return TensorDict({"loss_critic": _masked_mean(value, mask)}, [])
 
 
 def make_happo_loss(

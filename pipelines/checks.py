@@ -66,6 +66,9 @@ def check_common(cfg: RunConfig) -> int:
     check_env_config(cfg.env)
     iterations = check_frames(cfg.collector, cfg.env.num_envs)
     check_collector_config(cfg)
+    if cfg.env.curriculum and cfg.collector.backend != "sync":
+        raise ValueError(f"env.curriculum changes the env between iterations in this process; collector.backend="
+                         f"{cfg.collector.backend} steps copies built once in its workers: use collector.backend=sync")
     check_model_config(cfg.model)
     device_of(cfg.device)
     check_logger_config(cfg.logger)

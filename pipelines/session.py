@@ -80,7 +80,8 @@ class Training:
     """What the loop uses besides its learners."""
 
     optimisers: dict[str, torch.optim.Optimizer]
-    """One Adam per learner, over its loss's parameters."""
+    """The Adams by name: one per learner over its loss's parameters, or the pipeline's own (HAPPO: one
+    per agent and one per critic)."""
     policy: TensorDictSequential
     """Every learner's acting policy, in turn."""
     collector: BaseCollector

@@ -48,6 +48,11 @@ def test_bad_curricula_are_one_line_before_training(stages, match, cli_rejects):
     cli_rejects(["train", "mappo", "--frames", "80", *BASE, _curriculum_arg(stages)], match)
 
 
+def test_curriculum_with_worker_collectors_is_refused(cli_rejects):
+    cli_rejects(["train", "mappo", "--frames", "80", *BASE, "collector=multiprocess", "collector.workers=2",
+                 _curriculum_arg("[{at_frames: 40, grid_size: 8}]")], "env.curriculum changes the env between iterations")
+
+
 def test_the_env_changes_at_the_stage_boundary_and_metrics_say_so(tmp_path, read_metrics, monkeypatch):
     built = []
     real = session.build_env
