@@ -25,6 +25,7 @@ import numpy as np
 
 from . import make_config, pipeline_for
 from .config import RunConfig
+from .evaluate import MARL_EVAL_FILE
 from .plots import mean_return, plot_sweep, read_metrics
 from .runs import config_from_dict, read_config
 from .session import TrainingStopped
@@ -230,7 +231,30 @@ def summarize(runs: list[SweepRun], sweep_dir: Path) -> list[dict[str, Any]]:
     (sweep_dir / "sweep.md").write_text("\n".join(table) + "\n")
     for env, by_algorithm in curves.items():
         plot_sweep(by_algorithm, sweep_dir / f"curves_{_slug(env)}.png", title=env)
+    merge_marl_eval([run.run_dir for run in runs if run.finished], sweep_dir)
     return rows
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def merge_marl_eval(run_dirs: list[Path], sweep_dir: Path) -> Path | None:
+    """The runs' ``marl_eval.json`` (``logger.marl_eval=true``) merged into one ``<sweep-dir>/marl_eval.json``:
+    every env, task, algorithm and seed of the sweep in the marl-eval layout. None when no run wrote one."""
+    files = [Path(run_dir) / MARL_EVAL_FILE for run_dir in run_dirs if (Path(run_dir) / MARL_EVAL_FILE).is_file()]
+    if not files:
+        return None
+    merged: dict[str, Any] = {}
+    for file in files:
+        _merge(merged, json.loads(file.read_text()))
+    out = sweep_dir / MARL_EVAL_FILE
+    out.write_text(json.dumps(merged, indent=1))
+    return out
 
 
 def write_grid(sweep_dir: Path, grid: dict[str, Any]) -> None:

@@ -115,3 +115,15 @@ def test_seed_ranges():
     for bad in ("0,0", "0,-1", "a", "3-1", ""):
         with pytest.raises(ValueError, match="distinct seeds >= 0"):
             parse_seeds(bad)
+
+
+def test_sweep_merges_the_runs_marl_eval_files(tmp_path, capsys):
+    assert _sweep(tmp_path, "--no-ray", "logger.eval_every=1", "logger.eval_episodes=2", "logger.marl_eval=true") == 0
+    sweep = tmp_path / "sweep"
+    merged = json.loads((sweep / "marl_eval.json").read_text())
+    assert set(merged["gridworld"]["gridworld"]) == {"mappo", "ippo"}
+    for algorithm in ("mappo", "ippo"):
+        assert set(merged["gridworld"]["gridworld"][algorithm]) == {"seed_0", "seed_1"}
+        for seed in (0, 1):
+            run = json.loads((sweep / algorithm / "gridworld" / f"seed{seed}" / "marl_eval.json").read_text())
+            assert merged["gridworld"]["gridworld"][algorithm][f"seed_{seed}"] == run["gridworld"]["gridworld"][algorithm][f"seed_{seed}"]
