@@ -15,8 +15,9 @@ Tasks and their arms (algorithm, preset, overrides):
 
 Every finished run's ``metrics.csv`` is copied to ``<out>/<arm>_seed<seed>.csv``; runs whose CSV is
 there already are skipped (``--rerun`` runs them again), and the table and the PNG are made from the
-CSVs alone: per arm the final return (mean of the last 5 iterations), the mean over the whole curve
-(area under it) and frames/s, as mean and 95% interval over seeds.
+CSVs alone: per arm the final return (mean over the iterations of the last tenth of the frames, those
+without a finished episode left out), the mean over the whole curve (area under it, divided by its
+length) and frames/s, as mean and 95% interval over seeds.
 
     python benchmarks/compare_algorithms.py [--task speaker-listener] [--arms mappo,ippo,happo]
         [--seeds 3] [--frames N] [--jobs 2] [--out DIR] [--set section.field=value ...]
@@ -34,6 +35,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +98,14 @@ def _plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, tit
         length = min(len(r) for _, r in runs)
         frames = runs[0][0][:length]
         stacked = np.stack([r[:length] for _, r in runs])
-        mean = np.nanmean(stacked, 0)
-        half = 1.96 * np.nanstd(stacked, 0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * mean
-        ax.plot(frames, mean, label=arm)
-        ax.fill_between(frames, mean - half, mean + half, alpha=0.25, linewidth=0)
+        with warnings.catch_warnings():  # iterations where no run finished an episode are NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(stacked, 0)
+            half = 1.96 * np.nanstd(stacked, 0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * mean
+        seen = np.isfinite(mean)  # connect the iterations that have a return (short batches end few episodes)
+        half = np.nan_to_num(half)
+        ax.plot(frames[seen], mean[seen], label=arm)
+        ax.fill_between(frames[seen], (mean - half)[seen], (mean + half)[seen], alpha=0.25, linewidth=0)
     ax.set_xlabel("frames")
     ax.set_ylabel("mean episode return")
     ax.set_title(title, fontsize=10)
@@ -166,14 +172,15 @@ def main() -> None:
             steps = np.array([float(r["frames"]) for r in metrics])
             returns = np.array([float(r[task.key]) if r[task.key] != "" else math.nan for r in metrics])
             curves[arm].append((steps, returns))
-            final.append(float(np.nanmean(returns[-5:])))
+            last = steps >= min(0.9 * frames, steps[-1])  # the last tenth of the budget, whatever the batch size
+            final.append(float(np.nanmean(returns[last])) if np.isfinite(returns[last]).any() else math.nan)
             auc.append(float(np.nanmean(returns)))
             fps.append(steps[-1] / float(metrics[-1]["time_s"]))
         rows.append((arm, final, auc, fps))
     title = f"{args.task}, {frames:,} frames, {args.seeds} seeds: mean and 95% band"
     _plot(curves, out / "curves.png", title)
     print(f"\n{title}\n")
-    print("| algorithm | final return (last 5 iterations) | area under return curve | frames/s |")
+    print("| algorithm | final return (last 10% of frames) | mean return over the run | frames/s |")
     print("|---|---|---|---|")
     for arm, final, auc, fps in rows:
         print(f"| {arm} | {_interval(final)} | {_interval(auc)} | {statistics.mean(fps):.0f} |")
