@@ -24,7 +24,8 @@ import torch
 from ._common import check_positive_int, device_of, MultiAgentEnv
 from .pettingzoo import importable
 
-FAMILIES = ("vmas", "pettingzoo", "gridworld", "pursuit", "matrix", "gym")
+FAMILIES = ("vmas", "pettingzoo", "magent2", "gridworld", "pursuit", "matrix", "gym")
+MAGENT2_ENVS = ("battle_v4", "adversarial_pursuit_v4", "gather_v5", "tiger_deer_v4", "combined_arms_v6")
 
 __all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "check_env_name", "check_positive_int", "device_of",
            "importable", "make_env", "split_env_name"]
@@ -39,6 +40,7 @@ def available_envs() -> dict[str, list[str]]:
     return {
         "vmas": [f"vmas/{s}" for s in vmas_scenarios()],
         "pettingzoo": [f"pettingzoo/{f}/<env>" for f in PETTINGZOO_FAMILIES],
+        "magent2": [f"magent2/{e}" for e in MAGENT2_ENVS],
         "gridworld": ["gridworld"],
         "pursuit": ["pursuit"],
         "matrix": [f"matrix/{g}" for g in MATRIX_GAMES],
@@ -74,7 +76,7 @@ def split_env_name(name: str) -> tuple[str, str]:
         raise ValueError(f"{family!r} takes no sub-name, got {name!r}")
     if family == "pettingzoo" and rest.count("/") != 1:
         raise ValueError(f"PettingZoo envs are named 'pettingzoo/<family>/<env>', got {name!r}")
-    if family in ("vmas", "matrix", "gym") and not rest:
+    if family in ("vmas", "matrix", "gym", "magent2") and not rest:
         raise ValueError(f"{family!r} needs a sub-name, e.g. {available_envs()[family][0]}")
     return family, rest
 
@@ -121,7 +123,7 @@ def make_env(
     """Build a batched multi-agent TorchRL env.
 
     Args:
-        name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"gridworld"``, ``"pursuit"``,
+        name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"magent2/<env>"``, ``"gridworld"``, ``"pursuit"``,
             ``"matrix/<game>"``, ``"gym/<id>"``; or a PettingZoo ``ParallelEnv`` class, zero-argument
             factory or instance of your own (no registration needed).
         num_envs: number of copies stepped together (the leading batch dimension).
@@ -149,10 +151,11 @@ def make_env(
         from .vmas import make_vmas_env
 
         return make_vmas_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
-    if family == "pettingzoo":
+    if family in ("pettingzoo", "magent2"):  # MAgent2 envs are PettingZoo parallel envs: teams become groups
         from .pettingzoo import make_pettingzoo_env
 
-        return make_pettingzoo_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+        source = rest if family == "pettingzoo" else f"magent2/{rest}"
+        return make_pettingzoo_env(source, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
     if family == "gridworld":
         from .gridworld import make_gridworld_env
 

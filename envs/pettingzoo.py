@@ -29,6 +29,7 @@ PETTINGZOO_FAMILIES: dict[str, str] = {
     "butterfly": "pettingzoo.butterfly",
     "classic": "pettingzoo.classic",
     "atari": "pettingzoo.atari",
+    "magent2": "magent2.environments",  # also as magent2/<env>: MAgent2's PettingZoo-API battles
 }
 _PIP_NAMES = {
     "mpe2": "mpe2",
@@ -36,6 +37,7 @@ _PIP_NAMES = {
     "pettingzoo.butterfly": "'pettingzoo[butterfly]'",
     "pettingzoo.classic": "'pettingzoo[classic]'",
     "pettingzoo.atari": "'pettingzoo[atari]'",
+    "magent2.environments": "-e '.[magent]' (the magent2 package)",
 }
 # Names the issue tracker and older code use, resolved to the release PettingZoo 1.27 ships.
 _RENAMED = {"knights_archers_zombies_v10": "knights_archers_zombies_v11"}
@@ -46,10 +48,11 @@ _REMOVED = {("sisl", "waterworld"): "SISL waterworld"}
 def _import_env_module(family: str, env_id: str):
     check_choice("PettingZoo family", family, PETTINGZOO_FAMILIES)
     package = PETTINGZOO_FAMILIES[family]
+    label = "magent2" if family == "magent2" else f"pettingzoo/{family}"
     try:
         family_module = importlib.import_module(package)
     except ImportError as err:
-        raise missing_package(package, _PIP_NAMES[package], f"pettingzoo/{family}") from err
+        raise missing_package(package, _PIP_NAMES[package], label) from err
     if env_id in _RENAMED:
         warnings.warn(
             f"pettingzoo/{family}/{env_id} is deprecated in PettingZoo; using {_RENAMED[env_id]}",
@@ -60,7 +63,7 @@ def _import_env_module(family: str, env_id: str):
         module = importlib.import_module(f"{package}.{env_id}")
     except ModuleNotFoundError as err:
         if err.name is not None and not err.name.startswith(package):
-            raise missing_package(err.name, _PIP_NAMES[package], f"pettingzoo/{family}") from err
+            raise missing_package(err.name, _PIP_NAMES[package], label) from err
         # Listed from the package itself: dir() would only show submodules imported so far.
         available = sorted(
             info.name for info in pkgutil.iter_modules(family_module.__path__)
@@ -215,7 +218,7 @@ def make_pettingzoo_env(
         # rgb_array only draws when render() is called, so stepping stays as fast as without it.
         env_kwargs.setdefault("render_mode", "rgb_array")
         factory = functools.partial(module.parallel_env, **env_kwargs)
-        name = f"pettingzoo/{family}/{env_id}"
+        name = f"magent2/{env_id}" if family == "magent2" else f"pettingzoo/{family}/{env_id}"
     else:
         factory, label = _factory_from_user(source)
         import pettingzoo

@@ -23,6 +23,7 @@ _MAX_STEPS_KEYWORD = {
     "vmas": "max_steps",
     "gridworld": "max_steps",
     "pettingzoo": "max_cycles",
+    "magent2": "max_cycles",
     "pursuit": "max_cycles",
     "gym": "max_episode_steps",
 }
