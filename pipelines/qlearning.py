@@ -195,14 +195,6 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                 scratch_dir: Path | None) -> Learner:
     """Q network + epsilon-greedy, DQN or mixer loss, target updater and replay for one group."""
     m, lc, r = cfg.model, cfg.loss, cfg.replay
-    if cfg.sharing.mode != "none" and len(env.group_map) > 1:
-        spaces = {g: (tuple(group_spec(env, g, "observation").shape[1:]), tuple(group_spec(env, g, "action").shape[1:]))
-                  for g in env.group_map}
-        raise ValueError(
-            f"sharing.mode={cfg.sharing.mode!r} needs agents with identical observation and action spaces; "
-            f"{cfg.env.name} has several groups (observation, action shapes per agent: {spaces}): "
-            "use an env with one group of agents (e.g. pettingzoo/sisl/pursuit_v5) or sharing.mode=none"
-        )
     q_net = _q_network(env, group, cfg, device)
     n_agents = env.n_agents(group)
     explore = _epsilon_greedy(env, group, cfg, device)
@@ -211,7 +203,9 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
         loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
                              mask_key=env.live_mask_key(group))
         priority_key = (group, "td_error")
-        if cfg.sharing.mode == "none":
+        # SUPER shares within a group (its agents have the same spaces): a team's transitions never reach
+        # the other side, and a one-agent group has nobody to share with
+        if cfg.sharing.mode == "none" or n_agents == 1:
             replay = group_replay(cfg, group, scratch_dir, device, **prioritized)
         else:
             selector = ExperienceSelector(cfg.sharing.mode, n_agents, cfg.sharing.beta, cfg.sharing.window)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -78,3 +80,11 @@ def test_matrix_games_prints_greedy_joint_actions(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith(("| qtran |", "| coma |"))]
     assert len(rows) == 2 and all("optimal" in row and "(" in row for row in rows), out
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 3
+
+
+def test_magent_battle_prints_both_tables(tmp_path):
+    pytest.importorskip("magent2", reason='needs the [magent] extra (pip install -e ".[magent]")')
+    out = _run(str(BENCHMARKS / "magent_battle.py"), "--seeds", "1", "--frames", "800", "--speed-frames", "800",
+               "--out", str(tmp_path))
+    assert "| none | 0 |" in out and "| quantile | 0 |" in out and "| multiprocess, 2 workers |" in out, out
+    assert (tmp_path / "quantile_s0.csv").exists()

@@ -203,10 +203,18 @@ def test_train_tiny(algorithm, env, env_overrides, overrides, tmp_run_dir, tiny_
     (["train", "vdn", "--env", "gym/CartPole-v1", "--frames", "600", "env.num_envs=2",
       "collector.frames_per_batch=300"], "vdn mixes the values of several agents; group 'agents' has 1"),
     (["train", "iql", "exploration.eps_init=2"], r"exploration.eps_init must be in \[0, 1\]"),
-    (["train", "iql", "--env", "vmas/simple_tag", "--frames", "600", "env.num_envs=2", "env.continuous_actions=false",
-      "collector.frames_per_batch=300", "sharing.mode=quantile"], "needs agents with identical observation and action"),
 ])
 def test_bad_input(args, match, cli_rejects):
     cli_rejects(args, match)
 
 
+def test_super_shares_within_each_group_only(tmp_run_dir, tiny_config, read_metrics):
+    """simple_tag: the 3 adversaries relay to each other; the one-agent `agent` group keeps a plain replay."""
+    cfg = tiny_config("iql", "vmas/simple_tag", tmp_run_dir, frames_per_batch=80,
+                      **{"env.continuous_actions": False, "env.max_steps": 10, "replay.batch_size": 16,
+                         "sharing.mode": "all"})
+    qlearning.train(cfg)
+    row = read_metrics(tmp_run_dir)[-1]
+    assert float(row["adversary/share_fraction"]) == 1.0 and "agent/share_fraction" not in row
+    assert len(list((tmp_run_dir / "buffers" / "adversary").glob("agent_*"))) == 3
+    assert not list((tmp_run_dir / "buffers" / "agent").glob("agent_*"))
