@@ -117,6 +117,8 @@ def _python_simulators(base: EnvBase) -> list[Any]:
     from torchrl.envs import SerialEnv
     from torchrl.envs.libs.vmas import VmasEnv
 
+    if isinstance(base, TransformedEnv):  # e.g. PettingZoo copies behind UnnestObservation
+        return _python_simulators(base.base_env)
     if isinstance(base, VmasEnv):
         return [base._env]
     if isinstance(base, SerialEnv):

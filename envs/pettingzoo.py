@@ -18,6 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tensordict import TensorDictBase
+from torchrl.data import Composite
+from torchrl.envs import Transform, TransformedEnv
 
 from ._common import check_choice, finalize, missing_package, MultiAgentEnv
 
@@ -91,6 +94,40 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:  # pragma: no cover - imported yet not installed
         return "?"
+
+
+class UnnestObservation(Transform):
+    """Envs whose observations are dicts of ``observation`` and ``action_mask`` (the PettingZoo convention
+    for masked actions): TorchRL's wrapper moves the mask to ``(g, "action_mask")`` and leaves the rest at
+    ``(g, "observation", "observation")``; this puts it back at ``(g, "observation")``, where every
+    module reads it."""
+
+    def __init__(self, groups: list[str]):
+        super().__init__()
+        self.groups = groups
+
+    def _unnest(self, tensordict: TensorDictBase) -> TensorDictBase:
+        for group in self.groups:
+            inner = tensordict.get((group, "observation", "observation"), None)
+            if inner is not None:
+                tensordict.del_((group, "observation"))
+                tensordict.set((group, "observation"), inner)
+        return tensordict
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return self._unnest(next_tensordict)
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return self._unnest(tensordict_reset)
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        for group in self.groups:
+            inner = observation_spec[group, "observation"]
+            if set(inner.keys()) != {"observation"}:
+                raise ValueError(f"group {group!r} observes a dict with {sorted(inner.keys())} besides its action mask; "
+                                 "give each agent one observation array (and optionally action_mask)")
+            observation_spec[group, "observation"] = inner["observation"].clone()
+        return observation_spec
 
 
 def _wrap_parallel(factory: Callable[[], Any], seed: int | None) -> Any:
@@ -244,16 +281,18 @@ def make_pettingzoo_env(
         probe = _checked_custom_env(factory, name)
     group_map = dict(probe.group_map)
     del probe  # not closed: for a user's instance, closing would close the env SerialEnv reuses
-    base = SerialEnv(
+    serial = SerialEnv(
         num_envs,
         functools.partial(_wrap_parallel, factory, None),
         device=device,
     )
+    nested = [g for g in group_map if isinstance(serial.full_observation_spec[g, "observation"], Composite)]
+    base = TransformedEnv(serial, UnnestObservation(nested)) if nested else serial
 
     def render(env_index: int = 0, **kwargs: Any):
         # Each copy is a separate Python env; render only the requested one.
-        if not base.is_closed:
-            inner = base._envs[env_index]
+        if not serial.is_closed:
+            inner = serial._envs[env_index]
         else:  # pragma: no cover - render before any reset
             raise RuntimeError("reset the env before rendering")
         frame = inner._env.render()

@@ -93,3 +93,27 @@ class DiesAfter(Countdown):
         if self.steps > self.die_after:
             os._exit(3)
         return super().step(actions)
+
+
+class MaskedPick(pettingzoo.ParallelEnv):
+    """Two agents pick one of 4 actions for 6 steps; each observation is a dict of ``observation`` and an
+    ``action_mask`` allowing a different pair of actions each step; action 3 pays 1."""
+    metadata = {"name": "masked_pick_v0"}
+    def __init__(self):
+        self.possible_agents = ["picker_0", "picker_1"]; self.agents = list(self.possible_agents); self.t = 0
+    def observation_space(self, agent):
+        return spaces.Dict({"observation": spaces.Box(0.0, 1.0, shape=(2,)), "action_mask": spaces.Box(0, 1, shape=(4,), dtype=np.int8)})
+    def action_space(self, agent):
+        return spaces.Discrete(4)
+    def _observe(self):
+        mask = np.zeros(4, dtype=np.int8); mask[[self.t % 4, (self.t + 1) % 4]] = 1
+        return {a: {"observation": np.array([self.t / 6, i], dtype=np.float32), "action_mask": mask} for i, a in enumerate(self.agents)}
+    def reset(self, seed=None, options=None):
+        self.agents, self.t = list(self.possible_agents), 0
+        return self._observe(), {a: {} for a in self.agents}
+    def step(self, actions):
+        self.t += 1; end = self.t >= 6; obs = self._observe()
+        rew = {a: float(actions[a] == 3) for a in self.agents}
+        term = {a: end for a in self.agents}
+        if end: self.agents = []
+        return obs, rew, term, {a: False for a in self.possible_agents}, {a: {} for a in self.possible_agents}

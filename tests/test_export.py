@@ -25,6 +25,7 @@ RUNS = {
     "pettingzoo-discrete": ("iql", ["--env", "pettingzoo/mpe2/simple_spread_v3", "env.N=2", "replay.batch_size=16",
                                     "train.optimiser_steps=1"]),
     "gridworld": ("mappo", ["--env", "gridworld", "train.minibatch_size=20", "train.num_epochs=1"]),
+    "action-mask": ("iql", ["--env", "custom_envs:MaskedPick", "replay.batch_size=16", "train.optimiser_steps=1"]),
 }
 
 LOADER = """
@@ -96,6 +97,23 @@ def test_exported_policy_acts_as_the_checkpoint_without_marlkit(case, fmt, train
                 assert np.abs(expected).max() > 0  # a real action, not an all-zero placeholder
             else:
                 assert np.array_equal(exported, expected)
+
+
+def test_exported_policy_obeys_the_action_mask_it_is_given(trained, tmp_path):
+    """Only action k allowed -> action k, for every agent, whatever the Q values say."""
+    out = tmp_path / "masked.onnx"
+    assert cli_main(["export", str(trained / "action-mask"), "--format", "onnx", "--out", str(out)]) == 0
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert [spec["name"] for spec in meta["inputs"]] == ["observation", "action_mask"]
+    observation = np.random.default_rng(0).random((8, 2, 2), dtype=np.float32)
+    for k in range(4):
+        mask = np.zeros((8, 2, 4), dtype=bool)
+        mask[..., k] = True
+        np.savez(tmp_path / "data.npz", observation=observation, action_mask=mask)
+        done = subprocess.run([sys.executable, "-c", LOADER, str(out), str(tmp_path / "data.npz"),
+                               str(tmp_path / "action.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (np.load(tmp_path / "action.npy") == k).all()
 
 
 def test_export_writes_every_group_and_never_overwrites(trained, tmp_path, capsys):
