@@ -87,7 +87,9 @@ def _interval(values: list[float]) -> str:
     return f"{mean:.2f} ± {half:.2f}"
 
 
-def _plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, title: str) -> None:
+def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, title: str,
+                ylabel: str = "mean episode return") -> None:
+    """Each arm's mean curve over its runs with a 95% band, into the PNG ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +109,7 @@ def _plot(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path, tit
         ax.plot(frames[seen], mean[seen], label=arm)
         ax.fill_between(frames[seen], (mean - half)[seen], (mean + half)[seen], alpha=0.25, linewidth=0)
     ax.set_xlabel("frames")
-    ax.set_ylabel("mean episode return")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -178,7 +180,7 @@ def main() -> None:
             fps.append(steps[-1] / float(metrics[-1]["time_s"]))
         rows.append((arm, final, auc, fps))
     title = f"{args.task}, {frames:,} frames, {args.seeds} seeds: mean and 95% band"
-    _plot(curves, out / "curves.png", title)
+    plot_curves(curves, out / "curves.png", title)
     print(f"\n{title}\n")
     print("| algorithm | final return (last 10% of frames) | mean return over the run | frames/s |")
     print("|---|---|---|---|")

@@ -3,7 +3,7 @@ a frozen (random-initialised, greedy) blue, and collection speed with 1 and 2 co
 
 For each arm (``none``, ``quantile``) and seed, ``marlkit train iql --env magent2/battle_v4`` with
 ``train.freeze_after.blue=0``; prints red's and blue's mean episode return over the last iterations, the
-mean over the run, frames/s, and the collection frames/s of the ``none`` arm with ``collector.workers``
+mean over the run, frames/s (and red's curves, ``curves.png``), and the collection frames/s of the ``none`` arm with ``collector.workers``
 1 and 2 (``multiprocess``, synchronous). Raw ``metrics.csv`` copies go to ``--out``.
 
     python benchmarks/magent_battle.py [--seeds 2] [--frames 6000] [--speed-frames 2000] [--out DIR]
@@ -18,7 +18,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from _child import run_child
+from compare_algorithms import plot_curves
 
 COMMON = {"env.name": "magent2/battle_v4", "env.map_size": 18, "env.num_envs": 4, "env.max_steps": 100,
           "collector.frames_per_batch": 400, "replay.batch_size": 64, "replay.buffer_size": 20_000,
@@ -32,6 +34,24 @@ def _summary(rows: list[dict], group: str) -> tuple[float, float]:
     values = [float(r[f"{group}/episode_reward_mean"]) for r in rows if r[f"{group}/episode_reward_mean"] != ""]
     tail = values[-max(1, len(values) // 5):]
     return (statistics.mean(tail), statistics.mean(values)) if values else (float("nan"), float("nan"))
+
+
+def plot_red(out: Path, seeds: int) -> Path:
+    """``<out>/curves.png``: red's mean episode return per arm against frames (mean and 95% band over seeds),
+    from the copied CSVs alone."""
+    curves = {}
+    for arm in ARMS:
+        runs = []
+        for seed in range(seeds):
+            with (out / f"{arm}_s{seed}.csv").open() as handle:
+                rows = list(csv.DictReader(handle))
+            frames = np.array([float(r["frames"]) for r in rows])
+            red = np.array([float(r["red/episode_reward_mean"]) if r["red/episode_reward_mean"] else np.nan for r in rows])
+            runs.append((frames, red))
+        curves[arm] = runs
+    plot_curves(curves, out / "curves.png", f"battle_v4 map 18, red vs frozen blue, {seeds} seeds: mean and 95% band",
+                ylabel="red's mean episode return")
+    return out / "curves.png"
 
 
 def main() -> None:
@@ -69,6 +89,7 @@ def main() -> None:
     print("\n".join(lines))
     print()
     print("\n".join(speed))
+    print(f"\nwrote {plot_red(out, args.seeds)}")
 
 
 if __name__ == "__main__":

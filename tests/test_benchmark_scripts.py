@@ -87,4 +87,4 @@ def test_magent_battle_prints_both_tables(tmp_path):
     out = _run(str(BENCHMARKS / "magent_battle.py"), "--seeds", "1", "--frames", "800", "--speed-frames", "800",
                "--out", str(tmp_path))
     assert "| none | 0 |" in out and "| quantile | 0 |" in out and "| multiprocess, 2 workers |" in out, out
-    assert (tmp_path / "quantile_s0.csv").exists()
+    assert (tmp_path / "quantile_s0.csv").exists() and (tmp_path / "curves.png").stat().st_size > 0
