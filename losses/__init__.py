@@ -497,8 +497,7 @@ def team_entries(batch: TensorDictBase, groups: Sequence[str]) -> TensorDictBase
     batch.set(("next", TEAM, "terminated"), batch.get(("next", "terminated")))
     if len(groups) > 1:
         actions = [batch.get((g, "action")) for g in groups]
-        batch.set((TEAM, "agent_action"), torch.cat([a.argmax(-1) if a.dtype.is_floating_point or a.dtype == torch.bool
-                                                     else a for a in actions], dim=-1))
+        batch.set((TEAM, "agent_action"), torch.cat([action_indices(a) for a in actions], dim=-1))
     return batch
 
 
@@ -545,6 +544,12 @@ def add_partner_next_actions(batch: TensorDictBase, actors: Mapping[str, TensorD
     return batch
 
 
+def _actor_dist(loss: LossModule, tensordict: TensorDictBase) -> torch.distributions.Distribution:
+    """The policy's distribution on ``tensordict`` under the loss's (trainable) actor parameters."""
+    with loss.actor_network_params.to_module(loss.actor_network):
+        return loss.actor_network.get_dist(tensordict.select(*loss.actor_network.in_keys, strict=False))
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``values`` ``[*B, n]`` over the entries where ``mask`` (live agents) is True."""
     if mask is None:
@@ -586,7 +591,8 @@ class QTranLoss(LossModule):
         g, batch_dims = self.group, tensordict.ndim
         values, greedy = self._agent_values(tensordict)
         next_td = tensordict.get("next")
-        _, next_greedy = self._agent_values(next_td)
+        with torch.no_grad():  # only the argmax is used: no graph for the next state's values
+            _, next_greedy = self._agent_values(next_td)
         action = action_indices(tensordict.get((g, "action")))
         state = tensordict.get(self.state_key)
         with self.joint_network_params.to_module(self.joint_network):
@@ -664,10 +670,6 @@ class ComaLoss(LossModule):
         self.group, self.gamma, self.lmbda, self.mask_key = group, gamma, lmbda, mask_key
         self.entropy_coef, self.critic_coef, self.loss_critic_type = entropy_coef, critic_coef, loss_critic_type
 
-    def _dist(self, tensordict: TensorDictBase) -> torch.distributions.Distribution:
-        with self.actor_network_params.to_module(self.actor_network):
-            return self.actor_network.get_dist(tensordict.select(*self.actor_network.in_keys, strict=False))
-
     def _critic(self, tensordict: TensorDictBase, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
         inputs = tensordict.select(*self.critic_network.in_keys[:-1], strict=False)
         inputs.set((self.group, "action"), action)
@@ -681,14 +683,14 @@ class ComaLoss(LossModule):
             raise ValueError(f"COMA's TD(lambda) targets need a batch laid out [envs, time]; got shape {tuple(tensordict.shape)}")
         action = tensordict.get((g, "action"))
         index = action_indices(action)
-        dist = self._dist(tensordict)
+        dist = _actor_dist(self, tensordict)
         q = self._critic(tensordict, action, self.critic_network_params)  # [E, T, n, A]
         q_taken = q.gather(-1, index.unsqueeze(-1))  # [E, T, n, 1]
         baseline = (dist.probs.detach() * q.detach()).sum(-1, keepdim=True)
         advantage = (q_taken.detach() - baseline).squeeze(-1)
         next_td = tensordict.get("next")
         with torch.no_grad():
-            next_action = self._dist(next_td).sample()  # a fresh on-policy joint action at s'
+            next_action = _actor_dist(self, next_td).sample()  # a fresh on-policy joint action at s'
             next_q = self._critic(next_td, next_action, self.target_critic_network_params)
             next_taken = next_q.gather(-1, action_indices(next_action).unsqueeze(-1))
             # agents before time, as TorchRL's estimators take [..., T, 1]
@@ -739,17 +741,13 @@ class HappoLoss(MAPPOLoss):
     """TorchRL's MAPPO loss (GAE, critic, value normalisation) with HAPPO's per-agent objective; see
     :func:`make_happo_loss`."""
 
-    def _bind_happo(self, group: str, clip_epsilon: float, entropy_coef: float, normalize_advantage: bool,
-                    mask_key: NestedKey | None) -> None:
-        self.group, self.happo_clip, self.happo_entropy_coef = group, clip_epsilon, entropy_coef
-        self.happo_normalize_advantage, self.mask_key = normalize_advantage, mask_key
+    def _bind_happo(self, group: str, clip_epsilon: float, entropy_coef: float, mask_key: NestedKey | None) -> None:
+        self.group, self.happo_clip, self.happo_entropy_coef, self.mask_key = group, clip_epsilon, entropy_coef, mask_key
 
     def _agent_log_ratio(self, tensordict: TensorDictBase, agent: int) -> tuple[torch.Tensor, torch.distributions.Distribution]:
-        g = self.group
-        with self.actor_network_params.to_module(self.actor_network):
-            dist = self.actor_network.get_dist(tensordict.select(*self.actor_network.in_keys, strict=False))
-        log_prob = dist.log_prob(tensordict.get((g, "action")))
-        return (log_prob - tensordict.get((g, "action_log_prob")))[..., agent], dist
+        dist = _actor_dist(self, tensordict)
+        log_prob = dist.log_prob(tensordict.get((self.group, "action")))
+        return (log_prob - tensordict.get((self.group, "action_log_prob")))[..., agent], dist
 
     def _agent_mask(self, tensordict: TensorDictBase, agent: int) -> torch.Tensor | None:
         if self.mask_key is None:
@@ -772,7 +770,7 @@ class HappoLoss(MAPPOLoss):
         ratio = log_ratio.exp()
         advantage = tensordict.get((self.group, "advantage"))[..., agent, 0]
         mask = self._agent_mask(tensordict, agent)
-        if self.happo_normalize_advantage:
+        if self.normalize_advantage:  # MAPPOLoss's own flag
             live = advantage if mask is None else advantage[mask]
             advantage = (advantage - live.mean()) / live.std().clamp_min(1e-6)
         advantage = advantage * tensordict.get(factor_key).reshape(advantage.shape)
@@ -827,5 +825,5 @@ def make_happo_loss(
                         entropy_coef=entropy_coef, critic_coef=critic_coef, loss_critic_type=loss_critic_type,
                         normalize_advantage=normalize_advantage, normalize_value_target=normalize_value_target,
                         mask_key=mask_key)
-    loss._bind_happo(group, clip_epsilon, entropy_coef, normalize_advantage, mask_key)
+    loss._bind_happo(group, clip_epsilon, entropy_coef, mask_key)
     return loss
