@@ -40,6 +40,9 @@ class Learner:
     """Where the loss writes the TD error that updates replay priorities, or None."""
     partners: dict[str, Any] = field(default_factory=dict)
     """Team critics: the other team groups' actors, which give their next actions to the TD target."""
+    networks: tuple[str, ...] = ()
+    """The loss's parameter sets (attribute names such as ``actor_network_params``) that
+    :func:`gradient_step` clips one by one when asked to; empty: one norm over all parameters."""
     nonfinite: torch.Tensor | None = None
     """Since the last :func:`check_finite`: which of the loss terms (then the gradient norm) were ever
     not finite, as a device flag per entry (read once per iteration, not per step)."""
@@ -68,10 +71,23 @@ def make_optimiser(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
 
 
+def parameter_set(loss: LossModule, name: str) -> list[torch.Tensor]:
+    """The parameters behind one of ``loss``'s attributes: a functional network's parameters
+    (``actor_network_params``) or a single parameter (SAC's ``log_alpha``)."""
+    value = getattr(loss, name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, TensorDictBase):
+        return [value]
+    return list(value.values(include_nested=True, leaves_only=True))
+
+
 def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: TensorDictBase,
-                  max_grad_norm: float) -> None:
-    """Minimise the sum of the learner's loss terms in ``loss_out``: backward, clip the global gradient
+                  max_grad_norm: float, per_network: bool = False) -> None:
+    """Minimise the sum of the learner's loss terms in ``loss_out``: backward, clip the gradient
     norm, step and clear the optimiser, then move the target networks (when the loss has them).
+
+    The clip is one norm over all the loss's parameters (TorchRL's scripts), or with ``per_network``
+    one per set in ``learner.networks`` (BenchMARL's one optimiser per loss term): with a single norm
+    a large critic gradient also shrinks the actor's step.
 
     A step whose terms or gradient norm are not finite is skipped on the device, without a host sync:
     the fused optimiser's ``found_inf`` flag, as AMP's ``GradScaler`` skips steps. The flags collect in
@@ -80,7 +96,11 @@ def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: 
     terms = {key: loss_out[key] for key in learner.loss_terms if key in loss_out.keys()}
     total = sum(terms.values())
     total.backward()
-    norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
+    if per_network and learner.networks:
+        norm = sum(torch.nn.utils.clip_grad_norm_(parameter_set(learner.loss, name), max_grad_norm)
+                   for name in learner.networks)  # a non-finite norm anywhere makes the sum non-finite
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(learner.loss.parameters(), max_grad_norm)
     # one flag per loss term whether or not this step has it (HAPPO steps train the actor or the critic)
     finite = torch.zeros((), device=norm.device)
     values = torch.stack([*(terms[key].detach().reshape(()) if key in terms else finite for key in learner.loss_terms),

@@ -89,7 +89,8 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
     replay = group_replay(cfg, group, scratch_dir, device, partners=team[1:])
-    return Learner(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise)
+    return Learner(TensorDictSequential(actor, noise), loss, updater, DDPG_LOSS_TERMS, replay, noise,
+                   networks=("actor_network_params", "value_network_params"))
 
 
 def build_learners(env: EnvBase, cfg: MaddpgConfig, device: torch.device, buffers: Path | None) -> dict[str, Learner]:
@@ -116,7 +117,8 @@ def train(cfg: MaddpgConfig, resume: bool = False) -> TrainResult:
                 if learner.partners:  # a team critic's target needs the partners' next (mean) actions
                     add_partner_next_actions(minibatch, learner.partners, ExplorationType.DETERMINISTIC)
                 out = learner.loss(minibatch)
-                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm)
+                gradient_step(learner, training.optimisers[name], out, cfg.train.max_grad_norm,
+                              cfg.train.clip_per_network)
                 terms[name].append(scalar_entries(out))
                 steps += 1
         training.collector.update_policy_weights_()

@@ -25,6 +25,7 @@ from marlkit.pipelines.reporting import scalar_entries, TrainResult
 from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
 
 ALGORITHMS = ("mappo", "ippo")
+PPO_NETWORKS = ("actor_network_params", "critic_network_params")
 
 
 @dataclass
@@ -58,7 +59,11 @@ class PpoTrainConfig:
     adam_eps: float = 1e-8
     """Adam epsilon."""
     max_grad_norm: float = 5.0
-    """Global gradient-norm clip per group."""
+    """Gradient-norm clip per group (see clip_per_network)."""
+    clip_per_network: bool = False
+    """Clip the actor's and the critic's gradient norms separately, each to max_grad_norm, as BenchMARL
+    does (one optimiser per loss term); false: one norm over both, as TorchRL's scripts do. With one norm
+    a large critic gradient (large returns) also shrinks the actor's step. HAPPO steps them apart anyway."""
     num_epochs: int = 10
     """Passes over each collected batch."""
     minibatch_size: int = 400
@@ -117,7 +122,7 @@ def build_group(env: EnvBase, group: str, cfg: MappoConfig, device: torch.device
                          loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
                          normalize_value_target=lc.normalize_value_target,
                          mask_key=env.live_mask_key(group))  # agents that died leave the loss
-    return Learner(actor, loss, None, PPO_LOSS_TERMS)
+    return Learner(actor, loss, None, PPO_LOSS_TERMS, networks=PPO_NETWORKS)
 
 
 def build_learners(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: Path | None = None) -> dict[str, Learner]:
@@ -150,7 +155,8 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                 minibatch = buffer.sample()
                 for group, learner in learners.items():
                     out = learner.loss(minibatch)
-                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm)
+                    gradient_step(learner, training.optimisers[group], out, cfg.train.max_grad_norm,
+                                  cfg.train.clip_per_network)
                     terms[group].append(scalar_entries(out))
         training.collector.update_policy_weights_()
         end_iteration(run, training, learners, iteration, batch, terms)

@@ -87,7 +87,8 @@ def build_group(env: EnvBase, group: str, cfg: MasacConfig, device: torch.device
                          mask_key=env.live_mask_key(group))
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau,
                                   hard_update_interval=lc.hard_update_interval)
-    return Learner(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device, partners=team[1:]))
+    return Learner(actor, loss, updater, SAC_LOSS_TERMS, group_replay(cfg, group, scratch_dir, device, partners=team[1:]),
+                   networks=("actor_network_params", "qvalue_network_params", "log_alpha"))
 
 
 def build_learners(env: EnvBase, cfg: MasacConfig, device: torch.device, buffers: Path | None) -> dict[str, Learner]:
@@ -112,7 +113,8 @@ def train(cfg: MasacConfig, resume: bool = False) -> TrainResult:
                 if learners[name].partners:  # the team critic's target: partners' next actions, sampled
                     add_partner_next_actions(minibatch, learners[name].partners, ExplorationType.RANDOM)
                 out = learners[name].loss(minibatch)  # actor, twin-Q critic and temperature terms
-                gradient_step(learners[name], training.optimisers[name], out, cfg.train.max_grad_norm)
+                gradient_step(learners[name], training.optimisers[name], out, cfg.train.max_grad_norm,
+                              cfg.train.clip_per_network)
                 terms[name].append(scalar_entries(out))
             steps += len(learning)
         training.collector.update_policy_weights_()

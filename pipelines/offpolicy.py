@@ -69,7 +69,11 @@ class OffPolicyTrainConfig:
     adam_eps: float = 1e-8
     """Adam epsilon."""
     max_grad_norm: float = 40.0
-    """Global gradient-norm clip per group."""
+    """Gradient-norm clip per group (see clip_per_network)."""
+    clip_per_network: bool = False
+    """MADDPG / MASAC: clip the actor's, the critic's (and SAC's temperature's) gradient norms
+    separately, each to max_grad_norm, as BenchMARL does (one optimiser per loss term); false: one norm
+    over all, as TorchRL's scripts do. Q-learning trains one objective: one norm either way."""
     optimiser_steps: int = 45
     """Gradient steps per group for each collected batch."""
     freeze_after: dict[str, int] = field(default_factory=dict)

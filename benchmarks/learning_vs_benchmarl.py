@@ -1,0 +1,260 @@
+"""Benchmark: marlkit against BenchMARL 1.5.2 with identical settings, task by task, seed by seed.
+
+Each setting is written once below (``SETTINGS``) and handed to both systems in their own words: marlkit
+as config overrides, BenchMARL as its Hydra overrides; every scenario keyword is passed explicitly to
+both (BenchMARL's task files set some of them, VMAS's defaults differ from BenchMARL's). Runs are
+interleaved (seed, task, arm), one at a time, so the machine's slow and fast phases hit every arm alike.
+
+Arms: ``benchmarl`` (BenchMARL in its own virtual environment, ``--benchmarl-python``, see
+``../shared/anchors.md``), ``marlkit`` (clipping the actor's and the critic's gradients separately,
+as BenchMARL does), and ``marlkit-global-clip`` (one gradient norm over both, as TorchRL's scripts do).
+
+Every finished run becomes ``<out>/<algorithm>_<task>/<arm>_seed<seed>.csv`` (frames, time_s, return:
+the mean over the iteration's finished episodes of the agents' mean episode return, as both systems
+log it); runs whose CSV exists are skipped (``--rerun`` repeats them). The tables and one PNG per task
+(mean curve and 95% band over seeds) are made from the CSVs alone (``--table-only``).
+
+    python benchmarks/learning_vs_benchmarl.py [--algorithm mappo] [--tasks balance,give_way]
+        [--arms benchmarl,marlkit] [--seeds 3] [--frames N] [--benchmarl-python PATH] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _child import run_child
+from compare_algorithms import plot_curves
+
+
+@dataclass
+class Setting:
+    """One algorithm's shared hyperparameters, its tasks' scenario keywords and how each system names them."""
+
+    marlkit_algorithm: str
+    benchmarl_algorithm: str
+    common: dict[str, Any]
+    """Setting name -> value, translated by ``marlkit_overrides`` / ``benchmarl_overrides``."""
+    tasks: dict[str, dict[str, Any]]
+    """Task -> every scenario keyword, as the VMAS scenario takes it (max_steps included)."""
+    frames: int
+    marlkit_only: dict[str, Any] = field(default_factory=dict)
+    """marlkit fields with no BenchMARL counterpart that make it do what BenchMARL does."""
+    benchmarl_only: list[str] = field(default_factory=list)
+    """BenchMARL overrides with no marlkit counterpart (logging, evaluation off)."""
+
+
+# Scenario keywords: BenchMARL's task files (benchmarl/conf/task/vmas/*.yaml) with n_agents as the issue
+# measured balance; passed to both systems, so neither falls back to its own defaults.
+TASKS = {
+    "navigation": {"max_steps": 100, "n_agents": 3, "collisions": True, "agents_with_same_goal": 1,
+                   "split_goals": False, "observe_all_goals": False, "shared_rew": False, "lidar_range": 0.35,
+                   "agent_radius": 0.1},
+    "balance": {"max_steps": 100, "n_agents": 3, "random_package_pos_on_line": True, "package_mass": 5},
+    "give_way": {"max_steps": 100, "mirror_passage": False, "observe_rel_pos": False, "done_on_completion": False,
+                 "final_reward": 0.01},
+    "dispersion": {"max_steps": 100, "n_agents": 4, "n_food": 4, "share_reward": True, "food_radius": 0.02,
+                   "penalise_by_time": False},
+}
+
+# The matched on-policy settings of ../shared/anchors.md.
+MAPPO = Setting(
+    marlkit_algorithm="mappo", benchmarl_algorithm="mappo",
+    common={"num_envs": 60, "frames_per_batch": 6000, "epochs": 10, "minibatch_size": 400, "lr": 3e-4,
+            "adam_eps": 1e-8, "max_grad_norm": 5.0, "gamma": 0.99, "lmbda": 0.9, "clip_epsilon": 0.2,
+            "entropy_coef": 0.0, "critic_coef": 1.0, "loss_critic_type": "l2", "num_cells": [256, 256],
+            "share_params": True, "critic_share_params": True},
+    tasks=TASKS, frames=300_000,
+    marlkit_only={"model.activation": "tanh", "loss.normalize_advantage": False,
+                  "loss.normalize_value_target": False},
+    benchmarl_only=["algorithm.scale_mapping=biased_softplus_1.0", "algorithm.use_tanh_normal=true",
+                    "algorithm.minibatch_advantage=false"],
+)
+SETTINGS = {"mappo": MAPPO}
+
+ARMS = {"benchmarl": {}, "marlkit": {"train.clip_per_network": True},
+        "marlkit-global-clip": {"train.clip_per_network": False}}
+
+
+def marlkit_overrides(setting: Setting, task: str, seed: int, frames: int) -> dict[str, Any]:
+    """The setting and task as marlkit config overrides."""
+    c, kwargs = setting.common, dict(setting.tasks[task])
+    return {"seed": seed, "env.name": f"vmas/{task}", "env.num_envs": c["num_envs"],
+            "env.max_steps": kwargs.pop("max_steps"), "env.kwargs": kwargs,
+            "collector.frames_per_batch": c["frames_per_batch"], "collector.total_frames": frames,
+            "train.num_epochs": c["epochs"], "train.minibatch_size": c["minibatch_size"], "train.lr": c["lr"],
+            "train.adam_eps": c["adam_eps"], "train.max_grad_norm": c["max_grad_norm"], "loss.gamma": c["gamma"],
+            "loss.lmbda": c["lmbda"], "loss.clip_epsilon": c["clip_epsilon"], "loss.entropy_coef": c["entropy_coef"],
+            "loss.critic_coef": c["critic_coef"], "loss.loss_critic_type": c["loss_critic_type"],
+            "model.num_cells": c["num_cells"], "model.share_params": c["share_params"],
+            "model.critic_share_params": c["critic_share_params"], **setting.marlkit_only}
+
+
+def _hydra(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    return str(value)
+
+
+def benchmarl_overrides(setting: Setting, task: str, seed: int, frames: int, save_folder: Path) -> list[str]:
+    """The setting and task as BenchMARL's Hydra overrides."""
+    c = setting.common
+    pairs = {"seed": seed, "experiment.max_n_frames": frames,
+             "experiment.on_policy_collected_frames_per_batch": c["frames_per_batch"],
+             "experiment.on_policy_n_envs_per_worker": c["num_envs"],
+             "experiment.on_policy_n_minibatch_iters": c["epochs"],
+             "experiment.on_policy_minibatch_size": c["minibatch_size"], "experiment.lr": c["lr"],
+             "experiment.adam_eps": c["adam_eps"], "experiment.clip_grad_norm": True,
+             "experiment.clip_grad_val": c["max_grad_norm"], "experiment.gamma": c["gamma"],
+             "algorithm.lmbda": c["lmbda"], "algorithm.clip_epsilon": c["clip_epsilon"],
+             "algorithm.entropy_coef": c["entropy_coef"], "algorithm.critic_coef": c["critic_coef"],
+             "algorithm.loss_critic_type": c["loss_critic_type"], "model.num_cells": c["num_cells"],
+             "experiment.share_policy_params": c["share_params"], "algorithm.share_param_critic": c["critic_share_params"],
+             "experiment.prefer_continuous_actions": True, "experiment.evaluation": False,
+             "experiment.render": False, "experiment.loggers": ["csv"], "experiment.sampling_device": "cpu",
+             "experiment.train_device": "cpu", "experiment.buffer_device": "cpu", "experiment.save_folder": save_folder}
+    pairs.update({f"task.{key}": value for key, value in setting.tasks[task].items()})
+    return ([f"algorithm={setting.benchmarl_algorithm}", f"task=vmas/{task}"]
+            + [f"{key}={_hydra(value)}" for key, value in pairs.items()] + setting.benchmarl_only)
+
+
+def run_benchmarl(python: str, setting: Setting, task: str, seed: int, frames: int, work: Path) -> list[tuple]:
+    """One BenchMARL run in its own environment; its curve as (frames, time_s, return) rows."""
+    work.mkdir(parents=True)
+    cmd = [python, "-m", "benchmarl.run", *benchmarl_overrides(setting, task, seed, frames, work)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    if out.returncode:
+        raise RuntimeError(f"BenchMARL run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    scalars = Path(glob.glob(str(work / "*" / "*" / "scalars"))[0])
+
+    def column(name: str) -> dict[int, float]:
+        rows = (line.split(",") for line in (scalars / f"{name}.csv").read_text().split())
+        return {int(step): float(value) for step, value in rows}
+
+    frames_at, time_at = column("counters_total_frames"), column("timers_total_time")
+    returns = column("collection_reward_episode_reward_mean")
+    return [(frames_at[i], time_at[i], returns.get(i, math.nan)) for i in sorted(frames_at)]
+
+
+def run_marlkit(setting: Setting, arm: str, task: str, seed: int, frames: int, work: Path) -> list[tuple]:
+    """One marlkit run in a fresh process; its curve as (frames, time_s, return) rows."""
+    overrides = {**marlkit_overrides(setting, task, seed, frames), **ARMS[arm]}
+    result = run_child(setting.marlkit_algorithm, None, overrides, work)
+    key = next(k for k in result["rows"][0] if k.endswith("/episode_reward_mean") and not k.startswith("eval/"))
+    return [(float(r["frames"]), float(r["time_s"]), float(r[key]) if r[key] != "" else math.nan)
+            for r in result["rows"]]
+
+
+def _interval(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = statistics.mean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {half:.2f}"
+
+
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A run's CSV as arrays of frames, wall time and return."""
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return tuple(np.array([float(r[k]) if r[k] != "" else math.nan for r in rows]) for k in ("frames", "time_s", "return"))
+
+
+def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str:
+    """The task's markdown table and curves.png from its CSVs alone.
+
+    Threshold: 80% of the way from the first iteration's return (mean over every run) to the best arm's
+    final return; "frames to threshold" is the first iteration at or above it, mean over the seeds that
+    reach it (how many did is shown).
+    """
+    runs = {arm: [read_curve(out / f"{arm}_seed{s}.csv") for s in range(seeds) if (out / f"{arm}_seed{s}.csv").exists()]
+            for arm in arms}
+    runs = {arm: r for arm, r in runs.items() if r}
+    if not runs:
+        return f"{task}: no finished runs\n"
+
+    def final(ret: np.ndarray, f: np.ndarray) -> float:
+        last = f >= min(0.9 * frames, f[-1])
+        return float(np.nanmean(ret[last])) if np.isfinite(ret[last]).any() else math.nan
+
+    finals = {arm: [final(r, f) for f, _, r in rr] for arm, rr in runs.items()}
+    start = float(np.nanmean([r[0] for rr in runs.values() for _, _, r in rr]))
+    best = max(statistics.mean([v for v in vs if not math.isnan(v)] or [start]) for vs in finals.values())
+    threshold = start + 0.8 * (best - start)
+    lines = [f"**{task}** ({frames:,} frames; threshold {threshold:.2f})", "",
+             "| arm | seeds | final return (last 10% of frames) | mean return over the run | frames to threshold | frames/s |",
+             "|---|---|---|---|---|---|"]
+    for arm, rr in runs.items():
+        hits = [f[np.argmax(r >= threshold)] for f, _, r in rr if (r >= threshold).any()]
+        reach = f"{statistics.mean(hits):,.0f} ({len(hits)}/{len(rr)})" if hits else f"not reached (0/{len(rr)})"
+        fps = statistics.mean(f[-1] / t[-1] for f, t, _ in rr)
+        lines.append(f"| {arm} | {len(rr)} | {_interval(finals[arm])} | {_interval([float(np.nanmean(r)) for _, _, r in rr])} "
+                     f"| {reach} | {fps:,.0f} |")
+    plot_curves({arm: [(f, r) for f, _, r in rr] for arm, rr in runs.items()}, out / "curves.png",
+                f"{task}: mean and 95% band over seeds")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithm", default="mappo", choices=sorted(SETTINGS))
+    parser.add_argument("--tasks", default=None, help="comma-separated; default: every task of the algorithm")
+    parser.add_argument("--arms", default="benchmarl,marlkit", help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=None, help="default: the algorithm's budget")
+    parser.add_argument("--benchmarl-python", default=os.environ.get("BENCHMARL_PYTHON", "/tmp/benchmarl-venv/bin/python"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "learning_vs_benchmarl"))
+    parser.add_argument("--rerun", action="store_true", help="run again even where a CSV exists")
+    parser.add_argument("--table-only", action="store_true", help="make the tables from the CSVs, run nothing")
+    args = parser.parse_args()
+    setting = SETTINGS[args.algorithm]
+    tasks = args.tasks.split(",") if args.tasks else list(setting.tasks)
+    arms = args.arms.split(",")
+    for name, accepted in (("tasks", setting.tasks), ("arms", ARMS)):
+        bad = sorted(set(tasks if name == "tasks" else arms) - set(accepted))
+        if bad:
+            parser.error(f"unknown {name} {bad}; accepted: {', '.join(accepted)}")
+    if "benchmarl" in arms and not args.table_only and not Path(args.benchmarl_python).exists():
+        parser.error(f"--benchmarl-python {args.benchmarl_python} does not exist; make BenchMARL's environment "
+                     "as ../shared/anchors.md says, or leave the benchmarl arm out")
+    frames = args.frames or setting.frames
+    root = Path(args.out)
+    jobs = [(seed, task, arm) for seed in range(args.seeds) for task in tasks for arm in arms
+            if args.rerun or not (root / f"{args.algorithm}_{task}" / f"{arm}_seed{seed}.csv").exists()]
+    if not args.table_only:
+        print(f"{len(jobs)} runs to do, one at a time; results in {root}", flush=True)
+        for seed, task, arm in jobs:
+            out = root / f"{args.algorithm}_{task}"
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                if arm == "benchmarl":
+                    rows = run_benchmarl(args.benchmarl_python, setting, task, seed, frames, Path(tmp) / "run")
+                else:
+                    rows = run_marlkit(setting, arm, task, seed, frames, Path(tmp) / "run")
+            with (out / f"{arm}_seed{seed}.csv").open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["frames", "time_s", "return"])
+                writer.writerows(rows)
+            print(f"{task} {arm} seed {seed}: final {rows[-1][2]:.2f}, {rows[-1][0] / rows[-1][1]:.0f} frames/s",
+                  flush=True)
+    for task in tasks:
+        print(table(root / f"{args.algorithm}_{task}", task, arms, args.seeds, frames))
+
+
+if __name__ == "__main__":
+    main()
