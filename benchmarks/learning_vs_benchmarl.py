@@ -27,7 +27,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -88,3 +88,38 @@ def test_magent_battle_prints_both_tables(tmp_path):
                "--out", str(tmp_path))
     assert "| none | 0 |" in out and "| quantile | 0 |" in out and "| multiprocess, 2 workers |" in out, out
     assert (tmp_path / "quantile_s0.csv").exists() and (tmp_path / "curves.png").stat().st_size > 0
+
+
+FAKE_BENCHMARL = '''#!{python}
+"""Writes the scalars BenchMARL's CSV logger writes, from the overrides it is given (no training)."""
+import sys
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[3:] if "=" in a)
+assert sys.argv[1:3] == ["-m", "benchmarl.run"] and args["algorithm"] == "mappo", sys.argv
+assert args["task.package_mass"] == "5" and args["experiment.clip_grad_norm"] == "true", args
+scalars = Path(args["experiment.save_folder"]) / "exp" / "exp" / "scalars"
+scalars.mkdir(parents=True)
+batch, total = int(args["experiment.on_policy_collected_frames_per_batch"]), int(args["experiment.max_n_frames"])
+steps = range(total // batch)
+for name, value in (("counters_total_frames", lambda i: (i + 1) * batch), ("timers_total_time", lambda i: i + 1.0),
+                    ("collection_reward_episode_reward_mean", lambda i: -1.0 + i)):
+    (scalars / f"{{name}}.csv").write_text("".join(f"{{i}},{{value(i)}}\\n" for i in steps))
+'''
+
+
+def test_learning_vs_benchmarl_runs_skips_and_tabulates(tmp_path):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_BENCHMARL.format(python=sys.executable))
+    fake.chmod(0o755)
+    args = [str(BENCHMARKS / "learning_vs_benchmarl.py"), "--tasks", "balance", "--seeds", "1", "--frames", "12000",
+            "--arms", "benchmarl,marlkit", "--benchmarl-python", str(fake), "--out", str(tmp_path / "out")]
+    out = _run(*args)
+    assert "2 runs to do" in out, out
+    with (tmp_path / "out" / "mappo_balance" / "marlkit_seed0.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["frames"] for r in rows] == ["6000.0", "12000.0"] and all(r["return"] != "" for r in rows)
+    benchmarl = (tmp_path / "out" / "mappo_balance" / "benchmarl_seed0.csv").read_text().split()
+    assert benchmarl == ["frames,time_s,return", "6000.0,1.0,-1.0", "12000.0,2.0,0.0"]
+    again = _run(*args)
+    assert "0 runs to do" in again and "| benchmarl | 1 | 0.00 ± 0.00 | -0.50 ± 0.00 |" in again, again
+    assert (tmp_path / "out" / "mappo_balance" / "curves.png").stat().st_size > 0

@@ -429,3 +429,16 @@ def test_live_mask_key_only_where_agents_can_die():
     assert make_env("pettingzoo/mpe2/simple_spread_v3", N=2).live_mask_key("agent") == ("agent", "mask")
     assert make_env("vmas/navigation", n_agents=2).live_mask_key("agents") is None
     assert make_env("gridworld").live_mask_key("agents") is None
+
+
+def test_benchmarl_benchmark_keywords_are_all_taken_by_their_scenarios():
+    """Every scenario keyword learning_vs_benchmarl.py passes is one the VMAS scenario reads (make_env
+    refuses the ones VMAS would ignore; the second half checks that refusal on one of the benchmark's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from learning_vs_benchmarl import TASKS
+
+    for task, kwargs in TASKS.items():
+        env = make_env(f"vmas/{task}", num_envs=2, seed=0, **kwargs)
+        assert env.batch_size == (2,)
+    with pytest.raises(ValueError, match=r"does not take the keyword\(s\) \{'shared_rew': False\}"):
+        make_env("vmas/balance", num_envs=2, **TASKS["balance"], shared_rew=False)

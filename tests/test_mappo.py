@@ -174,3 +174,55 @@ def test_pipelines_mask_dead_agents_where_the_env_says_who_is_alive():
     assert agent.loss.loss_mask_key == ("pursuer", "mask")
     vmas = make_env("vmas/navigation", n_agents=2)
     assert mappo.build_group(vmas, "agents", mappo.MappoConfig(), torch.device("cpu")).loss.loss_mask_key == "auto"
+
+
+class _RecordingOptimiser:
+    """Stands in for Adam: keeps the actor's and the critic's gradient norms it was asked to step with."""
+
+    def __init__(self, loss):
+        self.loss, self.norms = loss, None
+
+    def step(self):
+        from marlkit.pipelines.learners import parameter_set
+        from marlkit.pipelines.mappo import PPO_NETWORKS
+
+        self.norms = [float(torch.nn.utils.get_total_norm([p.grad for p in parameter_set(self.loss, name)]))
+                      for name in PPO_NETWORKS]
+
+    def zero_grad(self, set_to_none=True):
+        self.loss.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("per_network", [False, True])
+def test_clip_per_network_clips_actor_and_critic_apart(per_network):
+    from marlkit.envs import make_env
+    from marlkit.pipelines.learners import gradient_step
+    from marlkit.pipelines.mappo import build_group
+
+    torch.manual_seed(0)
+    env = make_env("vmas/balance", num_envs=4, seed=0, n_agents=2, max_steps=5)
+    cfg = MappoConfig()
+    cfg.model.num_cells = [16]
+    learner = build_group(env, "agents", cfg, torch.device("cpu"))
+    with torch.no_grad():
+        batch = env.rollout(5, learner.policy, break_when_any_done=False)
+        learner.loss.value_estimator(batch, params=learner.loss.critic_network_params,
+                                     target_params=learner.loss.target_critic_network_params)
+    batch = batch.reshape(-1)
+
+    def loss_out():  # a critic loss a million times larger, as with large unscaled returns
+        out = learner.loss(batch)
+        out["loss_critic"] = out["loss_critic"] * 1e6
+        return out
+
+    loss_out()["loss_objective"].backward()
+    actor_alone = float(torch.nn.utils.get_total_norm([p.grad for p in learner.loss.actor_network_params.values(True, True)]))
+    learner.loss.zero_grad(set_to_none=True)
+    assert actor_alone > 0
+    optimiser = _RecordingOptimiser(learner.loss)
+    gradient_step(learner, optimiser, loss_out(), max_grad_norm=5.0, per_network=per_network)
+    actor, critic = optimiser.norms
+    if per_network:  # each network clipped to 5 on its own: the actor keeps its own gradient
+        assert actor == pytest.approx(min(actor_alone, 5.0), rel=1e-4) and critic == pytest.approx(5.0, rel=1e-4)
+    else:  # one norm over both: the critic's size shrinks the actor's step to almost nothing
+        assert (actor**2 + critic**2) ** 0.5 == pytest.approx(5.0, rel=1e-4) and actor < 1e-3 * actor_alone
