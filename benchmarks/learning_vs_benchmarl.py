@@ -5,6 +5,11 @@ as config overrides, BenchMARL as its Hydra overrides; every scenario keyword is
 both (BenchMARL's task files set some of them, VMAS's defaults differ from BenchMARL's). Runs are
 interleaved (seed, task, arm), one at a time, so the machine's slow and fast phases hit every arm alike.
 
+Algorithms: ``mappo`` (the matched configuration of ``../shared/anchors.md``) on navigation, balance,
+give_way and dispersion; ``maddpg`` on balance and navigation and ``qmix`` on navigation and balance with
+discrete actions, both at BenchMARL's own off-policy defaults (1,000 optimiser steps of 128 transitions per
+6,000 frames, lr 5e-5, exploration 0.8 -> 0.01 over the first 100,000 frames) with 60 envs.
+
 Arms: ``benchmarl`` (BenchMARL in its own virtual environment, ``--benchmarl-python``, see
 ``../shared/anchors.md``), ``marlkit`` (clipping the actor's and the critic's gradients separately,
 as BenchMARL does), and ``marlkit-global-clip`` (one gradient norm over both, as TorchRL's scripts do).
@@ -28,7 +33,7 @@ import os
 import statistics
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +45,16 @@ from compare_algorithms import plot_curves
 
 @dataclass
 class Setting:
-    """One algorithm's shared hyperparameters, its tasks' scenario keywords and how each system names them."""
+    """One algorithm's matched settings: each hyperparameter once, with its name in both systems."""
 
     marlkit_algorithm: str
     benchmarl_algorithm: str
-    common: dict[str, Any]
-    """Setting name -> value, translated by ``marlkit_overrides`` / ``benchmarl_overrides``."""
-    tasks: dict[str, dict[str, Any]]
-    """Task -> every scenario keyword, as the VMAS scenario takes it (max_steps included)."""
+    matched: dict[str, tuple[Any, str | None, str | None]]
+    """Setting -> (value, marlkit field, BenchMARL field); None where a system has no such knob."""
+    tasks: list[str]
     frames: int
-    marlkit_only: dict[str, Any] = field(default_factory=dict)
-    """marlkit fields with no BenchMARL counterpart that make it do what BenchMARL does."""
-    benchmarl_only: list[str] = field(default_factory=list)
-    """BenchMARL overrides with no marlkit counterpart (logging, evaluation off)."""
+    discrete: bool = False
+    """Discrete actions (VMAS's categorical actions in both)."""
 
 
 # Scenario keywords: BenchMARL's task files (benchmarl/conf/task/vmas/*.yaml) with n_agents as the issue
@@ -68,20 +70,72 @@ TASKS = {
                    "penalise_by_time": False},
 }
 
+_BOTH = {  # every algorithm: envs, batch, network, optimiser, evaluation and logging off in BenchMARL
+    "num_cells": ([256, 256], "model.num_cells", "model.num_cells"),
+    "activation": ("tanh", "model.activation", None),  # BenchMARL's mlp layers: torch.nn.Tanh
+    "share_policy_params": (True, "model.share_params", "experiment.share_policy_params"),
+    "gamma": (0.99, "loss.gamma", "experiment.gamma"),
+    "max_grad_norm": (5.0, "train.max_grad_norm", "experiment.clip_grad_val"),
+    "clip_grad_norm": (True, None, "experiment.clip_grad_norm"),
+    "evaluation": (False, None, "experiment.evaluation"), "render": (False, None, "experiment.render"),
+    "loggers": (["csv"], None, "experiment.loggers"), "sampling_device": ("cpu", None, "experiment.sampling_device"),
+    "train_device": ("cpu", None, "experiment.train_device"), "buffer_device": ("cpu", None, "experiment.buffer_device"),
+}
+
 # The matched on-policy settings of ../shared/anchors.md.
-MAPPO = Setting(
-    marlkit_algorithm="mappo", benchmarl_algorithm="mappo",
-    common={"num_envs": 60, "frames_per_batch": 6000, "epochs": 10, "minibatch_size": 400, "lr": 3e-4,
-            "adam_eps": 1e-8, "max_grad_norm": 5.0, "gamma": 0.99, "lmbda": 0.9, "clip_epsilon": 0.2,
-            "entropy_coef": 0.0, "critic_coef": 1.0, "loss_critic_type": "l2", "num_cells": [256, 256],
-            "share_params": True, "critic_share_params": True},
-    tasks=TASKS, frames=300_000,
-    marlkit_only={"model.activation": "tanh", "loss.normalize_advantage": False,
-                  "loss.normalize_value_target": False},
-    benchmarl_only=["algorithm.scale_mapping=biased_softplus_1.0", "algorithm.use_tanh_normal=true",
-                    "algorithm.minibatch_advantage=false"],
-)
-SETTINGS = {"mappo": MAPPO}
+MAPPO = Setting("mappo", "mappo", {
+    **_BOTH,
+    "num_envs": (60, "env.num_envs", "experiment.on_policy_n_envs_per_worker"),
+    "frames_per_batch": (6000, "collector.frames_per_batch", "experiment.on_policy_collected_frames_per_batch"),
+    "epochs": (10, "train.num_epochs", "experiment.on_policy_n_minibatch_iters"),
+    "minibatch_size": (400, "train.minibatch_size", "experiment.on_policy_minibatch_size"),
+    "lr": (3e-4, "train.lr", "experiment.lr"), "adam_eps": (1e-8, "train.adam_eps", "experiment.adam_eps"),
+    "lmbda": (0.9, "loss.lmbda", "algorithm.lmbda"), "clip_epsilon": (0.2, "loss.clip_epsilon", "algorithm.clip_epsilon"),
+    "entropy_coef": (0.0, "loss.entropy_coef", "algorithm.entropy_coef"),
+    "critic_coef": (1.0, "loss.critic_coef", "algorithm.critic_coef"),
+    "loss_critic_type": ("l2", "loss.loss_critic_type", "algorithm.loss_critic_type"),
+    "share_critic_params": (True, "model.critic_share_params", "algorithm.share_param_critic"),
+    "normalize_advantage": (False, "loss.normalize_advantage", None),  # BenchMARL: always False
+    "normalize_value_target": (False, "loss.normalize_value_target", None),  # BenchMARL has none
+    "scale_mapping": ("biased_softplus_1.0", None, "algorithm.scale_mapping"),  # marlkit's NormalParamExtractor default
+    "tanh_normal": (True, None, "algorithm.use_tanh_normal"),  # marlkit: TanhNormal for bounded actions
+    "minibatch_advantage": (False, None, "algorithm.minibatch_advantage"),
+}, tasks=["navigation", "balance", "give_way", "dispersion"], frames=300_000)
+
+_OFF_POLICY = {  # BenchMARL's off-policy defaults (base_experiment.yaml), but 60 envs as on-policy
+    **_BOTH,
+    "num_envs": (60, "env.num_envs", "experiment.off_policy_n_envs_per_worker"),
+    "frames_per_batch": (6000, "collector.frames_per_batch", "experiment.off_policy_collected_frames_per_batch"),
+    "optimiser_steps": (1000, "train.optimiser_steps", "experiment.off_policy_n_optimizer_steps"),
+    "batch_size": (128, "replay.batch_size", "experiment.off_policy_train_batch_size"),
+    "buffer_size": (1_000_000, "replay.buffer_size", "experiment.off_policy_memory_size"),
+    "warmup_frames": (0, "replay.warmup_frames", "experiment.off_policy_init_random_frames"),
+    "prioritized": (False, None, "experiment.off_policy_use_prioritized_replay_buffer"),
+    "lr": (5e-5, "train.lr", "experiment.lr"), "adam_eps": (1e-6, "train.adam_eps", "experiment.adam_eps"),
+    "soft_target_update": (True, None, "experiment.soft_target_update"),
+    "target_update": ("soft", "loss.target_update", None), "tau": (0.005, "loss.tau", "experiment.polyak_tau"),
+    "loss_function": ("l2", "loss.loss_function", "algorithm.loss_function"),
+    "delay_value": (True, None, "algorithm.delay_value"),  # marlkit: always a target critic
+    "exploration_init": (0.8, None, "experiment.exploration_eps_init"),
+    "exploration_end": (0.01, None, "experiment.exploration_eps_end"),
+    "exploration_frames": (100_000, None, "experiment.exploration_anneal_frames"),
+}
+MADDPG = Setting("maddpg", "maddpg", {
+    **_OFF_POLICY,
+    "sigma_init": (0.8, "exploration.sigma_init", None), "sigma_end": (0.01, "exploration.sigma_end", None),
+    "sigma_frames": (100_000, "exploration.annealing_frames", None),
+    "share_critic_params": (True, "model.critic_share_params", "algorithm.share_param_critic"),
+    "tanh_mapping": (True, None, "algorithm.use_tanh_mapping"),  # marlkit: TanhDelta actor
+    "buffer_memmap": (False, "replay.memmap", None),  # BenchMARL keeps it in memory
+}, tasks=["balance", "navigation"], frames=300_000)
+QMIX = Setting("qmix", "qmix", {
+    **_OFF_POLICY,
+    "eps_init": (0.8, "exploration.eps_init", None), "eps_end": (0.01, "exploration.eps_end", None),
+    "eps_frames": (100_000, "exploration.annealing_frames", None),
+    "mixing_embed_dim": (32, "model.mixing_embed_dim", "algorithm.mixing_embed_dim"),
+    "buffer_memmap": (False, "replay.memmap", None),
+}, tasks=["navigation", "balance"], frames=300_000, discrete=True)
+SETTINGS = {"mappo": MAPPO, "maddpg": MADDPG, "qmix": QMIX}
 
 ARMS = {"benchmarl": {}, "marlkit": {"train.clip_per_network": True},
         "marlkit-global-clip": {"train.clip_per_network": False}}
@@ -89,16 +143,13 @@ ARMS = {"benchmarl": {}, "marlkit": {"train.clip_per_network": True},
 
 def marlkit_overrides(setting: Setting, task: str, seed: int, frames: int) -> dict[str, Any]:
     """The setting and task as marlkit config overrides."""
-    c, kwargs = setting.common, dict(setting.tasks[task])
-    return {"seed": seed, "env.name": f"vmas/{task}", "env.num_envs": c["num_envs"],
-            "env.max_steps": kwargs.pop("max_steps"), "env.kwargs": kwargs,
-            "collector.frames_per_batch": c["frames_per_batch"], "collector.total_frames": frames,
-            "train.num_epochs": c["epochs"], "train.minibatch_size": c["minibatch_size"], "train.lr": c["lr"],
-            "train.adam_eps": c["adam_eps"], "train.max_grad_norm": c["max_grad_norm"], "loss.gamma": c["gamma"],
-            "loss.lmbda": c["lmbda"], "loss.clip_epsilon": c["clip_epsilon"], "loss.entropy_coef": c["entropy_coef"],
-            "loss.critic_coef": c["critic_coef"], "loss.loss_critic_type": c["loss_critic_type"],
-            "model.num_cells": c["num_cells"], "model.share_params": c["share_params"],
-            "model.critic_share_params": c["critic_share_params"], **setting.marlkit_only}
+    kwargs = dict(TASKS[task])
+    if setting.discrete:
+        kwargs["continuous_actions"] = False
+    overrides = {"seed": seed, "env.name": f"vmas/{task}", "env.max_steps": kwargs.pop("max_steps"),
+                 "env.kwargs": kwargs, "collector.total_frames": frames}
+    overrides.update({field_: value for value, field_, _ in setting.matched.values() if field_})
+    return overrides
 
 
 def _hydra(value: Any) -> str:
@@ -111,24 +162,12 @@ def _hydra(value: Any) -> str:
 
 def benchmarl_overrides(setting: Setting, task: str, seed: int, frames: int, save_folder: Path) -> list[str]:
     """The setting and task as BenchMARL's Hydra overrides."""
-    c = setting.common
-    pairs = {"seed": seed, "experiment.max_n_frames": frames,
-             "experiment.on_policy_collected_frames_per_batch": c["frames_per_batch"],
-             "experiment.on_policy_n_envs_per_worker": c["num_envs"],
-             "experiment.on_policy_n_minibatch_iters": c["epochs"],
-             "experiment.on_policy_minibatch_size": c["minibatch_size"], "experiment.lr": c["lr"],
-             "experiment.adam_eps": c["adam_eps"], "experiment.clip_grad_norm": True,
-             "experiment.clip_grad_val": c["max_grad_norm"], "experiment.gamma": c["gamma"],
-             "algorithm.lmbda": c["lmbda"], "algorithm.clip_epsilon": c["clip_epsilon"],
-             "algorithm.entropy_coef": c["entropy_coef"], "algorithm.critic_coef": c["critic_coef"],
-             "algorithm.loss_critic_type": c["loss_critic_type"], "model.num_cells": c["num_cells"],
-             "experiment.share_policy_params": c["share_params"], "algorithm.share_param_critic": c["critic_share_params"],
-             "experiment.prefer_continuous_actions": True, "experiment.evaluation": False,
-             "experiment.render": False, "experiment.loggers": ["csv"], "experiment.sampling_device": "cpu",
-             "experiment.train_device": "cpu", "experiment.buffer_device": "cpu", "experiment.save_folder": save_folder}
-    pairs.update({f"task.{key}": value for key, value in setting.tasks[task].items()})
+    pairs = {"seed": seed, "experiment.max_n_frames": frames, "experiment.save_folder": save_folder,
+             "experiment.prefer_continuous_actions": not setting.discrete}
+    pairs.update({field_: value for value, _, field_ in setting.matched.values() if field_})
+    pairs.update({f"task.{key}": value for key, value in TASKS[task].items()})
     return ([f"algorithm={setting.benchmarl_algorithm}", f"task=vmas/{task}"]
-            + [f"{key}={_hydra(value)}" for key, value in pairs.items()] + setting.benchmarl_only)
+            + [f"{key}={_hydra(value)}" for key, value in pairs.items()])
 
 
 def run_benchmarl(python: str, setting: Setting, task: str, seed: int, frames: int, work: Path) -> list[tuple]:
@@ -222,9 +261,9 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="make the tables from the CSVs, run nothing")
     args = parser.parse_args()
     setting = SETTINGS[args.algorithm]
-    tasks = args.tasks.split(",") if args.tasks else list(setting.tasks)
+    tasks = args.tasks.split(",") if args.tasks else setting.tasks
     arms = args.arms.split(",")
-    for name, accepted in (("tasks", setting.tasks), ("arms", ARMS)):
+    for name, accepted in (("tasks", TASKS), ("arms", ARMS)):
         bad = sorted(set(tasks if name == "tasks" else arms) - set(accepted))
         if bad:
             parser.error(f"unknown {name} {bad}; accepted: {', '.join(accepted)}")
