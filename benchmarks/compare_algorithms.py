@@ -12,6 +12,9 @@ Tasks and their arms (algorithm, preset, overrides):
   ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
   (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
   current stage (20 greedy episodes), so their last iterations compare the same 20x20 task.
+* ``communication`` (``probe/communication``: a speaker sees one of 4 symbols each step, a listener must
+  name it, 10-step episodes; optimum 10, chance 2.5): MAPPO with an ``mlp`` actor (no way to pass the
+  symbol), ``commnet`` and ``attention`` actors (learned messages, 2 rounds).
 
 Every finished run's ``metrics.csv`` is copied to ``<out>/<arm>_seed<seed>.csv``; runs whose CSV is
 there already are skipped (``--rerun`` runs them again), and the table and the PNG are made from the
@@ -56,6 +59,9 @@ class Task:
 
 
 DISCRETE = {"env.continuous_actions": False}
+COMMUNICATION = {"env.name": "probe/communication", "env.n_symbols": 4, "env.max_steps": 10, "env.num_envs": 100,
+                 "collector.frames_per_batch": 2000, "train.minibatch_size": 500, "train.num_epochs": 4,
+                 "model.num_cells": [64, 64], "loss.entropy_coef": 0.01, "train.lr": 1e-3}
 GRIDWORLD = {"env.name": "gridworld", "env.num_envs": 20, "env.max_steps": 100, "collector.frames_per_batch": 4000,
              "train.minibatch_size": 1000, "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
              "logger.eval_every": 1, "logger.eval_episodes": 20}
@@ -75,6 +81,9 @@ TASKS = {
                   {"at_frames": 60_000, "grid_size": 10}, {"at_frames": 120_000, "grid_size": 20}]}),
               "scratch": ("mappo", None, {**GRIDWORLD, "env.grid_size": 20})},
         key="eval/agents/episode_reward_mean", default_arms="curriculum,scratch", frames=200_000),
+    "communication": Task(
+        arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind}) for kind in ("mlp", "commnet", "attention")},
+        key="agents/episode_reward_mean", default_arms="mlp,commnet,attention", frames=60_000),
 }
 
 

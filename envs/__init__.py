@@ -12,7 +12,8 @@ root ``done``, ``terminated`` and ``step_count``.
 
 Families: ``vmas/<scenario>``, ``pettingzoo/<family>/<env>`` (or a ``ParallelEnv`` class, factory or
 instance of your own, also by its import path ``"my_module:MyEnv"``), ``gridworld``, ``pursuit`` (SISL
-pursuit on tensors), ``matrix/<game>`` and ``gym/<id>``.
+pursuit on tensors), ``matrix/<game>``, ``probe/<task>`` (tasks that isolate one capability: memory,
+communication) and ``gym/<id>``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from ._common import check_positive_int, device_of, MultiAgentEnv
 from .pettingzoo import importable
 
-FAMILIES = ("vmas", "pettingzoo", "magent2", "gridworld", "pursuit", "matrix", "gym")
+FAMILIES = ("vmas", "pettingzoo", "magent2", "gridworld", "pursuit", "matrix", "probe", "gym")
 MAGENT2_ENVS = ("battle_v4", "adversarial_pursuit_v4", "gather_v5", "tiger_deer_v4", "combined_arms_v6")
 
 __all__ = ["FAMILIES", "MultiAgentEnv", "available_envs", "check_env_name", "check_positive_int", "device_of",
@@ -35,6 +36,7 @@ def available_envs() -> dict[str, list[str]]:
     """Names ``make_env`` accepts, per family (Gymnasium ids are too many to list: any registered id)."""
     from .matrix import MATRIX_GAMES
     from .pettingzoo import PETTINGZOO_FAMILIES
+    from .probe import PROBE_TASKS
     from .vmas import vmas_scenarios
 
     return {
@@ -44,6 +46,7 @@ def available_envs() -> dict[str, list[str]]:
         "gridworld": ["gridworld"],
         "pursuit": ["pursuit"],
         "matrix": [f"matrix/{g}" for g in MATRIX_GAMES],
+        "probe": [f"probe/{t}" for t in PROBE_TASKS],
         "gym": ["gym/<any registered Gymnasium id, e.g. CartPole-v1>"],
     }
 
@@ -76,7 +79,7 @@ def split_env_name(name: str) -> tuple[str, str]:
         raise ValueError(f"{family!r} takes no sub-name, got {name!r}")
     if family == "pettingzoo" and rest.count("/") != 1:
         raise ValueError(f"PettingZoo envs are named 'pettingzoo/<family>/<env>', got {name!r}")
-    if family in ("vmas", "matrix", "gym", "magent2") and not rest:
+    if family in ("vmas", "matrix", "probe", "gym", "magent2") and not rest:
         raise ValueError(f"{family!r} needs a sub-name, e.g. {available_envs()[family][0]}")
     return family, rest
 
@@ -105,6 +108,11 @@ def check_env_name(name: str | Any) -> tuple[str, str]:
 
         if rest not in MATRIX_GAMES:
             raise ValueError(f"unknown matrix game {rest!r}; available: {', '.join('matrix/' + g for g in MATRIX_GAMES)}")
+    elif family == "probe":
+        from .probe import PROBE_TASKS
+
+        if rest not in PROBE_TASKS:
+            raise ValueError(f"unknown probe task {rest!r}; available: {', '.join('probe/' + t for t in PROBE_TASKS)}")
     elif family == "gym":
         from .gym import check_gym_id
 
@@ -124,7 +132,7 @@ def make_env(
 
     Args:
         name: ``"vmas/<scenario>"``, ``"pettingzoo/<family>/<env>"``, ``"magent2/<env>"``, ``"gridworld"``, ``"pursuit"``,
-            ``"matrix/<game>"``, ``"gym/<id>"``; or a PettingZoo ``ParallelEnv`` class, zero-argument
+            ``"matrix/<game>"``, ``"probe/<task>"``, ``"gym/<id>"``; or a PettingZoo ``ParallelEnv`` class, zero-argument
             factory or instance of your own (no registration needed).
         num_envs: number of copies stepped together (the leading batch dimension).
         device: where the TensorDicts live (``"cpu"`` default, ``"cuda"``).
@@ -168,6 +176,10 @@ def make_env(
         from .matrix import make_matrix_env
 
         return make_matrix_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
+    if family == "probe":
+        from .probe import make_probe_env
+
+        return make_probe_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)
     from .gym import make_gym_env
 
     return make_gym_env(rest, num_envs=num_envs, device=dev, seed=seed, **task_kwargs)

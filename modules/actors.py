@@ -14,14 +14,14 @@ from torchrl.modules import (
     IndependentNormal,
     MaskedCategorical,
     MaskedOneHotCategorical,
-    MultiAgentMLP,
     OneHotCategorical,
     ProbabilisticActor,
     TanhDelta,
     TanhNormal,
 )
 
-from .encoders import _mlp, _observation_encoder, group_spec
+from .comm import agent_net
+from .encoders import _observation_encoder, group_spec
 
 
 def make_stochastic_actor(
@@ -32,8 +32,13 @@ def make_stochastic_actor(
     activation: str = "tanh",
     share_params: bool = True,
     device: torch.device | str | None = None,
+    kind: str = "mlp",
+    comm_rounds: int = 2,
 ) -> ProbabilisticActor:
     """Stochastic policy for one group, with the distribution chosen from the action spec.
+
+    ``kind``: the network (``mlp``, or ``commnet`` / ``attention`` whose agents exchange ``comm_rounds``
+    rounds of learned messages, see :mod:`.comm`).
 
     Continuous boxes get a ``TanhNormal`` within the action bounds (``IndependentNormal`` when
     unbounded); discrete actions get a categorical over indices or one-hot vectors, whichever the
@@ -43,9 +48,9 @@ def make_stochastic_actor(
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
 
-    def net(out_features: int) -> MultiAgentMLP:
-        return _mlp(features, out_features, n_agents, centralised=False, share_params=share_params,
-                    num_cells=num_cells, activation=activation, device=device)
+    def net(out_features: int) -> nn.Module:
+        return agent_net(kind, features, out_features, n_agents, centralised=False, share_params=share_params,
+                         num_cells=num_cells, activation=activation, device=device, comm_rounds=comm_rounds)
 
     if isinstance(action_spec, (Categorical, OneHot)):
         one_hot = isinstance(action_spec, OneHot)
@@ -117,12 +122,15 @@ def make_deterministic_actor(
     activation: str = "tanh",
     share_params: bool = True,
     device: torch.device | str | None = None,
+    kind: str = "mlp",
+    comm_rounds: int = 2,
 ) -> ProbabilisticActor:
-    """Deterministic policy for one group: ``MultiAgentMLP`` -> ``TanhDelta`` within the action bounds."""
+    """Deterministic policy for one group: its network (``kind`` as :func:`make_stochastic_actor`) ->
+    ``TanhDelta`` within the action bounds."""
     action_spec = continuous_action_bounds(env, group, "a deterministic actor")
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
-    mlp = _mlp(features, action_spec.shape[-1], n_agents, centralised=False, share_params=share_params,
-               num_cells=num_cells, activation=activation, device=device)
+    mlp = agent_net(kind, features, action_spec.shape[-1], n_agents, centralised=False, share_params=share_params,
+                    num_cells=num_cells, activation=activation, device=device, comm_rounds=comm_rounds)
     module = TensorDictModule(
         nn.Sequential(encoder, mlp), in_keys=[(group, "observation")], out_keys=[(group, "param")]
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from marlkit.envs import device_of, split_env_name
-from marlkit.modules import activation_class
+from marlkit.modules import activation_class, COMM_KINDS, MODEL_KINDS
 
 from .collectors import check_collector_config
 from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
@@ -37,10 +37,18 @@ def check_frames(collector: CollectorConfig, num_envs: int) -> int:
 
 
 def check_model_config(model: ModelConfig) -> None:
-    """Validate the model section (activation name, layer sizes)."""
+    """Validate the model section (activation name, layer sizes, network kind)."""
     activation_class(model.activation)
     if not model.num_cells or min(model.num_cells) < 1:
         raise ValueError(f"model.num_cells must be a non-empty list of positive sizes, got {model.num_cells}")
+    if model.kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind={model.kind!r} is not a network kind; accepted: {', '.join(MODEL_KINDS)}")
+    if model.kind in COMM_KINDS:
+        if isinstance(model.comm_rounds, bool) or not isinstance(model.comm_rounds, int) or model.comm_rounds < 1:
+            raise ValueError(f"model.comm_rounds must be an integer >= 1, got {model.comm_rounds!r}")
+        if not model.share_params:
+            raise ValueError(f"model.kind={model.kind} shares one network across a group's agents (it is what lets "
+                             "them read each other's messages); set model.share_params=true")
 
 
 def check_logger_config(logger: LoggerConfig) -> None:

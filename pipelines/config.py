@@ -79,6 +79,12 @@ class ModelConfig:
     """Agents of a group share one actor network."""
     critic_share_params: bool = True
     """Agents of a group share one critic network."""
+    kind: str = "mlp"
+    """Actor network: mlp (each agent on its own observation), commnet (CommNet: agents exchange the mean
+    of the others' hidden states) or attention (TarMAC-style: each agent attends over the others'
+    messages); the communicating kinds learn what to say through the actor's own loss."""
+    comm_rounds: int = 2
+    """Rounds of message exchange in a commnet or attention actor."""
 
 
 @dataclass

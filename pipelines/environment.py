@@ -26,6 +26,7 @@ _MAX_STEPS_KEYWORD = {
     "magent2": "max_cycles",
     "pursuit": "max_cycles",
     "gym": "max_episode_steps",
+    "probe": "max_steps",
 }
 # VMAS scenarios never end on their own; without a limit no episode return would ever be logged.
 VMAS_DEFAULT_MAX_STEPS = 100
@@ -45,6 +46,8 @@ def check_env_config(env_cfg: EnvConfig) -> None:
             raise ValueError(
                 "matrix games have a fixed episode length; set env.max_steps=null and use env.rounds"
             )
+        if env_cfg.name == "probe/memory":
+            raise ValueError("probe/memory lasts delay + 1 steps; set env.max_steps=null and use env.delay")
     if env_cfg.curriculum:
         parse_curriculum(env_cfg.curriculum)
     for key in _AGENT_COUNT_KEYWORDS:

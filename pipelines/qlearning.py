@@ -139,6 +139,10 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
     check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
+    if cfg.model.kind != "mlp":
+        raise ValueError(f"model.kind={cfg.model.kind} picks an actor's network; {cfg.algorithm}'s Q networks are MLPs: "
+                         "use model.kind=mlp, or an actor-critic (mappo, ippo, maa2c, coma, maddpg, masac) to learn "
+                         "a communicating policy")
     if cfg.algorithm == "qtran" and not (0.0 <= cfg.loss.lambda_opt < math.inf and 0.0 <= cfg.loss.lambda_nopt < math.inf):
         raise ValueError(f"loss.lambda_opt ({cfg.loss.lambda_opt}) and loss.lambda_nopt ({cfg.loss.lambda_nopt}) "
                          "must be finite and >= 0")
