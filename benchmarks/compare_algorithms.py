@@ -14,7 +14,7 @@ Tasks and their arms (algorithm, preset, overrides):
   current stage (20 greedy episodes), so their last iterations compare the same 20x20 task.
 * ``communication`` (``probe/communication``: a speaker sees one of 4 symbols each step, a listener must
   name it, 10-step episodes; optimum 10, chance 2.5): MAPPO with an ``mlp`` actor (no way to pass the
-  symbol), ``commnet`` and ``attention`` actors (learned messages, 2 rounds).
+  symbol), ``commnet``, ``attention``, ``deepsets`` and ``gnn`` actors (learned messages, 2 rounds).
 
 Every finished run's ``metrics.csv`` is copied to ``<out>/<arm>_seed<seed>.csv``; runs whose CSV is
 there already are skipped (``--rerun`` runs them again), and the table and the PNG are made from the
@@ -82,8 +82,9 @@ TASKS = {
               "scratch": ("mappo", None, {**GRIDWORLD, "env.grid_size": 20})},
         key="eval/agents/episode_reward_mean", default_arms="curriculum,scratch", frames=200_000),
     "communication": Task(
-        arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind}) for kind in ("mlp", "commnet", "attention")},
-        key="agents/episode_reward_mean", default_arms="mlp,commnet,attention", frames=60_000),
+        arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind})
+              for kind in ("mlp", "commnet", "attention", "deepsets", "gnn")},
+        key="agents/episode_reward_mean", default_arms="mlp,commnet,attention,deepsets,gnn", frames=60_000),
 }
 
 

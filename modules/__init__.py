@@ -15,9 +15,10 @@ Every size comes from the env's specs. For a group ``g``:
 * :func:`make_qtran_joint` builds QTRAN's joint action value and state value (plain tensors in and out).
 * :func:`make_q_network` (IQL, VDN, QMIX) reads ``(g, "observation")`` (and ``(g, "action_mask")``)
   and writes ``(g, "action_value")``, the greedy ``(g, "action")`` and ``(g, "chosen_action_value")``.
-* The actors' ``kind`` picks their network: ``mlp`` (TorchRL's ``MultiAgentMLP``), or the communicating
-  :class:`CommNet` and :class:`AttentionComm` (TarMAC-style), whose agents exchange learned messages
-  for ``comm_rounds`` rounds inside the policy (:mod:`.comm`).
+* The actors' ``kind`` picks their network: ``mlp`` (TorchRL's ``MultiAgentMLP``), or
+  :class:`CommNet`, :class:`AttentionComm` (TarMAC-style), :class:`DeepSets` and :class:`GraphNet`
+  (GATv2 over a graph of the agents, ``torch-geometric``), whose agents exchange learned messages inside
+  the policy and whose weights fit any number of agents (:mod:`.comm`).
 * :mod:`marlkit.modules.exploration` holds the exploration modules composed after a policy
   (:class:`GaussianNoise`, :class:`EpsilonGreedy`), annealed explicitly by frame count.
 
@@ -30,7 +31,8 @@ anything else is flattened. The factories live by topic in :mod:`.actors`, :mod:
 from __future__ import annotations
 
 from .actors import continuous_action_bounds, make_deterministic_actor, make_stochastic_actor
-from .comm import agent_net, AttentionComm, COMM_KINDS, CommNet, MODEL_KINDS
+from .comm import (agent_net, AttentionComm, COMM_KINDS, CommNet, DeepSets, GNN_TOPOLOGIES, GRAPH_EXTRA, GraphNet,
+                   MODEL_KINDS, require_torch_geometric)
 from .critics import ComaCritic, make_coma_critic, make_q_critic, make_qtran_joint, make_value_critic, QTranJoint
 from .encoders import action_indices, ACTIVATIONS, activation_class, group_spec, make_encoder
 from .exploration import AnnealedTogether, EpsilonGreedy, GaussianNoise
@@ -42,8 +44,13 @@ __all__ = [
     "AttentionComm",
     "COMM_KINDS",
     "CommNet",
+    "DeepSets",
+    "GNN_TOPOLOGIES",
+    "GRAPH_EXTRA",
+    "GraphNet",
     "MODEL_KINDS",
     "agent_net",
+    "require_torch_geometric",
     "ComaCritic",
     "EpsilonGreedy",
     "GaussianNoise",

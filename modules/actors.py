@@ -4,6 +4,7 @@ deterministic (DDPG) within the action bounds."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
@@ -33,12 +34,12 @@ def make_stochastic_actor(
     share_params: bool = True,
     device: torch.device | str | None = None,
     kind: str = "mlp",
-    comm_rounds: int = 2,
+    **net_options: Any,
 ) -> ProbabilisticActor:
     """Stochastic policy for one group, with the distribution chosen from the action spec.
 
-    ``kind``: the network (``mlp``, or ``commnet`` / ``attention`` whose agents exchange ``comm_rounds``
-    rounds of learned messages, see :mod:`.comm`).
+    ``kind``: the network (``mlp``, or ``commnet``, ``attention``, ``deepsets``, ``gnn``, whose agents
+    exchange learned messages; ``net_options`` such as ``comm_rounds`` go to :func:`.comm.agent_net`).
 
     Continuous boxes get a ``TanhNormal`` within the action bounds (``IndependentNormal`` when
     unbounded); discrete actions get a categorical over indices or one-hot vectors, whichever the
@@ -50,7 +51,7 @@ def make_stochastic_actor(
 
     def net(out_features: int) -> nn.Module:
         return agent_net(kind, features, out_features, n_agents, centralised=False, share_params=share_params,
-                         num_cells=num_cells, activation=activation, device=device, comm_rounds=comm_rounds)
+                         num_cells=num_cells, activation=activation, device=device, **net_options)
 
     if isinstance(action_spec, (Categorical, OneHot)):
         one_hot = isinstance(action_spec, OneHot)
@@ -123,14 +124,14 @@ def make_deterministic_actor(
     share_params: bool = True,
     device: torch.device | str | None = None,
     kind: str = "mlp",
-    comm_rounds: int = 2,
+    **net_options: Any,
 ) -> ProbabilisticActor:
     """Deterministic policy for one group: its network (``kind`` as :func:`make_stochastic_actor`) ->
     ``TanhDelta`` within the action bounds."""
     action_spec = continuous_action_bounds(env, group, "a deterministic actor")
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     mlp = agent_net(kind, features, action_spec.shape[-1], n_agents, centralised=False, share_params=share_params,
-                    num_cells=num_cells, activation=activation, device=device, comm_rounds=comm_rounds)
+                    num_cells=num_cells, activation=activation, device=device, **net_options)
     module = TensorDictModule(
         nn.Sequential(encoder, mlp), in_keys=[(group, "observation")], out_keys=[(group, "param")]
     )

@@ -99,8 +99,7 @@ def build_coma_group(env: EnvBase, group: str, cfg: A2cConfig, device: torch.dev
     and the hard target updater for one group."""
     m, lc = cfg.model, cfg.loss
     actor = make_stochastic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
-                                  share_params=m.share_params, device=device, kind=m.kind,
-                                  comm_rounds=m.comm_rounds)
+                                  share_params=m.share_params, device=device, **m.net_options())
     state_key = "state" if "state" in env.full_observation_spec.keys() else (group, "observation")
     critic = make_coma_critic(env, group, state_key=state_key, num_cells=m.num_cells, activation=m.activation,
                               share_params=m.critic_share_params, device=device)

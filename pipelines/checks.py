@@ -7,10 +7,11 @@ all and returns the number of iterations. Algorithm sections are checked by thei
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from marlkit.envs import device_of, split_env_name
-from marlkit.modules import activation_class, COMM_KINDS, MODEL_KINDS
+from marlkit.modules import activation_class, COMM_KINDS, GNN_TOPOLOGIES, GRAPH_EXTRA, MODEL_KINDS
 
 from .collectors import check_collector_config
 from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
@@ -49,6 +50,13 @@ def check_model_config(model: ModelConfig) -> None:
         if not model.share_params:
             raise ValueError(f"model.kind={model.kind} shares one network across a group's agents (it is what lets "
                              "them read each other's messages); set model.share_params=true")
+    if model.kind == "gnn":
+        if importlib.util.find_spec("torch_geometric") is None:
+            raise ValueError(f"model.kind=gnn needs the 'torch-geometric' package, which is not installed: {GRAPH_EXTRA}")
+        if model.gnn_topology not in GNN_TOPOLOGIES:
+            raise ValueError(f"model.gnn_topology={model.gnn_topology!r}; accepted: {', '.join(GNN_TOPOLOGIES)}")
+        if not 0 < model.gnn_radius < math.inf:
+            raise ValueError(f"model.gnn_radius must be finite and > 0, got {model.gnn_radius}")
 
 
 def check_logger_config(logger: LoggerConfig) -> None:

@@ -81,10 +81,23 @@ class ModelConfig:
     """Agents of a group share one critic network."""
     kind: str = "mlp"
     """Actor network: mlp (each agent on its own observation), commnet (CommNet: agents exchange the mean
-    of the others' hidden states) or attention (TarMAC-style: each agent attends over the others'
-    messages); the communicating kinds learn what to say through the actor's own loss."""
+    of the others' hidden states), attention (TarMAC-style: each agent attends over the others'
+    messages), deepsets (each agent next to the group's mean) or gnn (GATv2 message passing over a graph
+    of the agents; the [graph] extra). All but mlp use one set of weights for any number of agents and
+    learn what to exchange through the actor's own loss."""
     comm_rounds: int = 2
-    """Rounds of message exchange in a commnet or attention actor."""
+    """Rounds of message exchange (commnet, attention) or message-passing layers (gnn)."""
+    gnn_topology: str = "full"
+    """gnn edges: full (every pair of agents) or radius (agents closer than gnn_radius)."""
+    gnn_radius: float = 0.5
+    """gnn with topology radius: the largest distance between linked agents."""
+    gnn_position_dims: list[int] = field(default_factory=lambda: [0, 1])
+    """gnn with topology radius: the observation entries holding the agent's position (VMAS: 0, 1)."""
+
+    def net_options(self) -> dict[str, Any]:
+        """The actor network's kind and options, as the actor factories take them."""
+        return {"kind": self.kind, "comm_rounds": self.comm_rounds, "gnn_topology": self.gnn_topology,
+                "gnn_radius": self.gnn_radius, "gnn_position_dims": list(self.gnn_position_dims)}
 
 
 @dataclass

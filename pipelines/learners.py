@@ -54,8 +54,7 @@ def actor_and_critic(env: EnvBase, group: str, cfg: RunConfig, *, centralised: b
     critic sees every agent of the group's team)."""
     model = cfg.model
     actor = make_stochastic_actor(env, group, num_cells=model.num_cells, activation=model.activation,
-                                  share_params=model.share_params, device=device,
-                                  kind=model.kind, comm_rounds=model.comm_rounds)
+                                  share_params=model.share_params, device=device, **model.net_options())
     critic = make_value_critic(env, group, centralised=centralised, num_cells=model.num_cells,
                                activation=model.activation, share_params=model.critic_share_params, device=device,
                                team=team_of(cfg.env.teams, group))

@@ -77,8 +77,7 @@ def build_group(env: EnvBase, group: str, cfg: MaddpgConfig, device: torch.devic
     m, x, lc = cfg.model, cfg.exploration, cfg.loss
     action_spec = continuous_action_bounds(env, group, cfg.algorithm)
     actor = make_deterministic_actor(env, group, num_cells=m.num_cells, activation=m.activation,
-                                     share_params=m.share_params, device=device, kind=m.kind,
-                                     comm_rounds=m.comm_rounds)
+                                     share_params=m.share_params, device=device, **m.net_options())
     team = team_of(cfg.env.teams, group) if cfg.centralised_critic else [group]
     critic = make_q_critic(env, group, centralised=cfg.centralised_critic, num_cells=m.num_cells,
                            activation=m.activation, share_params=m.critic_share_params, device=device, team=team)

@@ -4,17 +4,19 @@ tiny run, and bad input."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torchrl.envs.utils import check_env_specs
 
 from marlkit.envs import make_env
-from marlkit.modules import agent_net, AttentionComm, CommNet, make_stochastic_actor
+from marlkit.modules import agent_net, AttentionComm, CommNet, DeepSets, GraphNet, make_stochastic_actor
 from marlkit.pipelines import make_config, pipeline_for
 from marlkit.pipelines.checks import check_model_config
 from marlkit.pipelines.config import ModelConfig
 
-KINDS = ("commnet", "attention")
+KINDS = ("commnet", "attention", "deepsets", "gnn")
 
 
 def _net(kind: str, n_agents: int = 3):
@@ -26,7 +28,7 @@ def _net(kind: str, n_agents: int = 3):
 def test_comm_net_shapes_equivariance_and_messages(kind):
     torch.manual_seed(0)
     net = _net(kind)
-    assert isinstance(net, CommNet if kind == "commnet" else AttentionComm)
+    assert type(net) is {"commnet": CommNet, "attention": AttentionComm, "deepsets": DeepSets, "gnn": GraphNet}[kind]
     x = torch.randn(5, 7, 3, 6, requires_grad=True)
     y = net(x)
     assert y.shape == (5, 7, 3, 4)
@@ -37,6 +39,28 @@ def test_comm_net_shapes_equivariance_and_messages(kind):
     lone = net(torch.randn(2, 1, 6))  # one agent: nobody to hear, still a finite output
     assert lone.shape == (2, 1, 4) and torch.isfinite(lone).all()
     assert net(torch.randn(4, 5, 6)).shape == (4, 5, 4)  # the same weights run on more agents
+
+
+def test_gnn_radius_links_only_near_agents():
+    net = agent_net("gnn", 6, 4, 3, centralised=False, share_params=True, num_cells=[16], activation="tanh",
+                    device="cpu", comm_rounds=2, gnn_topology="radius", gnn_radius=1.0, gnn_position_dims=[0, 1])
+    x = torch.zeros(2, 3, 6)
+    x[:, 1, :2] = 0.5  # agent 1 within 1.0 of agent 0 (at the origin); agent 2 far away
+    x[:, 2, :2] = 5.0
+    x[..., 2:] = torch.randn(2, 3, 4)
+    x.requires_grad_(True)
+    edges = net.edges(x.detach())
+    assert sorted(map(tuple, edges.t().tolist())) == [(0, 1), (1, 0), (3, 4), (4, 3)]  # per graph: 0 <-> 1 only
+    net(x)[:, 0].sum().backward()
+    assert x.grad[:, 1, 2:].abs().sum() > 0 and x.grad[:, 2].abs().sum() == 0
+
+
+def test_gnn_without_torch_geometric_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_geometric", None)
+    with pytest.raises(ValueError, match=r"model.kind=gnn needs the 'torch-geometric' package, .*marlkit\[graph\]"):
+        check_model_config(ModelConfig(kind="gnn"))
+    with pytest.raises(ImportError, match=r"marlkit\[graph\]"):
+        _net("gnn")
 
 
 def test_mlp_agents_hear_nothing():
@@ -84,24 +108,26 @@ def test_probe_communication_listener_sees_nothing_of_the_symbol():
     assert torch.equal(obs[:, 0, 3:].argmax(-1), symbol) and obs[:, 1:, 3:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("algorithm,env,overrides", [
-    ("mappo", "probe/communication", {}),
-    ("ippo", "probe/communication", {}),
-    ("maa2c", "probe/communication", {}),
-    ("coma", "probe/communication", {}),
-    ("maddpg", "vmas/navigation", {"env.n_agents": 2, "env.max_steps": 10}),
-    ("masac", "vmas/navigation", {"env.n_agents": 2, "env.max_steps": 10}),
-])
-@pytest.mark.parametrize("kind", KINDS)
-def test_comm_actor_trains_in_every_actor_pipeline(algorithm, env, overrides, kind, tiny_config, tmp_run_dir,
-                                                   read_metrics):
+NAVIGATION = ("vmas/navigation", {"env.n_agents": 2, "env.max_steps": 10})
+PIPELINES = {"mappo": ("probe/communication", {}), "ippo": ("probe/communication", {}),
+             "maa2c": ("probe/communication", {}), "coma": ("probe/communication", {}),
+             "maddpg": NAVIGATION, "masac": NAVIGATION}
+CASES = [(algorithm, kind) for algorithm in PIPELINES for kind in ("commnet", "gnn")] + [
+    ("mappo", "attention"), ("mappo", "deepsets"), ("maddpg", "attention"), ("masac", "deepsets")]
+
+
+@pytest.mark.parametrize("algorithm,kind", CASES, ids=[f"{a}-{k}" for a, k in CASES])
+def test_comm_actor_trains_in_every_actor_pipeline(algorithm, kind, tiny_config, tmp_run_dir, read_metrics):
+    env, overrides = PIPELINES[algorithm]
     cfg = tiny_config(algorithm, env, tmp_run_dir, **{"model.kind": kind, "model.comm_rounds": 1, **overrides})
     result = pipeline_for(algorithm).train(cfg)
     assert result.frames == 200 and len(read_metrics(tmp_run_dir)) == 2
 
 
 @pytest.mark.parametrize("model,match", [
-    ({"kind": "gru"}, r"model.kind='gru' is not a network kind; accepted: mlp, commnet, attention"),
+    ({"kind": "gru"}, r"model.kind='gru' is not a network kind; accepted: mlp, commnet, attention, deepsets, gnn"),
+    ({"kind": "gnn", "gnn_topology": "ring"}, r"model.gnn_topology='ring'; accepted: full, radius"),
+    ({"kind": "gnn", "gnn_radius": 0.0}, r"model.gnn_radius must be finite and > 0, got 0.0"),
     ({"kind": "commnet", "comm_rounds": 0}, r"model.comm_rounds must be an integer >= 1, got 0"),
     ({"kind": "attention", "share_params": False}, r"model.kind=attention shares one network .* model.share_params=true"),
 ])
