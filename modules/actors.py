@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tensordict.nn import NormalParamExtractor, TensorDictModule
+from tensordict.nn import NormalParamExtractor, TensorDictModule, TensorDictModuleBase
 from torch import nn
 from torchrl.data import Bounded, Categorical, OneHot
 from torchrl.envs import EnvBase
@@ -23,6 +23,7 @@ from torchrl.modules import (
 
 from .comm import agent_net
 from .encoders import _observation_encoder, group_spec
+from .recurrent import MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule
 
 
 def make_stochastic_actor(
@@ -38,8 +39,10 @@ def make_stochastic_actor(
 ) -> ProbabilisticActor:
     """Stochastic policy for one group, with the distribution chosen from the action spec.
 
-    ``kind``: the network (``mlp``, or ``commnet``, ``attention``, ``deepsets``, ``gnn``, whose agents
-    exchange learned messages; ``net_options`` such as ``comm_rounds`` go to :func:`.comm.agent_net`).
+    ``kind``: the network (``mlp``; ``commnet``, ``attention``, ``deepsets``, ``gnn``, whose agents
+    exchange learned messages, ``net_options`` such as ``comm_rounds`` going to :func:`.comm.agent_net`;
+    or ``gru`` / ``lstm``, agents with memory, see :mod:`.recurrent`: the env then needs
+    :func:`.recurrent.state_primer`).
 
     Continuous boxes get a ``TanhNormal`` within the action bounds (``IndependentNormal`` when
     unbounded); discrete actions get a categorical over indices or one-hot vectors, whichever the
@@ -49,9 +52,16 @@ def make_stochastic_actor(
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
     has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
 
-    def net(out_features: int) -> nn.Module:
-        return agent_net(kind, features, out_features, n_agents, centralised=False, share_params=share_params,
-                         num_cells=num_cells, activation=activation, device=device, **net_options)
+    def body(out_features: int, out_keys: list, post: nn.Module | None = None) -> TensorDictModuleBase:
+        """observation -> the distribution's parameters, through the chosen network."""
+        if kind in RECURRENT_KINDS:
+            net = MultiAgentRecurrent(kind, features, out_features, n_agents, num_cells=num_cells, activation=activation,
+                                      share_params=share_params, device=device)
+            return RecurrentModule(net, encoder, group, out_keys, post)
+        layers = [encoder, agent_net(kind, features, out_features, n_agents, centralised=False, share_params=share_params,
+                                     num_cells=num_cells, activation=activation, device=device, **net_options)]
+        return TensorDictModule(nn.Sequential(*layers, *([post] if post is not None else [])),
+                                in_keys=[(group, "observation")], out_keys=out_keys)
 
     if isinstance(action_spec, (Categorical, OneHot)):
         one_hot = isinstance(action_spec, OneHot)
@@ -61,10 +71,7 @@ def make_stochastic_actor(
                 f"group {group!r}: multi-dimensional discrete actions {tuple(action_spec.shape)} are "
                 "not supported; use one discrete action per agent"
             )
-        module = TensorDictModule(
-            nn.Sequential(encoder, net(n_actions)), in_keys=[(group, "observation")],
-            out_keys=[(group, "logits")],
-        )
+        module = body(n_actions, [(group, "logits")])
         in_keys = {"logits": (group, "logits")}
         if has_mask:
             in_keys["mask"] = (group, "action_mask")
@@ -74,11 +81,7 @@ def make_stochastic_actor(
         dist_kwargs = {}
     elif len(action_spec.shape) == 2:
         action_dim = action_spec.shape[-1]
-        module = TensorDictModule(
-            nn.Sequential(encoder, net(2 * action_dim), NormalParamExtractor()),
-            in_keys=[(group, "observation")],
-            out_keys=[(group, "loc"), (group, "scale")],
-        )
+        module = body(2 * action_dim, [(group, "loc"), (group, "scale")], NormalParamExtractor())
         in_keys = {"loc": (group, "loc"), "scale": (group, "scale")}
         if isinstance(action_spec, Bounded):
             dist = TanhNormal

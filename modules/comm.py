@@ -29,7 +29,7 @@ from torch import nn
 
 from .encoders import _mlp, activation_class
 
-MODEL_KINDS = ("mlp", "commnet", "attention", "deepsets", "gnn")
+MODEL_KINDS = ("mlp", "commnet", "attention", "deepsets", "gnn", "gru", "lstm")
 COMM_KINDS = ("commnet", "attention", "deepsets", "gnn")
 GNN_TOPOLOGIES = ("full", "radius")
 GRAPH_EXTRA = 'pip install "marlkit[graph]"'
@@ -178,7 +178,8 @@ def agent_net(kind: str, in_features: int, out_features: int, n_agents: int, *, 
         return _mlp(in_features, out_features, n_agents, centralised=centralised, share_params=share_params,
                     num_cells=num_cells, activation=activation, device=device)
     if kind not in COMM_KINDS:
-        raise ValueError(f"model.kind={kind!r} is not a network kind; accepted: {', '.join(MODEL_KINDS)}")
+        accepted = ", ".join(k for k in MODEL_KINDS if k == "mlp" or k in COMM_KINDS)
+        raise ValueError(f"model.kind={kind!r} is not a feed-forward network kind here; accepted: {accepted}")
     if not share_params:
         raise ValueError(f"model.kind={kind} shares one network across a group's agents (it is what lets "
                          "them read each other's messages); set model.share_params=true")

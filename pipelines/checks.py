@@ -11,7 +11,7 @@ import importlib.util
 import math
 
 from marlkit.envs import device_of, split_env_name
-from marlkit.modules import activation_class, COMM_KINDS, GNN_TOPOLOGIES, GRAPH_EXTRA, MODEL_KINDS
+from marlkit.modules import activation_class, COMM_KINDS, GNN_TOPOLOGIES, GRAPH_EXTRA, MODEL_KINDS, RECURRENT_KINDS
 
 from .collectors import check_collector_config
 from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
@@ -50,6 +50,9 @@ def check_model_config(model: ModelConfig) -> None:
         if not model.share_params:
             raise ValueError(f"model.kind={model.kind} shares one network across a group's agents (it is what lets "
                              "them read each other's messages); set model.share_params=true")
+    if model.kind in RECURRENT_KINDS and (isinstance(model.seq_len, bool) or not isinstance(model.seq_len, int)
+                                          or model.seq_len < 1):
+        raise ValueError(f"model.seq_len must be an integer >= 1, got {model.seq_len!r}")
     if model.kind == "gnn":
         if importlib.util.find_spec("torch_geometric") is None:
             raise ValueError(f"model.kind=gnn needs the 'torch-geometric' package, which is not installed: {GRAPH_EXTRA}")
@@ -57,6 +60,25 @@ def check_model_config(model: ModelConfig) -> None:
             raise ValueError(f"model.gnn_topology={model.gnn_topology!r}; accepted: {', '.join(GNN_TOPOLOGIES)}")
         if not 0 < model.gnn_radius < math.inf:
             raise ValueError(f"model.gnn_radius must be finite and > 0, got {model.gnn_radius}")
+
+
+RECURRENT_ALGORITHMS = ("mappo", "ippo")
+
+
+def check_recurrent(cfg: RunConfig) -> None:
+    """Where a recurrent actor (model.kind=gru|lstm) trains today, and the slices it trains on."""
+    kind = cfg.model.kind
+    if cfg.algorithm not in RECURRENT_ALGORITHMS:
+        raise ValueError(f"model.kind={kind} trains with {' or '.join(RECURRENT_ALGORITHMS)} (minibatches of whole "
+                         f"sequences); {cfg.algorithm} takes model.kind=mlp, commnet, attention, deepsets or gnn")
+    if cfg.collector.backend != "sync":
+        raise ValueError(f"model.kind={kind} keeps each agent's state in this process's collector: use "
+                         f"collector.backend=sync (got {cfg.collector.backend})")
+    steps = cfg.collector.frames_per_batch // cfg.env.num_envs
+    minibatch = getattr(getattr(cfg, "train", None), "minibatch_size", cfg.collector.frames_per_batch)
+    if steps % cfg.model.seq_len or minibatch % cfg.model.seq_len:
+        raise ValueError(f"model.seq_len={cfg.model.seq_len} must divide the steps each env copy collects per batch "
+                         f"({steps} = collector.frames_per_batch / env.num_envs) and train.minibatch_size ({minibatch})")
 
 
 def check_logger_config(logger: LoggerConfig) -> None:
@@ -86,6 +108,8 @@ def check_common(cfg: RunConfig) -> int:
         raise ValueError(f"env.curriculum changes the env between iterations in this process; collector.backend="
                          f"{cfg.collector.backend} steps copies built once in its workers: use collector.backend=sync")
     check_model_config(cfg.model)
+    if cfg.model.kind in RECURRENT_KINDS:
+        check_recurrent(cfg)
     device_of(cfg.device)
     check_logger_config(cfg.logger)
     return iterations

@@ -14,8 +14,9 @@ import warnings
 import torch
 
 from marlkit.envs import check_env_name, importable, make_env, MultiAgentEnv, split_env_name
+from marlkit.modules import RECURRENT_KINDS, state_primer
 
-from .config import EnvConfig
+from .config import EnvConfig, ModelConfig
 from .curriculum import parse_curriculum, stage_env_config, stage_seed
 
 # The keyword each family uses for the episode length limit that env.max_steps sets.
@@ -77,8 +78,10 @@ def resolve_env_config(env_cfg: EnvConfig) -> EnvConfig:
     return resolved
 
 
-def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> MultiAgentEnv:
-    """``make_env`` from a resolved env section, mapping ``max_steps`` to the family's keyword."""
+def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int,
+              model: ModelConfig | None = None) -> MultiAgentEnv:
+    """``make_env`` from a resolved env section, mapping ``max_steps`` to the family's keyword; with a
+    recurrent ``model`` (``gru`` / ``lstm``), a primer gives each group's agents their zero state at resets."""
     family, _ = split_env_name(env_cfg.name)
     kwargs = dict(env_cfg.kwargs)
     max_steps = env_cfg.max_steps
@@ -88,6 +91,8 @@ def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int) -> M
     empty = [group for group, agents in env.group_map.items() if not agents]
     if not env.group_map or empty:
         raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
+    if model is not None and model.kind in RECURRENT_KINDS:
+        env.append_transform(state_primer(env, model.kind, model.num_cells))
     return env
 
 

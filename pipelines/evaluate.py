@@ -107,7 +107,7 @@ class Evaluator:
         self.logger, self.max_steps, self.videos = cfg.logger, cfg.env.max_steps, Path(run_path) / "videos"
         self.best_eval, self.new_best = best_eval, False
         self.marl_eval = MarlEvalLog(cfg, run_path, start_frames) if cfg.logger.marl_eval else None
-        self.env, self.seed, self.device = None, cfg.seed + 10_000, device_of(cfg.device)
+        self.env, self.seed, self.device, self.model = None, cfg.seed + 10_000, device_of(cfg.device), cfg.model
         if self.logger.eval_every or self.logger.video_every:
             # Built now, before a resumed run restores its RNG: env construction may reseed.
             self.use_env(cfg.env)
@@ -117,7 +117,7 @@ class Evaluator:
         if self.env is not None:
             self.env.close()
         self.env = build_env(dataclasses.replace(env_cfg, num_envs=self.logger.eval_episodes), device=self.device,
-                             seed=self.seed)
+                             seed=self.seed, model=self.model)
 
     def after(self, iteration: int, policy: Any, final: bool, frames: int = 0) -> dict[str, float]:
         """Evaluate and film what is due after ``iteration`` (``frames`` collected so far); returns the eval

@@ -22,7 +22,7 @@ from torch import nn
 from torchrl.data import Categorical, OneHot
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from marlkit.modules import group_spec
+from marlkit.modules import group_spec, RECURRENT_KINDS
 
 from .runs import load_run, LoadedRun
 
@@ -92,6 +92,10 @@ def export_run(run_dir: str | Path, *, fmt: str, checkpoint: str = "last", out: 
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, checkpoint, num_envs=2)
     try:
+        if loaded.cfg.model.kind in RECURRENT_KINDS:
+            raise ValueError(f"{run_dir} has a recurrent policy (model.kind={loaded.cfg.model.kind}); marlkit export "
+                             "writes policies of observation -> action only, without the state an agent carries "
+                             "from step to step: evaluate it with marlkit eval, or train model.kind=mlp to export")
         groups = list(loaded.env.group_map)
         if group is not None and group not in groups:
             raise ValueError(f"--group {group!r} is not a group of {loaded.cfg.env.name}; its groups: {', '.join(groups)}")

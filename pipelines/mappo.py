@@ -18,6 +18,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacem
 from torchrl.envs import EnvBase
 
 from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
+from marlkit.modules import RECURRENT_KINDS
 from marlkit.pipelines.checks import check_common, check_on_policy, check_optimiser
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.learners import actor_and_critic, gradient_step, Learner
@@ -139,8 +140,11 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size
     training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps, derived={
         "centralised_critic": cfg.centralised_critic, "minibatches_per_epoch": minibatches})
-    buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=run.device),
-                          sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size)
+    # A recurrent actor learns from slices of seq_len steps (each with its stored first state), so a
+    # minibatch holds minibatch_size / seq_len whole slices instead of single steps.
+    seq_len = cfg.model.seq_len if cfg.model.kind in RECURRENT_KINDS else 1
+    buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch // seq_len, device=run.device),
+                          sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size // seq_len)
     for iteration, batch in training.batches(run):
         with torch.no_grad():
             for learner in learners.values():  # GAE writes (group, "advantage") and (group, "value_target")
@@ -148,7 +152,7 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
                 loss.value_estimator(batch, params=loss.critic_network_params,
                                      target_params=loss.target_critic_network_params)
         buffer.empty()  # this batch only; the sampler starts afresh, so a resumed run samples the same
-        buffer.extend(batch.reshape(-1))
+        buffer.extend(batch.reshape(-1) if seq_len == 1 else batch.reshape(-1, seq_len))
         terms: dict[str, list[TensorDictBase]] = {group: [] for group in learners}
         for _ in range(cfg.train.num_epochs):
             for _ in range(minibatches):

@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | N
         check_env_name(env_name)
         cfg.env.name = env_name
     torch_device = torch.device(device)
-    env = build_env(cfg.env, device=torch_device, seed=cfg.seed)
+    env = build_env(cfg.env, device=torch_device, seed=cfg.seed, model=cfg.model)
     learners = pipeline_for(cfg.algorithm).build_learners(env, cfg, torch_device, None)
     try:
         restore_modules(state, learners)

@@ -68,7 +68,7 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
     torch.manual_seed(cfg.seed)
     stage = start.state.get("curriculum", {}).get("env_stage", 0) if start.state else 0
-    env = build_env(stage_env_config(cfg.env, stage), device=device, seed=stage_seed(cfg.seed, stage))
+    env = build_env(stage_env_config(cfg.env, stage), device=device, seed=stage_seed(cfg.seed, stage), model=cfg.model)
     if cfg.env.curriculum:
         check_curriculum_specs(cfg.env, env, seed=cfg.seed)
     cfg = with_teams(cfg, env, device)
@@ -122,7 +122,8 @@ class Training:
         """Swap in the env of the curriculum's stage and a collector over it (episodes start afresh)."""
         stage = self.curriculum.stage
         self.collector.shutdown()  # closes the old env
-        run.env = build_env(stage_env_config(run.cfg.env, stage), device=run.device, seed=stage_seed(run.cfg.seed, stage))
+        run.env = build_env(stage_env_config(run.cfg.env, stage), device=run.device, seed=stage_seed(run.cfg.seed, stage),
+                            model=run.cfg.model)
         self.collector = make_collector(run.env, self.policy, run.cfg, device=run.device, start_iteration=iteration)
         if self.evaluator.env is not None:
             self.evaluator.use_env(stage_env_config(run.cfg.env, stage))

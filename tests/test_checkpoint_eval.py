@@ -135,6 +135,8 @@ RESUME_CASES = [
     ("maa2c", ["--env", "gridworld"]),
     ("coma", ["--env", "gridworld", "loss.target_update_interval=3"]),
     ("happo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2"]),
+    ("mappo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2",
+               "model.kind=gru", "model.seq_len=5"]),  # each agent's state carried through the checkpoint
     ("qtran", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2",
                "exploration.annealing_frames=200", "loss.target_update=hard", "loss.hard_update_interval=3"]),
     ("iql", ["--env", "pettingzoo/sisl/pursuit_v5", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
