@@ -125,7 +125,8 @@ def test_comm_actor_trains_in_every_actor_pipeline(algorithm, kind, tiny_config,
 
 
 @pytest.mark.parametrize("model,match", [
-    ({"kind": "gru"}, r"model.kind='gru' is not a network kind; accepted: mlp, commnet, attention, deepsets, gnn"),
+    ({"kind": "transformer"},
+     r"model.kind='transformer' is not a network kind; accepted: mlp, commnet, attention, deepsets, gnn, gru, lstm"),
     ({"kind": "gnn", "gnn_topology": "ring"}, r"model.gnn_topology='ring'; accepted: full, radius"),
     ({"kind": "gnn", "gnn_radius": 0.0}, r"model.gnn_radius must be finite and > 0, got 0.0"),
     ({"kind": "commnet", "comm_rounds": 0}, r"model.comm_rounds must be an integer >= 1, got 0"),
