@@ -8,6 +8,9 @@ Tasks and their arms (algorithm, preset, overrides):
   groups), ``iql``; presets ``speaker-listener`` / ``speaker-listener-q``.
 * ``navigation-discrete`` (VMAS navigation, 3 agents, discrete actions): ``mappo``
   (``navigation-matched``), ``maa2c`` (``navigation-a2c``), ``coma`` (``navigation-coma``).
+* ``memory`` (``probe/memory``: each of 2 agents sees a cue of 2 at the first step only and must name it
+  ``k`` = 5, 10, 20 steps later; return 1 at best, 0.5 at chance): MAPPO with an ``mlp`` actor (no memory)
+  and a ``gru`` actor trained on whole-episode slices.
 * ``gridworld-curriculum`` (MAPPO on the cooperative grid world, 2 agents, 3 targets, 100-step episodes):
   ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
   (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
@@ -62,6 +65,19 @@ DISCRETE = {"env.continuous_actions": False}
 COMMUNICATION = {"env.name": "probe/communication", "env.n_symbols": 4, "env.max_steps": 10, "env.num_envs": 100,
                  "collector.frames_per_batch": 2000, "train.minibatch_size": 500, "train.num_epochs": 4,
                  "model.num_cells": [64, 64], "loss.entropy_coef": 0.01, "train.lr": 1e-3}
+
+
+def _memory(delay: int, kind: str) -> tuple[str, None, dict]:
+    """MAPPO on probe/memory with cue-to-question ``delay``: 100 copies, 6 episodes per copy per batch, slices
+    of one whole episode (seq_len = delay + 1, so the gradient reaches back to the cue)."""
+    length = delay + 1
+    frames = 100 * 6 * length
+    return ("mappo", None, {"env.name": "probe/memory", "env.delay": delay, "env.num_envs": 100,
+                            "collector.frames_per_batch": frames, "train.minibatch_size": frames // 5,
+                            "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
+                            "train.lr": 1e-3, "model.kind": kind, **({"model.seq_len": length} if kind != "mlp" else {})})
+
+
 GRIDWORLD = {"env.name": "gridworld", "env.num_envs": 20, "env.max_steps": 100, "collector.frames_per_batch": 4000,
              "train.minibatch_size": 1000, "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
              "logger.eval_every": 1, "logger.eval_episodes": 20}
@@ -85,6 +101,10 @@ TASKS = {
         arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind})
               for kind in ("mlp", "commnet", "attention", "deepsets", "gnn")},
         key="agents/episode_reward_mean", default_arms="mlp,commnet,attention,deepsets,gnn", frames=60_000),
+    "memory": Task(
+        arms={f"{kind}-k{k}": _memory(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")},
+        key="agents/episode_reward_mean", default_arms="mlp-k5,gru-k5,mlp-k10,gru-k10,mlp-k20,gru-k20",
+        frames=126_000),
 }
 
 
@@ -168,7 +188,9 @@ def main() -> None:
             arm, seed = job
             algorithm, preset, overrides = task.arms[arm]
             run_dir = Path(tmp) / f"{arm}_seed{seed}"
-            run_child(algorithm, preset, {**overrides, "seed": seed, "collector.total_frames": frames, **extra}, run_dir)
+            batch = int(extra.get("collector.frames_per_batch", overrides.get("collector.frames_per_batch", 0)))
+            total = max(batch, frames // batch * batch) if batch else frames  # whole batches of this arm's size
+            run_child(algorithm, preset, {**overrides, "seed": seed, "collector.total_frames": total, **extra}, run_dir)
             shutil.copy(run_dir / "metrics.csv", out / f"{arm}_seed{seed}.csv")
             print(f"{arm} seed {seed}: done", file=sys.stderr, flush=True)
 
