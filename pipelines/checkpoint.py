@@ -133,6 +133,20 @@ def restore_modules(state: dict[str, Any], agents: dict[str, Any]) -> None:
             agent.exploration.anneal(state["frames"])
 
 
+def restore_policies(state: dict[str, Any], agents: dict[str, Any]) -> None:
+    """Load only every group's acting network (its loss's actor or Q-network parameters), e.g. on an env
+    with another agent count, where centralised critics no longer fit."""
+    for group, agent in agents.items():
+        saved = state["losses"][group]
+        prefix = next((p for p in ("actor_network_params.", "value_network_params.") if any(k.startswith(p) for k in saved)),
+                      None)
+        if prefix is None:
+            raise KeyError(f"no acting network among the saved weights of group {group!r}")
+        agent.loss.load_state_dict({k: v for k, v in saved.items() if k.startswith(prefix)}, strict=False)
+        if agent.exploration is not None:
+            agent.exploration.anneal(state["frames"])
+
+
 def restore_training(state: dict[str, Any], agents: dict[str, Any],
                      optimisers: dict[str, torch.optim.Optimizer]) -> None:
     """Load modules, exploration schedules, optimisers and replays from a checkpoint."""

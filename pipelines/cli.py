@@ -179,9 +179,12 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default="last", help="last, best, or a path to a checkpoint file")
     parser.add_argument("--env", default=None, help="evaluate on another env with the same groups and specs "
                         "(e.g. pettingzoo/sisl/pursuit_v5 for a run trained on pursuit); writes eval_<env>.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="env.field=value: other env settings, e.g. env.n_agents=5 "
+                        "(a policy with shared weights on more agents); writes eval_<settings>.json")
+    args = parser.parse_intermixed_args(argv)
     try:
-        result = evaluate_run(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint, env_name=args.env)
+        result = evaluate_run(args.run_dir, episodes=args.episodes, checkpoint=args.checkpoint, env_name=args.env,
+                              env_overrides=args.overrides)
     except ValueError as err:
         parser.exit(2, f"marlkit eval: error: {err}\n")
     for group, stats in result["groups"].items():
@@ -190,7 +193,7 @@ def _eval(argv: list[str]) -> int:
     if result["episodes_ended"] < result["episodes"]:
         print(f"note: {result['episodes'] - result['episodes_ended']} episodes had not ended after "
               f"{result['steps']} steps; they are scored at that step")
-    print(f"wrote {eval_file(args.run_dir, args.env)}")
+    print(f"wrote {eval_file(args.run_dir, args.env, args.overrides)}")
     return 0
 
 

@@ -8,6 +8,7 @@ except ``eval.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from tensordict.nn import TensorDictSequential
 from marlkit.envs import check_env_name, MultiAgentEnv
 
 from . import make_config, pipeline_for
-from .checkpoint import checkpoint_path, load_checkpoint, restore_modules
-from .config import flatten, RunConfig
+from .checkpoint import checkpoint_path, load_checkpoint, restore_modules, restore_policies
+from .config import apply_overrides, flatten, RunConfig
 from .environment import build_env
 from .evaluate import evaluate_policy
 
@@ -65,11 +66,13 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | None = None,
-             device: str = "cpu", env_name: str | None = None) -> LoadedRun:
+             device: str = "cpu", env_name: str | None = None, env_overrides: Sequence[str] = ()) -> LoadedRun:
     """Rebuild a run's env and policy from ``config.yaml`` and a checkpoint (nothing is written).
 
     ``env_name`` builds another env with the run's env settings instead (one with the same groups and
-    specs, e.g. ``pettingzoo/sisl/pursuit_v5`` for a run trained on ``pursuit``).
+    specs, e.g. ``pettingzoo/sisl/pursuit_v5`` for a run trained on ``pursuit``); ``env_overrides``
+    (``["env.n_agents=5"]``) change the env's settings. On such an env only the policies need to fit
+    (a centralised critic sized for another agent count is left out).
     """
     config = read_config(run_dir)
     state = load_checkpoint(checkpoint_path(run_dir, checkpoint), config)
@@ -79,30 +82,44 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", *, num_envs: int | N
     if env_name is not None:
         check_env_name(env_name)
         cfg.env.name = env_name
+    if env_overrides:
+        other = [item for item in env_overrides if not str(item).startswith("env.")]
+        if other:
+            raise ValueError(f"only env.* settings change for an evaluation (e.g. env.n_agents=5), got {other}")
+        cfg = apply_overrides(cfg, list(env_overrides))
     torch_device = torch.device(device)
     env = build_env(cfg.env, device=torch_device, seed=cfg.seed, model=cfg.model)
     learners = pipeline_for(cfg.algorithm).build_learners(env, cfg, torch_device, None)
     try:
         restore_modules(state, learners)
-    except (KeyError, RuntimeError) as err:  # other groups, or other observation / action sizes
-        if env_name is None:
+    except (KeyError, RuntimeError, ValueError):  # other groups, or other observation / action sizes
+        if env_name is None and not env_overrides:
             raise
-        env.close()
-        reason = str(err).strip().splitlines()[0][:160]
-        raise ValueError(f"the policy of {run_dir} does not fit {env_name} (trained on {config['env']['name']}): "
-                         f"{reason}; use an env with the same groups and specs") from None
+        try:
+            restore_policies(state, learners)
+        except (KeyError, RuntimeError, ValueError) as err:
+            env.close()
+            reason = str(err).strip().splitlines()[0][:200]
+            if "TensorDict(" in reason or "size mismatch" in reason:
+                reason = "its saved weights have other shapes"
+            where = " ".join([env_name or config["env"]["name"], *env_overrides])
+            raise ValueError(f"the policy of {run_dir} does not fit {where} (trained on {config['env']['name']}): "
+                             f"{reason}; use an env with the same groups and specs, and for another agent count "
+                             "a policy with shared weights") from None
     policy = TensorDictSequential(*(learner.policy for learner in learners.values()))
     return LoadedRun(cfg, env, policy, state)
 
 
-def eval_file(run_dir: str | Path, env_name: str | None = None) -> Path:
-    """Where :func:`evaluate_run` writes: ``eval.json``, or ``eval_<env>.json`` on another env."""
-    name = "eval.json" if env_name is None else f"eval_{env_name.replace('/', '_').replace(':', '.')}.json"
-    return Path(run_dir) / name
+def eval_file(run_dir: str | Path, env_name: str | None = None, env_overrides: Sequence[str] = ()) -> Path:
+    """Where :func:`evaluate_run` writes: ``eval.json``, or ``eval_<env>[_<setting>...].json`` on another
+    env or other env settings."""
+    parts = ([env_name.replace("/", "_").replace(":", ".")] if env_name is not None else []) + [
+        str(item).removeprefix("env.").replace("/", "_") for item in env_overrides]
+    return Path(run_dir) / ("eval.json" if not parts else f"eval_{'_'.join(parts)}.json")
 
 
 def evaluate_run(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "last",
-                 env_name: str | None = None) -> dict[str, Any]:
+                 env_name: str | None = None, env_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run ``episodes`` episodes (one per env copy) greedily / with mean actions; write :func:`eval_file`.
 
     Returns per group the mean episode return (over the group's agents, then episodes), the 95%
@@ -111,10 +128,10 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 10, checkpoint: str = "
     """
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
-    loaded = load_run(run_dir, checkpoint, num_envs=episodes, env_name=env_name)
+    loaded = load_run(run_dir, checkpoint, num_envs=episodes, env_name=env_name, env_overrides=env_overrides)
     stats = evaluate_policy(loaded.env, loaded.policy, max_steps=loaded.cfg.env.max_steps)
     loaded.env.close()
     result = {"run_dir": str(run_dir), "checkpoint": checkpoint, "env": loaded.cfg.env.name,
               "frames": loaded.state["frames"], **stats}
-    eval_file(run_dir, env_name).write_text(json.dumps(result, indent=2))
+    eval_file(run_dir, env_name, env_overrides).write_text(json.dumps(result, indent=2))
     return result

@@ -156,3 +156,24 @@ def test_comm_actor_from_the_factory_in_a_notebook():
     assert td["agents", "action"].shape == (4, 2) and td["agents", "logits"].shape == (4, 2, 4)
     cfg = make_config("mappo", overrides={"model.kind": "attention"})
     assert cfg.model.kind == "attention" and cfg.model.comm_rounds == 2
+
+
+def test_a_shared_policy_is_evaluated_on_more_agents(tiny_config, tmp_path, capsys):
+    """Trained with 3 agents, evaluated with 5: the GNN's and a shared MLP's weights fit any agent count
+    (the centralised critic, sized for 3, is left out); one set of weights per agent does not."""
+    from marlkit.pipelines.cli import main as cli_main
+
+    runs = {}
+    for name, extra in (("gnn", {"model.kind": "gnn"}), ("separate", {"model.share_params": False})):
+        runs[name] = tmp_path / name
+        pipeline_for("mappo").train(tiny_config("mappo", "vmas/navigation", runs[name], **{
+            "env.n_agents": 3, "env.max_steps": 10, "train.minibatch_size": 50, **extra}))
+    assert cli_main(["eval", str(runs["gnn"]), "--episodes", "2", "env.n_agents=5"]) == 0
+    assert "agents: mean return" in capsys.readouterr().out and (runs["gnn"] / "eval_n_agents=5.json").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["eval", str(runs["separate"]), "--episodes", "2", "env.n_agents=5"])
+    err = capsys.readouterr().err
+    assert "does not fit vmas/navigation env.n_agents=5" in err and "other shapes" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        cli_main(["eval", str(runs["gnn"]), "train.lr=1"])
+    assert "only env.* settings change for an evaluation" in capsys.readouterr().err
