@@ -123,3 +123,13 @@ def test_learning_vs_benchmarl_runs_skips_and_tabulates(tmp_path):
     again = _run(*args)
     assert "0 runs to do" in again and "| benchmarl | 1 | 0.00 ± 0.00 | -0.50 ± 0.00 |" in again, again
     assert (tmp_path / "out" / "mappo_balance" / "curves.png").stat().st_size > 0
+
+
+def test_graph_transfer_tabulates_more_agents_and_refusals(tmp_path):
+    tiny = ["--seeds", "1", "--frames", "120", "--episodes", "2", "--out", str(tmp_path), "--set", "env.num_envs=4",
+            "env.max_steps=5", "collector.frames_per_batch=120", "train.minibatch_size=60", "model.num_cells=[8]"]
+    out = _run(str(BENCHMARKS / "graph_transfer.py"), "--arms", "mlp,mlp-separate", *tiny)
+    shared = next(line for line in out.splitlines() if line.startswith("| mlp |"))
+    separate = next(line for line in out.splitlines() if line.startswith("| mlp-separate |"))
+    assert shared.count("±") == 3 and separate.count("cannot act") == 2, out
+    assert "0 runs to do" in _run(str(BENCHMARKS / "graph_transfer.py"), "--arms", "mlp,mlp-separate", *tiny)
