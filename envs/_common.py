@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from tensordict import TensorDictBase
-from torchrl.data import Composite
+from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, RewardSum, StepCounter, Transform, TransformedEnv
 
 from ._snapshot import capture, capture_value, restore, restore_value
@@ -94,6 +94,24 @@ class GroupDones(Transform):
 
 # Packages whose objects a Python simulator's snapshot walks (besides the env's own package).
 SIMULATOR_PACKAGES = ("vmas", "pettingzoo", "mpe2", "gymnasium", "marlkit")
+
+
+def native_group_specs(group: str, num_envs: int, n_agents: int, n_actions: int,
+                       device: torch.device) -> tuple[Composite, Composite, Composite]:
+    """The action, reward and done specs of marlkit's tensor envs: one group of ``n_agents`` agents with
+    ``n_actions`` categorical actions, a reward each, and done / terminated / truncated flags at the root
+    and per agent."""
+    b, n = num_envs, n_agents
+    action = Composite({group: Composite(action=Categorical(n_actions, shape=(b, n), device=device), shape=(b, n))},
+                       shape=(b,))
+    reward = Composite({group: Composite(reward=Unbounded(shape=(b, n, 1), device=device), shape=(b, n))}, shape=(b,))
+    flags = ("done", "terminated", "truncated")
+    done = Composite(
+        {**{f: Categorical(2, shape=(b, 1), dtype=torch.bool, device=device) for f in flags},
+         group: Composite({f: Categorical(2, shape=(b, n, 1), dtype=torch.bool, device=device) for f in flags},
+                          shape=(b, n))},
+        shape=(b,))
+    return action, reward, done
 
 
 class NativeState:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded, Composite
 from torchrl.envs import EnvBase
 
-from ._common import check_choice, check_positive_int, finalize, MultiAgentEnv, NativeState
+from ._common import check_choice, check_positive_int, finalize, MultiAgentEnv, native_group_specs, NativeState
 
 GROUP = "agents"
 MODES = ("cooperative", "competitive")
@@ -111,26 +111,7 @@ class GridWorldEnv(NativeState, EnvBase):
             },
             shape=(b,),
         )
-        self.action_spec = Composite(
-            {GROUP: Composite(action=Categorical(len(ACTIONS), shape=(b, n), device=dev), shape=(b, n))},
-            shape=(b,),
-        )
-        self.reward_spec = Composite(
-            {GROUP: Composite(reward=Unbounded(shape=(b, n, 1), device=dev), shape=(b, n))},
-            shape=(b,),
-        )
-        flags = ("done", "terminated", "truncated")
-        group_flags = Composite(
-            {f: Categorical(2, shape=(b, n, 1), dtype=torch.bool, device=dev) for f in flags},
-            shape=(b, n),
-        )
-        self.done_spec = Composite(
-            {
-                **{f: Categorical(2, shape=(b, 1), dtype=torch.bool, device=dev) for f in flags},
-                GROUP: group_flags,
-            },
-            shape=(b,),
-        )
+        self.action_spec, self.reward_spec, self.done_spec = native_group_specs(GROUP, b, n, len(ACTIONS), dev)
 
     def set_state(
         self,

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded, Composite
 from torchrl.envs import EnvBase
 
-from ._common import check_positive_int, finalize, MultiAgentEnv, NativeState
+from ._common import check_positive_int, finalize, MultiAgentEnv, native_group_specs, NativeState
 
 GROUP = "agents"
 
@@ -146,25 +146,7 @@ class MatrixGameEnv(NativeState, EnvBase):
             },
             shape=(b,),
         )
-        self.action_spec = Composite(
-            {GROUP: Composite(action=Categorical(self.n_actions, shape=(b, n), device=dev), shape=(b, n))},
-            shape=(b,),
-        )
-        self.reward_spec = Composite(
-            {GROUP: Composite(reward=Unbounded(shape=(b, n, 1), device=dev), shape=(b, n))},
-            shape=(b,),
-        )
-        flags = ("done", "terminated", "truncated")
-        self.done_spec = Composite(
-            {
-                **{f: Categorical(2, shape=(b, 1), dtype=torch.bool, device=dev) for f in flags},
-                GROUP: Composite(
-                    {f: Categorical(2, shape=(b, n, 1), dtype=torch.bool, device=dev) for f in flags},
-                    shape=(b, n),
-                ),
-            },
-            shape=(b,),
-        )
+        self.action_spec, self.reward_spec, self.done_spec = native_group_specs(GROUP, b, n, self.n_actions, dev)
 
     def _output(self, done: torch.Tensor, reward: torch.Tensor | None) -> TensorDictBase:
         b, n = self.batch_size[0], self.n_agents

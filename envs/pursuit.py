@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Bounded, Categorical, Composite
 from torchrl.envs import EnvBase
 
-from ._common import check_positive_int, finalize, MultiAgentEnv, NativeState
+from ._common import check_positive_int, finalize, MultiAgentEnv, native_group_specs, NativeState
 
 GROUP = "pursuer"
 # (dx, dy) per action, in PettingZoo's order: left, right, up, down, stay (DiscreteAgent.motion_range)
@@ -152,17 +152,7 @@ class PursuitEnv(NativeState, EnvBase):
                               mask=Categorical(2, shape=(b, n), dtype=torch.bool, device=dev), shape=(b, n))},
             shape=(b,),
         )
-        self.action_spec = Composite(
-            {GROUP: Composite(action=Categorical(len(MOVES), shape=(b, n), device=dev), shape=(b, n))}, shape=(b,))
-        self.reward_spec = Composite(
-            {GROUP: Composite(reward=Unbounded(shape=(b, n, 1), device=dev), shape=(b, n))}, shape=(b,))
-        flags = ("done", "terminated", "truncated")
-        self.done_spec = Composite(
-            {**{f: Categorical(2, shape=(b, 1), dtype=torch.bool, device=dev) for f in flags},
-             GROUP: Composite({f: Categorical(2, shape=(b, n, 1), dtype=torch.bool, device=dev) for f in flags},
-                              shape=(b, n))},
-            shape=(b,),
-        )
+        self.action_spec, self.reward_spec, self.done_spec = native_group_specs(GROUP, b, n, len(MOVES), dev)
 
     # -- the rules ---------------------------------------------------------------------------------------
 
