@@ -108,7 +108,8 @@ TASKS = {
 }
 
 
-def _interval(values: list[float]) -> str:
+def interval(values: list[float]) -> str:
+    """Mean ± 95% half-width over the finite values (the seeds), as the tables print it."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "no finished episode"
@@ -217,7 +218,7 @@ def main() -> None:
     print("| algorithm | final return (last 10% of frames) | mean return over the run | frames/s |")
     print("|---|---|---|---|")
     for arm, final, auc, fps in rows:
-        print(f"| {arm} | {_interval(final)} | {_interval(auc)} | {statistics.mean(fps):.0f} |")
+        print(f"| {arm} | {interval(final)} | {interval(auc)} | {statistics.mean(fps):.0f} |")
     print(f"\nwrote {out}/*.csv and {out / 'curves.png'}")
 
 

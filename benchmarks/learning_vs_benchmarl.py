@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from _child import run_child
-from compare_algorithms import plot_curves
+from compare_algorithms import interval, plot_curves
 
 
 @dataclass
@@ -197,15 +197,6 @@ def run_marlkit(setting: Setting, arm: str, task: str, seed: int, frames: int, w
             for r in result["rows"]]
 
 
-def _interval(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = statistics.mean(values)
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {half:.2f}"
-
-
 def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A run's CSV as arrays of frames, wall time and return."""
     with path.open() as handle:
@@ -241,7 +232,7 @@ def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str
         hits = [f[np.argmax(r >= threshold)] for f, _, r in rr if (r >= threshold).any()]
         reach = f"{statistics.mean(hits):,.0f} ({len(hits)}/{len(rr)})" if hits else f"not reached (0/{len(rr)})"
         fps = statistics.mean(f[-1] / t[-1] for f, t, _ in rr)
-        lines.append(f"| {arm} | {len(rr)} | {_interval(finals[arm])} | {_interval([float(np.nanmean(r)) for _, _, r in rr])} "
+        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval([float(np.nanmean(r)) for _, _, r in rr])} "
                      f"| {reach} | {fps:,.0f} |")
     plot_curves({arm: [(f, r) for f, _, r in rr] for arm, rr in runs.items()}, out / "curves.png",
                 f"{task}: mean and 95% band over seeds")
