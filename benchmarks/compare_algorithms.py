@@ -68,10 +68,11 @@ COMMUNICATION = {"env.name": "probe/communication", "env.n_symbols": 4, "env.max
 
 
 def _memory(delay: int, kind: str) -> tuple[str, None, dict]:
-    """MAPPO on probe/memory with cue-to-question ``delay``: 100 copies, 6 episodes per copy per batch, slices
-    of one whole episode (seq_len = delay + 1, so the gradient reaches back to the cue)."""
+    """MAPPO on probe/memory with cue-to-question ``delay``: 100 copies, about 4,000 frames (whole
+    episodes) per batch, slices of one whole episode (seq_len = delay + 1, so the gradient reaches back to
+    the cue)."""
     length = delay + 1
-    frames = 100 * 6 * length
+    frames = 100 * max(1, 4000 // (100 * length)) * length
     return ("mappo", None, {"env.name": "probe/memory", "env.delay": delay, "env.num_envs": 100,
                             "collector.frames_per_batch": frames, "train.minibatch_size": frames // 5,
                             "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
@@ -104,7 +105,7 @@ TASKS = {
     "memory": Task(
         arms={f"{kind}-k{k}": _memory(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")},
         key="agents/episode_reward_mean", default_arms="mlp-k5,gru-k5,mlp-k10,gru-k10,mlp-k20,gru-k20",
-        frames=126_000),
+        frames=200_000),
 }
 
 
