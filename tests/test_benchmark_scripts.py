@@ -133,3 +133,9 @@ def test_graph_transfer_tabulates_more_agents_and_refusals(tmp_path):
     separate = next(line for line in out.splitlines() if line.startswith("| mlp-separate |"))
     assert shared.count("±") == 3 and separate.count("cannot act") == 2, out
     assert "0 runs to do" in _run(str(BENCHMARKS / "graph_transfer.py"), "--arms", "mlp,mlp-separate", *tiny)
+
+
+def test_ppo_versions_compares_two_pythons():
+    out = _run(str(BENCHMARKS / "ppo_versions.py"), "--other-python", sys.executable, "--envs", "2", "--steps", "5")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| quantity")]
+    assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out  # the same TorchRL: no difference
