@@ -81,9 +81,10 @@ def _train_parser() -> argparse.ArgumentParser:
                        help="continue RUN_DIR from checkpoints/last.pt with its own config (--frames: new total)")
     train.add_argument("--seeds", help="seeds (0-4, or comma-separated) run one after another into <run-dir>_seed<k>, "
                                        "then plotted together into <run-dir>_seeds.png (marlkit sweep runs them at once)")
-    train.add_argument("--threads", type=int, help="torch intra-op threads for this run (default: torch's, one "
-                       "per core); use 1 per run when several runs or other busy programs share the cores. "
-                       "Not part of the config; summary.json records it")
+    train.add_argument("--threads", help="torch intra-op threads: a number, or auto (the default, unless "
+                       "$MARLKIT_THREADS or $OMP_NUM_THREADS says otherwise): one per core other programs leave "
+                       "idle, looked at again every iteration, so runs sharing the cores do not slow each other "
+                       "down. Not part of the config; metrics.csv (system/torch_threads) and summary.json record it")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
 
@@ -403,11 +404,13 @@ def _main(argv: list[str], owns_process: bool) -> int:
     except ValueError as err:
         parser.exit(2, f"marlkit train: error: {err}\n")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.exit(2, f"marlkit train: error: --threads must be >= 1, got {args.threads}\n")
-        import torch
+        from .threads import ENV_VAR, thread_setting
 
-        torch.set_num_threads(args.threads)
+        try:
+            thread_setting(args.threads)
+        except ValueError as err:
+            parser.exit(2, f"marlkit train: error: {err}\n")
+        os.environ[ENV_VAR] = args.threads  # every run of this command (--seeds) and its workers
     if args.resume:
         result = _run(parser, lambda: module.train(cfg, resume=True), args.resume, owns_process)
         print(f"resumed {result.run_dir}: {result.frames} frames")

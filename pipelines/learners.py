@@ -14,6 +14,7 @@ from torchrl.objectives import LossModule
 
 from marlkit.modules import make_stochastic_actor, make_value_critic
 
+from . import threads
 from .config import RunConfig
 from .teams import team_of
 
@@ -112,6 +113,7 @@ def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: 
     learner.nonfinite = bad if learner.nonfinite is None else learner.nonfinite | bad
     if learner.target_updater is not None:
         learner.target_updater.step()
+    threads.poll()  # the thread count follows the machine's load (auto), between steps
 
 
 def check_finite(learners: dict[str, Learner], iteration: int) -> None:

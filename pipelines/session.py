@@ -33,6 +33,7 @@ from .memory import keep_freed_memory
 from .reporting import Reporter, TrainResult
 from .rundir import open_run_dir, RunDir, RunStart
 from .teams import with_teams
+from .threads import thread_setting, ThreadGovernor
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Run:
     """Where the run starts (a resumed run's checkpoint and counters)."""
     env: MultiAgentEnv
     """The training env."""
+    threads: ThreadGovernor
+    """Torch's intra-op thread count: fixed by the user, or adapted to the machine's load (:mod:`.threads`)."""
 
     @property
     def buffers(self) -> Path:
@@ -62,6 +65,7 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     """Check ``cfg`` (``checked_iterations`` checks it and returns the iteration count), open the run directory (its checkpoint
     when ``resume``), seed torch, build the env and resolve the teams."""
     iterations = checked_iterations(cfg)
+    threads = ThreadGovernor(thread_setting())
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = device_of(cfg.device)
     run_dir, start = open_run_dir(cfg, resume)
@@ -72,7 +76,7 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     if cfg.env.curriculum:
         check_curriculum_specs(cfg.env, env, seed=cfg.seed)
     cfg = with_teams(cfg, env, device)
-    return Run(cfg, iterations, device, run_dir, start, env)
+    return Run(cfg, iterations, device, run_dir, start, env, threads)
 
 
 @dataclass
@@ -209,6 +213,8 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     check_finite(dict(learners), iteration)
     final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
+    run.threads.poll()
+    row["system/torch_threads"] = torch.get_num_threads()
     row.update(training.evaluator.after(iteration, training.policy, final, training.reporter.frames + batch.numel()))
     curriculum = training.curriculum
     if curriculum is not None:
@@ -234,8 +240,10 @@ def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
         training.collector.shutdown()  # closes the env it steps
         run.env.close(raise_if_closed=False)  # with workers, the run's own env was never stepped
         training.evaluator.close()
-        result = training.reporter.finish(run.iterations, training.policy, **summary)
+        result = training.reporter.finish(run.iterations, training.policy, thread_policy=run.threads.policy,
+                                          thread_changes=run.threads.changes, **summary)
     finally:
+        run.threads.close()
         training.restore_signal_handlers()
     last = int(result.metrics.get("iteration", -1))
     if training.stop_signal is not None and last < run.iterations - 1:

@@ -133,9 +133,9 @@ def check_sweep_dir(sweep_dir: Path, grid: dict[str, Any]) -> None:
 
 def run_one(cfg: RunConfig, resume: bool, threads: int) -> dict[str, Any]:
     """Train (or resume) one run with ``threads`` torch threads; a summary of it, or its error."""
-    import torch
+    from .threads import ENV_VAR
 
-    torch.set_num_threads(threads)
+    os.environ[ENV_VAR] = str(threads)  # fixed: the sweep already split the cores between its runs
     module = pipeline_for(cfg.algorithm)
     try:
         with warnings.catch_warnings():

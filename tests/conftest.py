@@ -14,6 +14,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # before anything else touches torch's thread pool
+os.environ["MARLKIT_THREADS"] = "1"  # runs keep it (no auto policy): two pytest workers share 2 cores
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame-based PettingZoo envs, no display
 os.environ.setdefault("PYGLET_HEADLESS", "1")
 

@@ -196,7 +196,8 @@ def test_threads_option_is_applied_and_recorded(tmp_path, cli_rejects):
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["torch_threads"] == 1
     finally:
         torch.set_num_threads(before)
-    cli_rejects(["train", "mappo", "--threads", "0"], "--threads must be >= 1, got 0")
+    cli_rejects(["train", "mappo", "--threads", "0"],
+                "--threads='0' is not a thread count; accepted: auto or a whole number >= 1")
 
 
 @pytest.mark.parametrize("preset", available_presets())

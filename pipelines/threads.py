@@ -1,0 +1,125 @@
+"""How many torch intra-op threads a run uses: a number the user fixed, or ``auto``, the cores that other
+programs leave idle, looked at again after every iteration.
+
+Why not torch's default of one thread per core: torch's threads wait for each other at the end of every
+parallel region, so one that shares its core with another busy program holds up all of them. On a 2-core
+machine two MAPPO runs with 2 threads each ran 11x slower than one alone; with 1 thread each, about as
+fast as alone (``benchmarks/busy_machine.py``). ``auto`` gives an idle machine all its cores and drops a
+thread per core another program keeps busy, from the next iteration on.
+
+The choice, first that is set: ``marlkit train --threads`` (``auto`` or a number), ``$MARLKIT_THREADS``,
+``$OMP_NUM_THREADS`` (a number fixes the count, as it does for torch), else ``auto``. In the runs measured
+the count did not change any result (losses and weights bit-identical with 1 and 2 threads); fix it for
+bit-exact reproducibility on another BLAS or machine all the same.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+ENV_VAR = "MARLKIT_THREADS"
+WINDOW_S = 0.5
+"""How often ``auto`` looks at the load (at the next :func:`poll` after this long), and the span it averages
+over, so one busy moment does not flip the count while a new competitor costs at most about this long."""
+_active: ThreadGovernor | None = None
+"""The running ``auto`` governor: torch has one intra-op pool per process, so there is one at a time."""
+
+
+def thread_setting(value: str | None = None) -> int | None:
+    """``value`` (else ``$MARLKIT_THREADS``, else ``$OMP_NUM_THREADS``) as a fixed count, or None for auto;
+    raises ``ValueError`` naming the bad value."""
+    source = "--threads"
+    if value is None:
+        source, value = ENV_VAR, os.environ.get(ENV_VAR)
+        if not value:  # OpenMP's own variable, as torch reads it: the outermost level of "4,2"
+            first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+            return int(first) if first.isdigit() and int(first) >= 1 else None
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"{source}={value!r} is not a thread count; accepted: auto or a whole number >= 1")
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+class ThreadGovernor:
+    """Sets torch's intra-op thread count for a run and, in ``auto``, adapts it to the machine's load."""
+
+    def __init__(self, fixed: int | None):
+        self.fixed = fixed
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cpus = os.cpu_count() or self.cores  # /proc/stat counts every CPU, not just ours
+        self.changes = 0
+        if fixed is not None:
+            torch.set_num_threads(fixed)
+            return
+        self._mark()
+        time.sleep(0.1)  # a first look at the load, while this process is idle
+        torch.set_num_threads(self._idle_cores(self._measure()) or torch.get_num_threads())
+        self._mark()
+        global _active
+        _active = self
+
+    @property
+    def policy(self) -> str:
+        """``auto`` or ``fixed``."""
+        return "fixed" if self.fixed is not None else "auto"
+
+    def _mark(self) -> None:
+        self._wall, self._own, self._jiffies = time.perf_counter(), time.process_time(), _cpu_jiffies()
+
+    def _measure(self) -> float | None:
+        """Cores that other programs kept busy since the last mark (None where it cannot be told)."""
+        jiffies = _cpu_jiffies()
+        if jiffies is None or self._jiffies is None:
+            return None
+        busy, total = (now - before for now, before in zip(jiffies, self._jiffies))
+        wall, own = time.perf_counter() - self._wall, time.process_time() - self._own
+        if total <= 0 or wall <= 0:
+            return None
+        return max(0.0, busy / total * self.cpus - own / wall)
+
+    def _idle_cores(self, others: float | None) -> int | None:
+        if others is None:
+            return None
+        return max(1, min(self.cores, self.cores - int(others + 0.5)))
+
+    def poll(self) -> None:
+        """In ``auto``, once every :data:`WINDOW_S`: set the thread count from the load other programs put
+        on the machine since the last look (cheap otherwise: one clock read)."""
+        if self.fixed is not None or time.perf_counter() - self._wall < WINDOW_S:
+            return
+        wanted = self._idle_cores(self._measure())
+        if wanted is not None and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+            self.changes += 1
+        self._mark()
+
+    def close(self) -> None:
+        """The run is over: stop adapting (the count stays where it is)."""
+        global _active
+        if _active is self:
+            _active = None
+
+
+def poll() -> None:
+    """Let the running ``auto`` governor, if any, look at the load; called by every optimiser step
+    (:func:`~marlkit.pipelines.learners.gradient_step`) and at the end of every iteration, where torch's
+    threads do their work, so the loops need not know about threads."""
+    if _active is not None:
+        _active.poll()
