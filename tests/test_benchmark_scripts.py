@@ -139,3 +139,46 @@ def test_ppo_versions_compares_two_pythons():
     out = _run(str(BENCHMARKS / "ppo_versions.py"), "--other-python", sys.executable, "--envs", "2", "--steps", "5")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| quantity")]
     assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out  # the same TorchRL: no difference
+
+
+FAKE_TORCHRL_SCRIPT = '''"""Stands in for TorchRL's mappo_ippo.py: takes its Hydra overrides and iterates a Collector."""
+import sys
+from torchrl.collectors import Collector
+from marlkit.envs import make_env
+assert "collector.frames_per_batch=6000" in sys.argv and "train.minibatch_size=400" in sys.argv, sys.argv
+env = make_env("vmas/navigation", num_envs=2, n_agents=2, max_steps=5)
+for batch in Collector(env, None, frames_per_batch=20, total_frames=60):
+    pass
+'''
+
+
+def test_compare_anchors_times_both_and_tabulates(tmp_path):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "mappo_ippo.py").write_text(FAKE_TORCHRL_SCRIPT)
+    out = _run(str(BENCHMARKS / "compare_anchors.py"), "--algorithms", "mappo", "--systems", "marlkit,torchrl",
+               "--rounds", "1", "--threads", "1", "--frames", "6000", "--torchrl-scripts", str(scripts),
+               "--torchrl-python", sys.executable, "--out", str(tmp_path / "out"))
+    with (tmp_path / "out" / "runs.csv").open() as handle:
+        runs = {r["system"]: r for r in csv.DictReader(handle)}
+    assert runs["marlkit"]["frames"] == "6000" and runs["torchrl"]["frames"] == "60", runs  # the hook counted them
+    assert all(float(r["loop_s"]) > 0 and r["final_return"] != "nan" for r in runs.values()), runs
+    assert "| mappo | 1 | torchrl | 1 |" in out and "| mappo | 1 | marlkit | 1 |" in out, out
+    again = _run(str(BENCHMARKS / "compare_anchors.py"), "--table-only", "--out", str(tmp_path / "out"))
+    row = next(line for line in out.splitlines() if line.startswith("| mappo | 1 | torchrl |"))
+    assert row in again.splitlines(), again  # the table comes from runs.csv alone
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "compare_anchors.py"), "--systems", "rllib",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown system ['rllib']; accepted: marlkit, torchrl, benchmarl" in bad.stderr
+
+
+def test_busy_machine_prints_its_table():
+    out = _run(str(BENCHMARKS / "busy_machine.py"), "--frames", "6000", "--fixed", "1", "--loads", "idle")
+    assert "| default | idle |" in out and "| 1 | idle | 1 |" in out and "1.00x" in out, out
+
+
+def test_profile_mappo_prints_its_phases():
+    out = _run(str(BENCHMARKS / "profile_mappo.py"), "--iterations", "1", "--threads", "1")
+    for phase in ("collection", "GAE", "loss forward", "backward", "optimiser step", "end_iteration"):
+        assert f"| {phase}" in out, out
+    assert "bare MLPs of the same sizes" in out, out
