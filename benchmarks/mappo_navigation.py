@@ -2,8 +2,9 @@
 
 Runs the preset ``--runs`` times (seeds 0, 1, ...), each in a fresh process so peak memory is per
 run, and prints a table: loop frames/s, collection and training seconds, final mean episode reward
-(the last iteration's) and peak RSS, then the medians. Compare with shared/anchors.md: TorchRL's
-MAPPO script and BenchMARL reach ~1,830 frames/s and a final reward of 0.79-0.86 on this machine.
+(the last iteration's) and peak RSS, then the medians. For speed against TorchRL's script and BenchMARL,
+run ``compare_anchors.py``, which interleaves them on this machine; a figure from another day or
+machine compares nothing.
 
     python benchmarks/mappo_navigation.py [--runs 3] [--frames 120000] [--device cpu]
 """

@@ -3,8 +3,8 @@
 1. ``navigation-offpolicy`` preset for ``--nav-frames`` (30k: the anchors' budget), once with a
    1,000,000-frame replay buffer and once with a 10,000-frame one: loop frames/s, optimiser steps/s,
    mean reward, peak RSS. The buffers are memory-mapped files in the run directory, so peak RSS
-   should barely depend on their size. Anchors (shared/anchors.md): TorchRL's MADDPG script
-   802-1,044 frames/s, BenchMARL 865-918 frames/s.
+   should barely depend on their size. For speed against TorchRL's script and BenchMARL, run
+   ``compare_anchors.py`` (interleaved on this machine); figures from another day compare nothing.
 2. ``tag-competitive`` preset (3 chasers vs 1 evader, evader frozen halfway) for ``--tag-frames``:
    mean episode reward per group over each quarter of training; the chasers' must rise.
 

@@ -3,8 +3,8 @@
 30,000 frames, ``--runs`` times, each in a fresh process: loop frames/s, optimiser steps/s, peak RSS
 and minor page faults per optimiser step (a few hundred when freed memory is kept; set
 ``MARLKIT_KEEP_FREED_MEMORY=0`` to see the ~10,000 of glibc's defaults), then the median.
-Anchors (shared/anchors.md): TorchRL's QMIX script 1,991-2,089 frames/s and 404 MiB, BenchMARL
-2,109-2,136 frames/s and 454 MiB.
+For speed against TorchRL's script and BenchMARL, run ``compare_anchors.py`` (interleaved on this
+machine); figures from another day compare nothing.
 
     python benchmarks/qmix_navigation.py [--runs 3] [--frames 30000]
 """

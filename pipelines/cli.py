@@ -83,8 +83,8 @@ def _train_parser() -> argparse.ArgumentParser:
                                        "then plotted together into <run-dir>_seeds.png (marlkit sweep runs them at once)")
     train.add_argument("--threads", help="torch intra-op threads: a number, or auto (the default, unless "
                        "$MARLKIT_THREADS or $OMP_NUM_THREADS says otherwise): one per core other programs leave "
-                       "idle, looked at again every iteration, so runs sharing the cores do not slow each other "
-                       "down. Not part of the config; metrics.csv (system/torch_threads) and summary.json record it")
+                       "idle, looked at again every half second of training, so runs sharing the cores do not slow "
+                       "each other down. Not part of the config; metrics.csv (system/torch_threads) and summary.json record it")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
 

@@ -1,11 +1,12 @@
 """How many torch intra-op threads a run uses: a number the user fixed, or ``auto``, the cores that other
-programs leave idle, looked at again after every iteration.
+programs leave idle, looked at again every half second of training.
 
 Why not torch's default of one thread per core: torch's threads wait for each other at the end of every
 parallel region, so one that shares its core with another busy program holds up all of them. On a 2-core
 machine two MAPPO runs with 2 threads each ran 11x slower than one alone; with 1 thread each, about as
 fast as alone (``benchmarks/busy_machine.py``). ``auto`` gives an idle machine all its cores and drops a
-thread per core another program keeps busy, from the next iteration on.
+thread per core another program keeps busy, within about half a second. A run restores torch's count
+when it ends, so a notebook keeps its own setting.
 
 The choice, first that is set: ``marlkit train --threads`` (``auto`` or a number), ``$MARLKIT_THREADS``,
 ``$OMP_NUM_THREADS`` (a number fixes the count, as it does for torch), else ``auto``. In the runs measured
@@ -65,6 +66,7 @@ class ThreadGovernor:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.cpus = os.cpu_count() or self.cores  # /proc/stat counts every CPU, not just ours
         self.changes = 0
+        self._before = torch.get_num_threads()
         if fixed is not None:
             torch.set_num_threads(fixed)
             return
@@ -111,10 +113,11 @@ class ThreadGovernor:
         self._mark()
 
     def close(self) -> None:
-        """The run is over: stop adapting (the count stays where it is)."""
+        """The run is over: stop adapting and give torch back the count it had before the run."""
         global _active
         if _active is self:
             _active = None
+        torch.set_num_threads(self._before)
 
 
 def poll() -> None:

@@ -73,6 +73,8 @@ class FakeMachine:
 
 def test_auto_gives_the_idle_cores_and_follows_the_load(monkeypatch, keep_threads):
     machine = FakeMachine(monkeypatch, others=1.0, own=0.0)
+    torch.set_num_threads(2)
+    before = 2
     governor = ThreadGovernor(None)
     try:
         assert governor.policy == "auto" and torch.get_num_threads() == 3  # one of 4 cores is taken at the start
@@ -94,10 +96,11 @@ def test_auto_gives_the_idle_cores_and_follows_the_load(monkeypatch, keep_thread
         assert torch.get_num_threads() == 4 and governor.changes == 2  # its own threads never count as load
     finally:
         governor.close()
+    assert torch.get_num_threads() == before  # a run gives torch back the count it had
     machine.others, machine.own = 3.0, 1.0
     machine.advance(2.0)
     threads.poll()
-    assert torch.get_num_threads() == 4  # a closed governor no longer adapts
+    assert torch.get_num_threads() == before  # a closed governor no longer adapts
 
 
 def test_fixed_is_kept_whatever_the_load(monkeypatch, keep_threads):
@@ -108,6 +111,7 @@ def test_fixed_is_kept_whatever_the_load(monkeypatch, keep_threads):
     governor.poll()
     threads.poll()
     assert torch.get_num_threads() == 2 and governor.changes == 0
+    governor.close()
 
 
 @pytest.mark.parametrize("setting, policy", [("auto", "auto"), ("1", "fixed")])
