@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from _child import run_child
-from learning_vs_benchmarl import MADDPG, MAPPO, QMIX, run_benchmarl, Setting
+from learning_vs_benchmarl import MADDPG, MAPPO, marlkit_overrides, QMIX, run_benchmarl, Setting
 
 HERE = Path(__file__).resolve().parent
 SHARED_SCRIPTS = HERE.parent.parent / "shared" / "anchors" / "torchrl_multiagent"
@@ -121,8 +121,6 @@ FIELDS = ["algorithm", "threads", "round", "system", "frames", "loop_s", "frames
 def run_marlkit(algorithm: str, seed: int, work: Path) -> dict[str, float]:
     """One marlkit run in a fresh process."""
     setting = SETTINGS[algorithm]
-    from learning_vs_benchmarl import marlkit_overrides
-
     result = run_child(setting.marlkit_algorithm, None, marlkit_overrides(setting, TASK, seed, setting.frames), work)
     summary, rows = result["summary"], result["rows"]
     key = next(k for k in rows[-1] if k.endswith("/episode_reward_mean") and not k.startswith("eval/"))
