@@ -5,8 +5,9 @@ each load, and prints loop frames/s and the slowdown against the same setting on
 
 - loads: ``idle``; ``spinner`` (one other CPU-bound process, a Python busy loop); ``two-runs`` (a second,
   identical marlkit run at the same time, as ``--seeds`` in two terminals would do; both are reported);
-- settings: marlkit's default (``--threads`` unset: one per idle core when the run starts), and each
-  ``--threads`` value given with ``--fixed`` (torch's own default is one thread per core).
+- settings: marlkit's default, ``auto`` (the cores other programs leave idle, looked at again every half
+  second of training; ``MARLKIT_THREADS`` and ``OMP_NUM_THREADS`` are cleared for it), and each
+  ``--threads`` value given with ``--fixed`` (``--fixed 2`` on 2 cores is torch's own default).
 
     python benchmarks/busy_machine.py [--frames 24000] [--fixed 1,2] [--loads idle,spinner,two-runs]
 """
@@ -32,7 +33,8 @@ def train(run_dir: Path, frames: int, threads: int | None) -> subprocess.Popen:
            "--run-dir", str(run_dir), "logger.progress=false", f"collector.total_frames={frames}"]
     if threads is not None:
         cmd[5:5] = ["--threads", str(threads)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MARLKIT_THREADS", "OMP_NUM_THREADS")}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finished(proc: subprocess.Popen, run_dir: Path) -> dict:
