@@ -16,6 +16,7 @@ TensorDict, distribution or loss around them; what the loss step takes beyond it
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -51,8 +52,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import os
-
     from marlkit.pipelines import make_config
     from marlkit.pipelines.mappo import build_learners, checked_iterations
     from marlkit.pipelines.reporting import scalar_entries
