@@ -10,7 +10,9 @@ Tasks and their arms (algorithm, preset, overrides):
   (``navigation-matched``), ``maa2c`` (``navigation-a2c``), ``coma`` (``navigation-coma``).
 * ``memory`` (``probe/memory``: each of 2 agents sees a cue of 2 at the first step only and must name it
   ``k`` = 5, 10, 20 steps later; return 1 at best, 0.5 at chance): MAPPO with an ``mlp`` actor (no memory)
-  and a ``gru`` actor trained on whole-episode slices.
+  and a ``gru`` actor trained on whole-episode slices; QMIX (``qmix-mlp-k*``, ``qmix-gru-k*``) with MLP and
+  recurrent (DRQN) Q networks learnt from replayed whole-episode slices (the MLP arm samples as many
+  transitions per step).
 * ``gridworld-curriculum`` (MAPPO on the cooperative grid world, 2 agents, 3 targets, 100-step episodes):
   ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
   (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
@@ -79,6 +81,22 @@ def _memory(delay: int, kind: str) -> tuple[str, None, dict]:
                             "train.lr": 1e-3, "model.kind": kind, **({"model.seq_len": length} if kind != "mlp" else {})})
 
 
+def _memory_q(delay: int, kind: str) -> tuple[str, None, dict]:
+    """QMIX on probe/memory with cue-to-question ``delay``: the batches of :func:`_memory`, 50 optimiser steps
+    of 32 slices per batch, each slice one whole episode (replay.seq_len = delay + 1), epsilon 1 -> 0.05 over
+    the first 50,000 frames, PyMARL's lr 5e-4 and hard target updates every 200 steps."""
+    algorithm, _, mappo = _memory(delay, kind)
+    frames = mappo["collector.frames_per_batch"]
+    return ("qmix", None, {"env.name": "probe/memory", "env.delay": delay, "env.num_envs": 100,
+                           "collector.frames_per_batch": frames, "model.num_cells": [64, 64], "model.kind": kind,
+                           "train.optimiser_steps": 50, "train.lr": 5e-4, "replay.batch_size": 32,
+                           "replay.buffer_size": 100_000, "replay.memmap": False, "loss.gamma": 0.99,
+                           "loss.target_update": "hard", "loss.hard_update_interval": 200,
+                           "exploration.eps_init": 1.0, "exploration.eps_end": 0.05,
+                           "exploration.annealing_frames": 50_000,
+                           **({"replay.seq_len": delay + 1} if kind != "mlp" else {"replay.batch_size": 32 * (delay + 1)})})
+
+
 GRIDWORLD = {"env.name": "gridworld", "env.num_envs": 20, "env.max_steps": 100, "collector.frames_per_batch": 4000,
              "train.minibatch_size": 1000, "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
              "logger.eval_every": 1, "logger.eval_episodes": 20}
@@ -103,7 +121,8 @@ TASKS = {
               for kind in ("mlp", "commnet", "attention", "deepsets", "gnn")},
         key="agents/episode_reward_mean", default_arms="mlp,commnet,attention,deepsets,gnn", frames=60_000),
     "memory": Task(
-        arms={f"{kind}-k{k}": _memory(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")},
+        arms={**{f"{kind}-k{k}": _memory(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")},
+              **{f"qmix-{kind}-k{k}": _memory_q(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")}},
         key="agents/episode_reward_mean", default_arms="mlp-k5,gru-k5,mlp-k10,gru-k10,mlp-k20,gru-k20",
         frames=200_000),
 }

@@ -58,6 +58,9 @@ targets from the target critic) and ``loss_entropy``, weighted as in A2C.
 Team critics (MADDPG / MASAC with a team of several groups) read every team group's observation and
 action; :func:`add_partner_next_actions` fills in the partners' next actions their TD target needs.
 
+:func:`make_drqn_loss` (:mod:`.recurrent`) is IQL / VDN / QMIX with recurrent Q networks (DRQN), learnt
+from trajectory slices with stored states and burn-in.
+
 :func:`make_target_updater` keeps their target networks in step (soft, Polyak ``tau``, or hard).
 
 Given ``mask_key`` (``env.live_mask_key(g)``, i.e. ``(g, "mask")`` for PettingZoo envs whose agents
@@ -84,7 +87,9 @@ from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from marlkit.modules import action_indices, QTranJoint
 
-LOSS_CRITIC_TYPES = ("l1", "l2", "smooth_l1")
+from ._common import check_td_settings, LOSS_CRITIC_TYPES, MIXERS, TEAM
+from .recurrent import DRQNLoss, make_drqn_loss
+
 # The terms whose sum is minimised; everything else a loss returns is a diagnostic.
 PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 A2C_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
@@ -92,8 +97,6 @@ COMA_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
 DDPG_LOSS_TERMS = ("loss_actor", "loss_value")
 SAC_LOSS_TERMS = ("loss_actor", "loss_qvalue", "loss_alpha")
 TARGET_UPDATES = ("soft", "hard")
-MIXERS = ("vdn", "qmix")
-TEAM = "team"  # root entry holding a mixed group's team-level value, reward and flags
 
 __all__ = [
     "A2C_LOSS_TERMS",
@@ -120,6 +123,8 @@ __all__ = [
     "add_partner_next_actions",
     "make_ddpg_loss",
     "make_dqn_loss",
+    "DRQNLoss",
+    "make_drqn_loss",
     "make_qmixer_loss",
     "make_ppo_loss",
     "make_sac_loss",
@@ -143,16 +148,6 @@ def check_actor_critic_settings(gamma: float, lmbda: float, entropy_coef: float,
     if not (0.0 <= entropy_coef < math.inf and 0.0 <= critic_coef < math.inf):
         # a negative entropy bonus rewards collapsing the policy: always a sign flip, never a setting
         raise ValueError(f"entropy_coef ({entropy_coef}) and critic_coef ({critic_coef}) must be finite and >= 0")
-
-
-def check_td_settings(loss_function: str, gamma: float, prefix: str = "") -> None:
-    """Critic regression loss and discount: ``ValueError`` naming the bad value (``prefix``: its section)."""
-    if loss_function not in LOSS_CRITIC_TYPES:
-        raise ValueError(
-            f"{prefix}loss_function={loss_function!r} is not supported; accepted: {list(LOSS_CRITIC_TYPES)}"
-        )
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"{prefix}gamma must be in (0, 1], got {gamma}")
 
 
 def check_sac_settings(num_qvalue_nets: int, alpha_init: float, prefix: str = "") -> None:

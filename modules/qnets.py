@@ -12,6 +12,7 @@ from torchrl.envs import EnvBase
 from torchrl.modules import QValueModule
 
 from .encoders import _mlp, _observation_encoder, group_spec
+from .recurrent import MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule
 
 
 def discrete_actions(env: EnvBase, group: str, algorithm: str) -> int:
@@ -48,16 +49,27 @@ def make_q_network(
     device: torch.device | str | None = None,
     algorithm: str = "Q-learning",
     flatten_images: bool = False,
+    kind: str = "mlp",
 ) -> TensorDictSequential:
     """Per-agent action values and the greedy action for one group (masked when the env gives masks;
-    image observations through a conv net, or flat into the MLP with ``flatten_images``)."""
+    image observations through a conv net, or flat into the MLP with ``flatten_images``).
+
+    ``kind``: ``mlp``, or ``gru`` / ``lstm`` for agents with memory (DRQN: the first module is then a
+    :class:`.recurrent.RecurrentModule`, and the env needs :func:`.recurrent.state_primer`)."""
     n_actions = discrete_actions(env, group, algorithm)
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device, flatten_images)
-    mlp = _mlp(features, n_actions + int(dueling), n_agents, centralised=False, share_params=share_params,
-               num_cells=num_cells, activation=activation, device=device)
-    layers = [encoder, mlp, _DuelingHead()] if dueling else [encoder, mlp]
-    values = TensorDictModule(nn.Sequential(*layers), in_keys=[(group, "observation")],
-                              out_keys=[(group, "action_value")])
+    head = _DuelingHead() if dueling else None
+    if kind in RECURRENT_KINDS:
+        net = MultiAgentRecurrent(kind, features, n_actions + int(dueling), n_agents, num_cells=num_cells,
+                                  activation=activation, share_params=share_params, device=device)
+        values = RecurrentModule(net, encoder, group, [(group, "action_value")], head)
+    elif kind == "mlp":
+        mlp = _mlp(features, n_actions + int(dueling), n_agents, centralised=False, share_params=share_params,
+                   num_cells=num_cells, activation=activation, device=device)
+        values = TensorDictModule(nn.Sequential(encoder, mlp, *([head] if head else [])), in_keys=[(group, "observation")],
+                                  out_keys=[(group, "action_value")])
+    else:
+        raise ValueError(f"Q networks are mlp, gru or lstm; got kind={kind!r}")
     has_mask = (group, "action_mask") in env.full_observation_spec.keys(True, True)
     one_hot = isinstance(group_spec(env, group, "action"), OneHot)
     greedy = QValueModule(

@@ -62,18 +62,22 @@ def check_model_config(model: ModelConfig) -> None:
             raise ValueError(f"model.gnn_radius must be finite and > 0, got {model.gnn_radius}")
 
 
-RECURRENT_ALGORITHMS = ("mappo", "ippo")
+RECURRENT_ALGORITHMS = ("mappo", "ippo", "iql", "vdn", "qmix")
+RECURRENT_Q_ALGORITHMS = ("iql", "vdn", "qmix")  # DRQN: sequence replay (replay.seq_len, replay.burn_in)
 
 
 def check_recurrent(cfg: RunConfig) -> None:
-    """Where a recurrent actor (model.kind=gru|lstm) trains today, and the slices it trains on."""
+    """Where a recurrent network (model.kind=gru|lstm) trains today, and the slices it trains on."""
     kind = cfg.model.kind
     if cfg.algorithm not in RECURRENT_ALGORITHMS:
-        raise ValueError(f"model.kind={kind} trains with {' or '.join(RECURRENT_ALGORITHMS)} (minibatches of whole "
-                         f"sequences); {cfg.algorithm} takes model.kind=mlp, commnet, attention, deepsets or gnn")
+        takes = "mlp" if cfg.algorithm == "qtran" else "mlp, commnet, attention, deepsets or gnn"
+        raise ValueError(f"model.kind={kind} trains with {', '.join(RECURRENT_ALGORITHMS)} (learning from whole "
+                         f"sequences); {cfg.algorithm} takes model.kind={takes}")
     if cfg.collector.backend != "sync":
         raise ValueError(f"model.kind={kind} keeps each agent's state in this process's collector: use "
                          f"collector.backend=sync (got {cfg.collector.backend})")
+    if cfg.algorithm in RECURRENT_Q_ALGORITHMS:
+        return  # its slices are the replay's: checked by the Q-learning pipeline
     steps = cfg.collector.frames_per_batch // cfg.env.num_envs
     minibatch = getattr(getattr(cfg, "train", None), "minibatch_size", cfg.collector.frames_per_batch)
     if steps % cfg.model.seq_len or minibatch % cfg.model.seq_len:

@@ -21,8 +21,9 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
-from marlkit.losses import (make_dqn_loss, make_qmixer_loss, make_qtran_loss, make_target_updater, make_team_mixer_loss, TEAM)
-from marlkit.modules import EpsilonGreedy, group_spec, make_q_network, make_qtran_joint
+from marlkit.losses import (make_dqn_loss, make_drqn_loss, make_qmixer_loss, make_qtran_loss, make_target_updater,
+                            make_team_mixer_loss, TEAM)
+from marlkit.modules import EpsilonGreedy, group_spec, make_q_network, make_qtran_joint, RECURRENT_KINDS
 from marlkit.modules.exploration import AnnealedTogether, check_epsilon
 from marlkit.pipelines.checks import check_discrete_vmas
 from marlkit.pipelines.config import ModelConfig
@@ -36,7 +37,7 @@ from marlkit.pipelines.offpolicy import (
     ReplayConfig,
     start_offpolicy,
 )
-from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SharedReplay
+from marlkit.pipelines.replay import check_sharing, ExperienceSelector, SequenceReplay, SharedReplay
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
 from marlkit.pipelines.session import end_iteration, finish_run
 
@@ -83,6 +84,12 @@ class QReplayConfig(ReplayConfig):
     new_priority: float | None = None
     """Priority of newly stored transitions: None = the largest seen so far (Schaul et al.); a number
     fixes it (1.0 as RLlib, which the SUPER paper used)."""
+    seq_len: int | None = None
+    """Recurrent Q networks (model.kind=gru|lstm, DRQN): trained steps per replayed slice of a trajectory;
+    None = model.seq_len. replay.batch_size then counts slices."""
+    burn_in: int = 0
+    """Recurrent Q networks: steps before each slice's trained ones that only warm its stored state up
+    (R2D2's burn-in); slices start every seq_len steps and overlap by burn_in."""
 
 
 @dataclass
@@ -90,7 +97,8 @@ class QLossConfig(OffPolicyLossConfig):
     """TD(0) Q-learning targets and target networks."""
 
     double_dqn: bool = True
-    """IQL: pick the next action with the online net, value it with the target net."""
+    """IQL (and VDN / QMIX with recurrent Q networks): pick the next action with the online net, value it
+    with the target net."""
     lambda_opt: float = 1.0
     """QTRAN: weight of L_opt (the summed agent values match the joint value at the greedy joint action)."""
     lambda_nopt: float = 0.1
@@ -139,10 +147,12 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if s.mode != "none" and cfg.algorithm != "iql":
         raise ValueError(f"sharing.mode={s.mode!r} shares between independent learners: use algorithm=iql")
     check_epsilon(x.eps_init, x.eps_end, x.annealing_frames, prefix="exploration.")
-    if cfg.model.kind != "mlp":
-        raise ValueError(f"model.kind={cfg.model.kind} picks an actor's network; {cfg.algorithm}'s Q networks are MLPs: "
-                         "use model.kind=mlp, or an actor-critic (mappo, ippo, maa2c, coma, maddpg, masac) to learn "
-                         "a communicating policy")
+    if cfg.model.kind in RECURRENT_KINDS:
+        check_sequences(cfg)
+    elif cfg.model.kind != "mlp":
+        raise ValueError(f"model.kind={cfg.model.kind} picks an actor's network; {cfg.algorithm}'s Q networks are MLPs "
+                         "or recurrent (gru, lstm): use model.kind=mlp, gru or lstm, or an actor-critic (mappo, ippo, "
+                         "maa2c, coma, maddpg, masac) to learn a communicating policy")
     if cfg.algorithm == "qtran" and not (0.0 <= cfg.loss.lambda_opt < math.inf and 0.0 <= cfg.loss.lambda_nopt < math.inf):
         raise ValueError(f"loss.lambda_opt ({cfg.loss.lambda_opt}) and loss.lambda_nopt ({cfg.loss.lambda_nopt}) "
                          "must be finite and >= 0")
@@ -153,6 +163,35 @@ def checked_iterations(cfg: QlearningConfig) -> int:
     if r.alpha < 0 or not 0.0 <= r.beta <= 1.0:
         raise ValueError(f"replay.alpha must be >= 0 and replay.beta in [0, 1], got {r.alpha}, {r.beta}")
     return iterations
+
+
+def sequence_length(cfg: QlearningConfig) -> int:
+    """The trained steps of each replayed slice (DRQN): replay.seq_len, or model.seq_len when unset."""
+    return cfg.model.seq_len if cfg.replay.seq_len is None else cfg.replay.seq_len
+
+
+def check_sequences(cfg: QlearningConfig) -> None:
+    """DRQN's slices: lengths, how they tile a collected batch, and what cannot take them yet."""
+    r, seq_len = cfg.replay, sequence_length(cfg)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"replay.seq_len must be an integer >= 1 (or null: model.seq_len), got {seq_len!r}")
+    if isinstance(r.burn_in, bool) or not isinstance(r.burn_in, int) or r.burn_in < 0:
+        raise ValueError(f"replay.burn_in must be an integer >= 0, got {r.burn_in!r}")
+    steps, length = cfg.collector.frames_per_batch // cfg.env.num_envs, r.burn_in + seq_len
+    if steps < length or (steps - r.burn_in) % seq_len:
+        raise ValueError(f"replay.burn_in + replay.seq_len = {r.burn_in} + {seq_len} must fit the {steps} steps each env "
+                         "copy collects per batch (collector.frames_per_batch / env.num_envs), with seq_len dividing "
+                         f"the {steps} - burn_in steps after the burn-in: e.g. replay.seq_len={steps - r.burn_in}")
+    if r.buffer_size < r.batch_size * length:
+        raise ValueError(f"replay.buffer_size={r.buffer_size} transitions hold fewer than replay.batch_size={r.batch_size} "
+                         f"slices of {length} steps; raise replay.buffer_size to at least {r.batch_size * length}")
+    if cfg.sharing.mode != "none":
+        raise ValueError(f"sharing.mode={cfg.sharing.mode} relays single transitions between agents' buffers; recurrent "
+                         "Q networks (DRQN) learn from slices of one agent's trajectory and do not share yet: use "
+                         "sharing.mode=none, or model.kind=mlp to share")
+    if cfg.env.teams and any(len(members) > 1 for members in cfg.env.teams.values()):
+        raise ValueError(f"model.kind={cfg.model.kind} mixes one group's agents; env.teams joins groups "
+                         f"{dict(cfg.env.teams)}: leave env.teams empty, or use model.kind=mlp for a team of groups")
 
 
 def _score_with(loss, group: str):
@@ -179,7 +218,7 @@ def _q_network(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.dev
     m = cfg.model
     return make_q_network(env, group, num_cells=m.num_cells, activation=m.activation, share_params=m.share_params,
                           dueling=m.dueling, device=device, algorithm=cfg.algorithm,
-                          flatten_images=m.image_encoder == "flatten")
+                          flatten_images=m.image_encoder == "flatten", kind=m.kind)
 
 
 def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
@@ -203,6 +242,8 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
     n_agents = env.n_agents(group)
     explore = _epsilon_greedy(env, group, cfg, device)
     prioritized = {"prioritized": r.prioritized, "alpha": r.alpha, "beta": r.beta, "new_priority": r.new_priority}
+    if m.kind in RECURRENT_KINDS:
+        return _recurrent_group(env, group, cfg, device, scratch_dir, q_net, explore, prioritized)
     if cfg.algorithm == "iql":
         loss = make_dqn_loss(q_net, group, gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
                              mask_key=env.live_mask_key(group))
@@ -235,6 +276,28 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
         replay = group_replay(cfg, group, scratch_dir, device, team=True, state=has_state, **prioritized)
     updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
     return Learner(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, priority_key)
+
+
+def _recurrent_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.device, scratch_dir: Path | None,
+                     q_net: TensorDictSequential, explore: EpsilonGreedy, prioritized: dict) -> Learner:
+    """DRQN for one group: the recurrent Q network's loss over replayed slices (mixed for VDN / QMIX)."""
+    m, lc, r = cfg.model, cfg.loss, cfg.replay
+    if env.live_mask_key(group) is not None:
+        raise ValueError(f"{cfg.env.name}: agents of group {group!r} can leave mid-episode, which recurrent Q networks "
+                         "do not handle yet; use model.kind=mlp")
+    mixer = None if cfg.algorithm == "iql" else cfg.algorithm
+    has_state, state_shape = _state(env)
+    if not has_state:
+        state_shape = tuple(group_spec(env, group, "observation").shape)
+    loss = make_drqn_loss(q_net[0], group, n_agents=env.n_agents(group), mixer=mixer,
+                          state_key="state" if has_state else (group, "observation"), state_shape=state_shape,
+                          gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
+                          burn_in=r.burn_in, mixing_embed_dim=m.mixing_embed_dim)
+    replay = SequenceReplay(group, r.buffer_size, r.batch_size, seq_len=sequence_length(cfg), burn_in=r.burn_in,
+                            scratch_dir=scratch_dir if r.memmap else None, device=device, team=mixer is not None,
+                            state=has_state, **prioritized)
+    updater = make_target_updater(loss, mode=lc.target_update, tau=lc.tau, hard_update_interval=lc.hard_update_interval)
+    return Learner(TensorDictSequential(q_net, explore), loss, updater, ("loss",), replay, explore, loss.priority_key)
 
 
 def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig, device: torch.device,

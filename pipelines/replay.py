@@ -27,6 +27,7 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, Re
 from torchrl.data.replay_buffers.samplers import Sampler
 
 from marlkit.losses import team_entries
+from marlkit.modules.recurrent import STATE_KEY
 
 from .checkpoint import space_guarded
 
@@ -190,8 +191,9 @@ def _overwritten_since(directory: Path, saved: dict[str, Any], capacity: int) ->
 
 
 def transitions(batch: TensorDictBase, groups: list[str], *, partners: list[str] = (), team: bool = False,
-                state: bool = False) -> TensorDictBase:
-    """The part of a collected ``[envs, time]`` batch a loss reads, flattened to ``[frames]``.
+                state: bool = False, recurrent: bool = False) -> TensorDictBase:
+    """The part of a collected ``[envs, time]`` batch a loss reads, flattened to ``[frames]`` (with
+    ``recurrent``, kept ``[envs, time]`` with each group's stored ``rnn_state`` and ``step_count``).
 
     For each of ``groups``: observations, actions, rewards and flags, action masks and the live-agent
     mask ``(g, "mask")`` when the env has them. For each of ``partners`` (the other groups of a team
@@ -212,10 +214,12 @@ def transitions(batch: TensorDictBase, groups: list[str], *, partners: list[str]
         keys += ["state", ("next", "state")]
     if team:
         keys += [("next", "done"), ("next", "terminated")]
+    if recurrent:
+        keys += [(group, STATE_KEY) for group in groups] + ["step_count"]
     out = batch.select(*keys)
     if team:
         team_entries(out, groups)
-    return out.reshape(-1)
+    return out if recurrent else out.reshape(-1)
 
 
 class GroupReplay:
@@ -281,10 +285,8 @@ class GroupReplay:
         on_disk = [(buffer, directory) for buffer, directory in self._buffers() if directory is not None]
         if not on_disk:
             return
-        one = transitions(example, self.groups, partners=self.partners, team=self.team, state=self.state)[:1]
-        per_transition = sum(t.numel() * t.element_size() for t in one.values(True, True))
         # SUPER's per-agent buffers each keep one agent's share of a transition: the same total
-        needed = on_disk[0][0].storage.max_size * per_transition
+        needed = on_disk[0][0].storage.max_size * self.item_bytes(example)
         folder = on_disk[0][1]
         existing = next(p for p in [folder, *folder.parents] if p.exists())
         free = shutil.disk_usage(existing).free
@@ -292,6 +294,11 @@ class GroupReplay:
             raise ValueError(f"the replay buffers need {needed / 2**30:.2f} GiB under {folder} when full, but only "
                              f"{free / 2**30:.2f} GiB is free; lower replay.buffer_size, free space, or set "
                              "replay.memmap=false (in memory)")
+
+    def item_bytes(self, example: TensorDictBase) -> int:
+        """Bytes of one stored item (a transition), from one collected step ``example``."""
+        one = transitions(example, self.groups, partners=self.partners, team=self.team, state=self.state)[:1]
+        return sum(t.numel() * t.element_size() for t in one.values(True, True))
 
     def _load_flushed(self) -> None:
         for buffer, directory in self._buffers():
@@ -333,6 +340,57 @@ class GroupReplay:
     def priorities(self) -> torch.Tensor:
         """The sampler's current priorities (prioritized buffers only)."""
         return self.buffer.sampler.priorities
+
+
+class SequenceReplay(GroupReplay):
+    """A group's replay of trajectory slices for recurrent Q networks (DRQN).
+
+    Each env copy's steps of a collected batch are cut into slices of ``burn_in + seq_len`` steps,
+    one starting every ``seq_len`` steps after the first ``burn_in``: the slices overlap by ``burn_in``,
+    so every step after a batch's first ``burn_in`` is trained on exactly once, and each slice keeps the
+    agents' states stored at its steps (its first one is where the network starts). ``buffer_size``
+    counts transitions (``buffer_size // (burn_in + seq_len)`` slices); ``batch_size`` counts slices;
+    priorities are per slice, the largest |TD| of its trained steps.
+    """
+
+    def __init__(self, group: str, buffer_size: int, batch_size: int, *, seq_len: int, burn_in: int, **kwargs: Any):
+        self.seq_len, self.burn_in = seq_len, burn_in
+        super().__init__(group, buffer_size // (burn_in + seq_len), batch_size, **kwargs)
+
+    def slices(self, batch: TensorDictBase) -> TensorDictBase:
+        """``[envs, time]`` -> ``[slices, burn_in + seq_len]``."""
+        data = transitions(batch, self.groups, team=self.team, state=self.state, recurrent=True)
+        steps = data.shape[1]
+        starts = torch.arange(self.burn_in, steps - self.seq_len + 1, self.seq_len, device=data.device) - self.burn_in
+        index = starts.unsqueeze(1) + torch.arange(self.burn_in + self.seq_len, device=data.device)
+        return data[:, index].reshape(-1, index.shape[1])
+
+    def item_bytes(self, example: TensorDictBase) -> int:
+        """Bytes of one stored slice."""
+        one = transitions(example, self.groups, team=self.team, state=self.state, recurrent=True)[:1, :1]
+        return (self.burn_in + self.seq_len) * sum(t.numel() * t.element_size() for t in one.values(True, True))
+
+    def extend(self, batch: TensorDictBase) -> dict[str, float]:
+        data = self.slices(batch)
+        _mark_writes(self.buffer, self.scratch_dir, data.shape[0])
+        self.buffer.extend(data)
+        return {}
+
+    def sample(self) -> TensorDictBase:
+        """A minibatch of slices; with priorities it carries each slice's ``priority_weight`` and ``index``,
+        repeated along its steps."""
+        data, info = self.buffer.sample(return_info=True)
+        data = data.to(self.device)
+        if self.prioritized:
+            for key, value in (("index", torch.as_tensor(info["index"])), ("priority_weight", info["priority_weight"])):
+                data.set(key, value.to(self.device).unsqueeze(1).expand(data.shape))
+        return data
+
+    def update_priority(self, minibatch: TensorDictBase, squared_td_error: torch.Tensor) -> None:
+        """Each slice's priority: the largest |TD| over its trained steps and agents."""
+        if self.prioritized:
+            priority = squared_td_error.detach().reshape(minibatch.shape[0], -1).amax(-1).sqrt()
+            self.buffer.update_priority(minibatch.get("index")[:, 0], priority)
 
 
 def check_sharing(mode: str, beta: float, window: int) -> None:

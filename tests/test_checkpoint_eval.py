@@ -137,6 +137,8 @@ RESUME_CASES = [
     ("happo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2"]),
     ("mappo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2",
                "model.kind=gru", "model.seq_len=5"]),  # each agent's state carried through the checkpoint
+    ("iql", ["--env", "gridworld", "model.kind=gru", "replay.seq_len=4", "replay.burn_in=2", "replay.batch_size=4",
+             "replay.prioritized=true", "train.optimiser_steps=2", "exploration.annealing_frames=200"]),  # DRQN
     ("qtran", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2",
                "exploration.annealing_frames=200", "loss.target_update=hard", "loss.hard_update_interval=3"]),
     ("iql", ["--env", "pettingzoo/sisl/pursuit_v5", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",

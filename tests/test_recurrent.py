@@ -91,7 +91,8 @@ def test_mlp_weights_do_not_fit_a_recurrent_network():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["train", "iql", "--env", "probe/memory", "model.kind=gru"], r"model.kind=gru trains with mappo or ippo"),
+    (["train", "maddpg", "--env", "vmas/navigation", "model.kind=gru"],
+     r"model.kind=gru trains with mappo, ippo, iql, vdn, qmix \(learning from whole sequences\); maddpg takes model.kind=mlp, commnet"),
     (["train", "mappo", "--env", "probe/memory", "model.kind=gru", "model.seq_len=7", "env.num_envs=10",
       "collector.frames_per_batch=300", "train.minibatch_size=100"],
      r"model.seq_len=7 must divide the steps each env copy collects per batch \(30 .*\) and train.minibatch_size \(100\)"),
