@@ -88,7 +88,7 @@ from torchrl.objectives.value.functional import td_lambda_return_estimate
 from marlkit.modules import action_indices, QTranJoint
 
 from ._common import check_td_settings, LOSS_CRITIC_TYPES, MIXERS, TEAM
-from .recurrent import DRQNLoss, make_drqn_loss
+from .recurrent import DRQNLoss, estimate_advantages, make_drqn_loss
 
 # The terms whose sum is minimised; everything else a loss returns is a diagnostic.
 PPO_LOSS_TERMS = ("loss_objective", "loss_critic", "loss_entropy")
@@ -125,6 +125,7 @@ __all__ = [
     "make_dqn_loss",
     "DRQNLoss",
     "make_drqn_loss",
+    "estimate_advantages",
     "make_qmixer_loss",
     "make_ppo_loss",
     "make_sac_loss",

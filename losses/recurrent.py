@@ -18,6 +18,9 @@ observations).
 * VDN / QMIX mix the agents' chosen values at every step of the slice (TorchRL's ``VDNMixer`` /
   ``QMixer``), the target mixer their next values, against the team reward.
 
+:func:`estimate_advantages` is GAE for the PPO / A2C losses, exact with a recurrent value critic in the same
+way: each next observation valued from the state after its own step.
+
 The loss returns ``loss`` and writes the squared TD error at ``(g, "td_error")`` (IQL, per agent) or
 ``(TEAM, "td_error")`` (VDN / QMIX), zero on burn-in steps, for sequence priorities.
 """
@@ -29,10 +32,10 @@ from tensordict import NestedKey, TensorDict, TensorDictBase, TensorDictParams
 from torch import nn
 from torchrl.modules import QMixer, VDNMixer
 from torchrl.objectives import LossModule
+from torchrl.objectives.value import GAE
 from torchrl.objectives.utils import distance_loss
 
 from marlkit.modules import RecurrentModule
-from marlkit.modules.recurrent import STATE_KEY
 
 from ._common import check_td_settings, MIXERS, TEAM
 
@@ -58,23 +61,6 @@ class DRQNLoss(LossModule):
             self.convert_to_functional(mixer, "mixer_network", create_target_params=True)
         self.priority_key = (TEAM, "td_error") if self.has_mixer else (group, "td_error")
 
-    def _unroll(self, data: TensorDictBase, params: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
-        """Action values ``[N, T, n, A]`` over the slices and the states after each step ``[N, T, n, S]``."""
-        g = self.group
-        td = data.select((g, "observation"), (g, STATE_KEY), "step_count").clone(False)
-        with params.to_module(self.value_network):
-            self.value_network(td)
-        return td.get((g, "action_value")), td.get(("next", g, STATE_KEY))
-
-    def _next_values(self, data: TensorDictBase, states: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
-        """Action values of every next observation, each from the state after its own step: one batched step."""
-        g, (n, t) = self.group, data.batch_size
-        step = TensorDict({g: {"observation": data.get(("next", g, "observation")).flatten(0, 1),
-                               STATE_KEY: states.flatten(0, 1)}}, batch_size=[n * t])
-        with params.to_module(self.value_network):
-            self.value_network(step)
-        return step.get((g, "action_value")).unflatten(0, (n, t))
-
     def _mix(self, chosen: torch.Tensor, data: TensorDictBase, params: TensorDictBase, next_: bool) -> torch.Tensor:
         inputs = [chosen]
         if self.mixer_network.needs_state:
@@ -87,13 +73,14 @@ class DRQNLoss(LossModule):
         g = self.group
         if tensordict.batch_dims != 2:
             raise ValueError(f"DRQNLoss takes [sequences, time] minibatches, got {tuple(tensordict.batch_size)}")
-        q, states = self._unroll(tensordict, self.value_network_params)
-        action = tensordict.get((g, "action")).long().unsqueeze(-1)
-        chosen = q.gather(-1, action)  # [N, T, n, 1]
+        key, net = (g, "action_value"), self.value_network
+        with self.value_network_params.to_module(net):
+            q, next_online = net.along_with_next(tensordict, key)
+        chosen = q.gather(-1, tensordict.get((g, "action")).long().unsqueeze(-1))  # [N, T, n, 1]
         with torch.no_grad():
-            _, target_states = self._unroll(tensordict, self.target_value_network_params)
-            next_target = self._next_values(tensordict, target_states, self.target_value_network_params)
-            chooser = self._next_values(tensordict, states, self.value_network_params) if self.double_dqn else next_target
+            with self.target_value_network_params.to_module(net):
+                _, next_target = net.along_with_next(tensordict, key)
+            chooser = next_online if self.double_dqn else next_target
             mask_key = ("next", g, "action_mask")
             if mask_key in tensordict.keys(True):
                 chooser = chooser.masked_fill(~tensordict.get(mask_key), -torch.inf)
@@ -118,6 +105,25 @@ class DRQNLoss(LossModule):
         loss = (error * weight).sum() / trained.expand_as(predicted).sum()
         tensordict.set(self.priority_key, (predicted - target).detach().pow(2) * trained)
         return TensorDict({"loss": loss}, [])
+
+
+def estimate_advantages(loss: LossModule, batch: TensorDictBase) -> None:
+    """GAE over a collected ``[envs, time]`` batch with the PPO / A2C ``loss``'s own estimator; a recurrent
+    critic's values come from :meth:`RecurrentModule.along_with_next` (each step from the state it had while
+    collecting, each next observation from the state after its step), then the same GAE runs on them."""
+    critic, estimator = loss.critic_network, loss.value_estimator
+    if not isinstance(critic, RecurrentModule):
+        estimator(batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params)
+        return
+    keys = estimator.tensor_keys
+    with torch.no_grad(), loss.critic_network_params.to_module(critic):
+        value, next_value = critic.along_with_next(batch, keys.value)
+    batch.set(keys.value, value)
+    batch.set(("next", *keys.value), next_value)
+    on_values = GAE(gamma=estimator.gamma, lmbda=estimator.lmbda, value_network=None, average_gae=estimator.average_gae)
+    on_values.set_keys(**{name: getattr(keys, name) for name in
+                          ("advantage", "value_target", "value", "reward", "done", "terminated")})
+    on_values(batch)
 
 
 def make_drqn_loss(q_values: RecurrentModule, group: str, *, n_agents: int, mixer: str | None = None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 from .actors import continuous_action_bounds, make_deterministic_actor, make_stochastic_actor
 from .comm import (agent_net, AttentionComm, COMM_KINDS, CommNet, DeepSets, GNN_TOPOLOGIES, GRAPH_EXTRA, GraphNet,
                    MODEL_KINDS, require_torch_geometric)
-from .recurrent import MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule, state_primer, state_size
+from .recurrent import CRITIC_STATE_KEY, MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule, state_primer, state_size
 from .critics import ComaCritic, make_coma_critic, make_q_critic, make_qtran_joint, make_value_critic, QTranJoint
 from .encoders import action_indices, ACTIVATIONS, activation_class, group_spec, make_encoder
 from .exploration import AnnealedTogether, EpsilonGreedy, GaussianNoise
@@ -50,6 +50,7 @@ __all__ = [
     "GRAPH_EXTRA",
     "GraphNet",
     "MODEL_KINDS",
+    "CRITIC_STATE_KEY",
     "MultiAgentRecurrent",
     "RECURRENT_KINDS",
     "RecurrentModule",

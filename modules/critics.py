@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tensordict.nn import TensorDictModule
+from tensordict.nn import TensorDictModule, TensorDictModuleBase
 from torch import nn
 from torchrl.envs import EnvBase
 
@@ -14,6 +14,7 @@ from torchrl.modules import MLP
 
 from .encoders import _mlp, _observation_encoder, action_indices, activation_class, group_spec, make_encoder
 from .qnets import discrete_actions
+from .recurrent import CRITIC_STATE_KEY, MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule
 
 
 class _TeamCritic(nn.Module):
@@ -82,17 +83,28 @@ def make_value_critic(
     share_params: bool = True,
     device: torch.device | str | None = None,
     team: Sequence[str] | None = None,
-) -> TensorDictModule:
+    kind: str = "mlp",
+) -> TensorDictModuleBase:
     """State-value network for one group: ``(group, "observation")`` -> ``(group, "state_value")``.
 
     ``centralised=True`` (MAPPO) lets every agent's value see all agents' observations of the group;
     ``False`` (IPPO) sees only its own. ``team`` (groups, ``group`` first) widens a centralised critic
     to every group of the team: it then reads ``(g, "observation")`` for each ``g`` of the team.
+    ``kind``: ``mlp``, or ``gru`` / ``lstm``: a recurrent critic (:class:`.recurrent.RecurrentModule`) with
+    its own state at ``(group, "critic_rnn_state")`` (the env needs its :func:`.recurrent.state_primer`).
     """
     if centralised and team is not None and len(team) > 1:
+        if kind != "mlp":
+            raise ValueError(f"a recurrent critic ({kind}) reads one group; the team {list(team)} needs critic kind mlp")
         return _team_critic(env, team, (group, "state_value"), with_actions=False, num_cells=num_cells,
                             activation=activation, share_params=share_params, device=device)
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)
+    if kind in RECURRENT_KINDS:
+        net = MultiAgentRecurrent(kind, features, 1, n_agents, num_cells=num_cells, activation=activation,
+                                  share_params=share_params, device=device, centralised=centralised)
+        return RecurrentModule(net, encoder, group, [(group, "state_value")], state_key=CRITIC_STATE_KEY)
+    if kind != "mlp":
+        raise ValueError(f"critic kind {kind!r}; accepted: mlp, {', '.join(RECURRENT_KINDS)}")
     mlp = _mlp(features, 1, n_agents, centralised=centralised, share_params=share_params,
                num_cells=num_cells, activation=activation, device=device)
     return TensorDictModule(

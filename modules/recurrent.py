@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 from torchrl.data import Composite, Unbounded
@@ -34,6 +34,7 @@ from .encoders import activation_class
 
 RECURRENT_KINDS = ("gru", "lstm")
 STATE_KEY = "rnn_state"
+CRITIC_STATE_KEY = "critic_rnn_state"  # a recurrent value critic's own state, beside the actor's
 
 
 def state_size(kind: str, num_cells: Sequence[int]) -> int:
@@ -43,16 +44,17 @@ def state_size(kind: str, num_cells: Sequence[int]) -> int:
 
 class MultiAgentRecurrent(nn.Module):
     """Encoder MLP -> GRU / LSTM cell -> linear head, for ``[*B, n_agents, in]`` inputs; weights shared by
-    a group's agents or one set per agent (``share_params``)."""
+    a group's agents or one set per agent (``share_params``); ``centralised``: every agent's encoder reads
+    all the group's inputs (a MAPPO critic)."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, n_agents: int, *, num_cells: Sequence[int],
-                 activation: str, share_params: bool, device: Any = None):
+                 activation: str, share_params: bool, device: Any = None, centralised: bool = False):
         super().__init__()
         if kind not in RECURRENT_KINDS:
             raise ValueError(f"recurrent kind {kind!r}; accepted: {', '.join(RECURRENT_KINDS)}")
         self.kind, self.hidden = kind, num_cells[-1]
         self.encoder = nn.Sequential(
-            MultiAgentMLP(n_agent_inputs=in_features, n_agent_outputs=self.hidden, n_agents=n_agents, centralized=False,
+            MultiAgentMLP(n_agent_inputs=in_features, n_agent_outputs=self.hidden, n_agents=n_agents, centralized=centralised,
                           share_params=share_params, num_cells=list(num_cells[:-1]),
                           activation_class=activation_class(activation), device=device),
             activation_class(activation)())
@@ -106,20 +108,21 @@ class MultiAgentRecurrent(nn.Module):
 
 class RecurrentModule(TensorDictModuleBase):
     """A group's recurrent network as a TensorDict module: reads ``(group, "observation")``,
-    ``(group, "rnn_state")`` and ``step_count``; writes ``out_keys`` (``post`` splits the head's output,
-    e.g. a ``NormalParamExtractor`` into loc and scale) and ``("next", group, "rnn_state")``."""
+    ``(group, state_key)`` and ``step_count``; writes ``out_keys`` (``post`` splits the head's output,
+    e.g. a ``NormalParamExtractor`` into loc and scale) and ``("next", group, state_key)``."""
 
-    def __init__(self, net: MultiAgentRecurrent, encoder: nn.Module, group: str, out_keys: list, post: nn.Module | None = None):
+    def __init__(self, net: MultiAgentRecurrent, encoder: nn.Module, group: str, out_keys: list, post: nn.Module | None = None,
+                 state_key: str = STATE_KEY):
         super().__init__()
         self.net, self.obs_encoder, self.post = net, encoder, post
-        self.group = group
-        self.in_keys = [(group, "observation"), (group, STATE_KEY), "step_count"]
-        self.out_keys = [*out_keys, ("next", group, STATE_KEY)]
+        self.group, self.state_key = group, state_key
+        self.in_keys = [(group, "observation"), (group, state_key), "step_count"]
+        self.out_keys = [*out_keys, ("next", group, state_key)]
         self._outputs = out_keys
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         obs = self.obs_encoder(tensordict.get((self.group, "observation")))
-        state = tensordict.get((self.group, STATE_KEY))
+        state = tensordict.get((self.group, self.state_key))
         if tensordict.batch_dims == 2:  # [sequences, time]
             first = tensordict.get("step_count").reshape(tensordict.batch_size) == 0
             out, states = self.net(obs, state[:, 0], first)
@@ -131,14 +134,28 @@ class RecurrentModule(TensorDictModuleBase):
         values = values if isinstance(values, tuple) else (values,)
         for key, value in zip(self._outputs, values):
             tensordict.set(key, value)
-        tensordict.set(("next", self.group, STATE_KEY), states)
+        tensordict.set(("next", self.group, self.state_key), states)
         return tensordict
 
+    def along_with_next(self, data: TensorDictBase, key: NestedKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """Over ``[N, T]`` slices: ``key`` at every step (a sequence run from each slice's stored state) and,
+        without gradient, at every step's next observation from the state after that step (one batched
+        step), as TD targets need it: right across episode boundaries and for truncated episodes."""
+        g, (n, t) = self.group, data.batch_size
+        td = data.select((g, "observation"), (g, self.state_key), "step_count").clone(False)
+        self(td)
+        states = td.get(("next", g, self.state_key))
+        step = TensorDict({g: {"observation": data.get(("next", g, "observation")).flatten(0, 1),
+                               self.state_key: states.flatten(0, 1)}}, batch_size=[n * t])
+        with torch.no_grad():
+            self(step)
+        return td.get(key), step.get(key).unflatten(0, (n, t))
 
-def state_primer(env: EnvBase, kind: str, num_cells: Sequence[int]) -> TensorDictPrimer:
-    """The primer that gives every group of ``env`` a zero ``(group, "rnn_state")`` at each reset."""
+
+def state_primer(env: EnvBase, kind: str, num_cells: Sequence[int], key: str = STATE_KEY) -> TensorDictPrimer:
+    """The primer that gives every group of ``env`` a zero ``(group, key)`` at each reset."""
     size, batch = state_size(kind, num_cells), tuple(env.batch_size)
-    specs = {group: Composite({STATE_KEY: Unbounded(shape=(*batch, len(agents), size), device=env.device)},
+    specs = {group: Composite({key: Unbounded(shape=(*batch, len(agents), size), device=env.device)},
                               shape=(*batch, len(agents)))
              for group, agents in env.group_map.items()}
     return TensorDictPrimer(Composite(specs, shape=batch), reset_key="_reset")

@@ -50,7 +50,9 @@ def check_model_config(model: ModelConfig) -> None:
         if not model.share_params:
             raise ValueError(f"model.kind={model.kind} shares one network across a group's agents (it is what lets "
                              "them read each other's messages); set model.share_params=true")
-    if model.kind in RECURRENT_KINDS and (isinstance(model.seq_len, bool) or not isinstance(model.seq_len, int)
+    if model.critic_kind not in ("mlp", *RECURRENT_KINDS):
+        raise ValueError(f"model.critic_kind={model.critic_kind!r}; accepted: mlp, {', '.join(RECURRENT_KINDS)}")
+    if recurrent(model) and (isinstance(model.seq_len, bool) or not isinstance(model.seq_len, int)
                                           or model.seq_len < 1):
         raise ValueError(f"model.seq_len must be an integer >= 1, got {model.seq_len!r}")
     if model.kind == "gnn":
@@ -63,13 +65,27 @@ def check_model_config(model: ModelConfig) -> None:
 
 
 RECURRENT_ALGORITHMS = ("mappo", "ippo", "iql", "vdn", "qmix")
+RECURRENT_CRITIC_ALGORITHMS = ("mappo", "ippo")
+
+
+def recurrent(model: ModelConfig) -> bool:
+    """Whether the actor (or Q network) or the value critic carries a state (trains on sequences)."""
+    return model.kind in RECURRENT_KINDS or model.critic_kind in RECURRENT_KINDS
+
+
 RECURRENT_Q_ALGORITHMS = ("iql", "vdn", "qmix")  # DRQN: sequence replay (replay.seq_len, replay.burn_in)
 
 
 def check_recurrent(cfg: RunConfig) -> None:
-    """Where a recurrent network (model.kind=gru|lstm) trains today, and the slices it trains on."""
+    """Where a recurrent network (model.kind or model.critic_kind gru|lstm) trains today, and the slices it
+    trains on."""
     kind = cfg.model.kind
-    if cfg.algorithm not in RECURRENT_ALGORITHMS:
+    if cfg.model.critic_kind in RECURRENT_KINDS and cfg.algorithm not in RECURRENT_CRITIC_ALGORITHMS:
+        raise ValueError(f"model.critic_kind={cfg.model.critic_kind} is a recurrent value critic for "
+                         f"{' or '.join(RECURRENT_CRITIC_ALGORITHMS)}; {cfg.algorithm} takes model.critic_kind=mlp")
+    if kind not in RECURRENT_KINDS:
+        kind = f"mlp with model.critic_kind={cfg.model.critic_kind}"
+    elif cfg.algorithm not in RECURRENT_ALGORITHMS:
         takes = "mlp" if cfg.algorithm == "qtran" else "mlp, commnet, attention, deepsets or gnn"
         raise ValueError(f"model.kind={kind} trains with {', '.join(RECURRENT_ALGORITHMS)} (learning from whole "
                          f"sequences); {cfg.algorithm} takes model.kind={takes}")
@@ -112,7 +128,7 @@ def check_common(cfg: RunConfig) -> int:
         raise ValueError(f"env.curriculum changes the env between iterations in this process; collector.backend="
                          f"{cfg.collector.backend} steps copies built once in its workers: use collector.backend=sync")
     check_model_config(cfg.model)
-    if cfg.model.kind in RECURRENT_KINDS:
+    if recurrent(cfg.model):
         check_recurrent(cfg)
     device_of(cfg.device)
     check_logger_config(cfg.logger)

@@ -79,6 +79,10 @@ class ModelConfig:
     """Agents of a group share one actor network."""
     critic_share_params: bool = True
     """Agents of a group share one critic network."""
+    critic_kind: str = "mlp"
+    """Value critic network (MAPPO / IPPO): mlp, or gru / lstm, a recurrent critic with its own state
+    at (group, "critic_rnn_state"), run while collecting and trained on the same slices of model.seq_len
+    steps as a recurrent actor."""
     kind: str = "mlp"
     """Actor network: mlp (each agent on its own observation), commnet (CommNet: agents exchange the mean
     of the others' hidden states), attention (TarMAC-style: each agent attends over the others'

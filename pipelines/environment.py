@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from marlkit.envs import check_env_name, importable, make_env, MultiAgentEnv, split_env_name
-from marlkit.modules import RECURRENT_KINDS, state_primer
+from marlkit.modules import CRITIC_STATE_KEY, RECURRENT_KINDS, state_primer
 
 from .config import EnvConfig, ModelConfig
 from .curriculum import parse_curriculum, stage_env_config, stage_seed
@@ -93,6 +93,8 @@ def build_env(env_cfg: EnvConfig, *, device: str | torch.device, seed: int,
         raise ValueError(f"{env_cfg.name} has no agents to train (groups: {env.group_map})")
     if model is not None and model.kind in RECURRENT_KINDS:
         env.append_transform(state_primer(env, model.kind, model.num_cells))
+    if model is not None and model.critic_kind in RECURRENT_KINDS:
+        env.append_transform(state_primer(env, model.critic_kind, model.num_cells, key=CRITIC_STATE_KEY))
     return env
 
 

@@ -41,6 +41,9 @@ class Learner:
     """Where the loss writes the TD error that updates replay priorities, or None."""
     partners: dict[str, Any] = field(default_factory=dict)
     """Team critics: the other team groups' actors, which give their next actions to the TD target."""
+    collecting: TensorDictModuleBase | None = None
+    """What also runs after the policy while collecting, never when acting (a recurrent value critic,
+    whose state must follow each episode), or None."""
     networks: tuple[str, ...] = ()
     """The loss's parameter sets (attribute names such as ``actor_network_params``) that
     :func:`gradient_step` clips one by one when asked to; empty: one norm over all parameters."""
@@ -58,7 +61,7 @@ def actor_and_critic(env: EnvBase, group: str, cfg: RunConfig, *, centralised: b
                                   share_params=model.share_params, device=device, **model.net_options())
     critic = make_value_critic(env, group, centralised=centralised, num_cells=model.num_cells,
                                activation=model.activation, share_params=model.critic_share_params, device=device,
-                               team=team_of(cfg.env.teams, group))
+                               team=team_of(cfg.env.teams, group), kind=model.critic_kind)
     return actor, critic
 
 

@@ -17,9 +17,9 @@ from tensordict import TensorDictBase
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 from torchrl.envs import EnvBase
 
-from marlkit.losses import make_ppo_loss, PPO_LOSS_TERMS
+from marlkit.losses import estimate_advantages, make_ppo_loss, PPO_LOSS_TERMS
 from marlkit.modules import RECURRENT_KINDS
-from marlkit.pipelines.checks import check_common, check_on_policy, check_optimiser
+from marlkit.pipelines.checks import check_common, check_on_policy, check_optimiser, recurrent
 from marlkit.pipelines.config import RunConfig
 from marlkit.pipelines.learners import actor_and_critic, gradient_step, Learner
 from marlkit.pipelines.reporting import scalar_entries, TrainResult
@@ -123,7 +123,9 @@ def build_group(env: EnvBase, group: str, cfg: MappoConfig, device: torch.device
                          loss_critic_type=lc.loss_critic_type, normalize_advantage=lc.normalize_advantage,
                          normalize_value_target=lc.normalize_value_target,
                          mask_key=env.live_mask_key(group))  # agents that died leave the loss
-    return Learner(actor, loss, None, PPO_LOSS_TERMS, networks=PPO_NETWORKS)
+    # A recurrent critic runs while collecting too, so its state follows each episode as the actor's does.
+    collecting = critic if cfg.model.critic_kind in RECURRENT_KINDS else None
+    return Learner(actor, loss, None, PPO_LOSS_TERMS, networks=PPO_NETWORKS, collecting=collecting)
 
 
 def build_learners(env: EnvBase, cfg: MappoConfig, device: torch.device, buffers: Path | None = None) -> dict[str, Learner]:
@@ -140,17 +142,15 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size
     training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps, derived={
         "centralised_critic": cfg.centralised_critic, "minibatches_per_epoch": minibatches})
-    # A recurrent actor learns from slices of seq_len steps (each with its stored first state), so a
-    # minibatch holds minibatch_size / seq_len whole slices instead of single steps.
-    seq_len = cfg.model.seq_len if cfg.model.kind in RECURRENT_KINDS else 1
+    # A recurrent actor or critic learns from slices of seq_len steps (each with its stored first state), so
+    # a minibatch holds minibatch_size / seq_len whole slices instead of single steps.
+    seq_len = cfg.model.seq_len if recurrent(cfg.model) else 1
     buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch // seq_len, device=run.device),
                           sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size // seq_len)
     for iteration, batch in training.batches(run):
         with torch.no_grad():
             for learner in learners.values():  # GAE writes (group, "advantage") and (group, "value_target")
-                loss = learner.loss
-                loss.value_estimator(batch, params=loss.critic_network_params,
-                                     target_params=loss.target_critic_network_params)
+                estimate_advantages(learner.loss, batch)
         buffer.empty()  # this batch only; the sampler starts afresh, so a resumed run samples the same
         buffer.extend(batch.reshape(-1) if seq_len == 1 else batch.reshape(-1, seq_len))
         terms: dict[str, list[TensorDictBase]] = {group: [] for group in learners}

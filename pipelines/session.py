@@ -88,6 +88,8 @@ class Training:
     per agent and one per critic)."""
     policy: TensorDictSequential
     """Every learner's acting policy, in turn."""
+    collecting: TensorDictSequential
+    """What the collector runs: each learner's policy, then what it also runs while collecting."""
     collector: BaseCollector
     """Yields one batch per iteration (``collector.backend`` chooses which TorchRL collector)."""
     reporter: Reporter
@@ -128,7 +130,7 @@ class Training:
         self.collector.shutdown()  # closes the old env
         run.env = build_env(stage_env_config(run.cfg.env, stage), device=run.device, seed=stage_seed(run.cfg.seed, stage),
                             model=run.cfg.model)
-        self.collector = make_collector(run.env, self.policy, run.cfg, device=run.device, start_iteration=iteration)
+        self.collector = make_collector(run.env, self.collecting, run.cfg, device=run.device, start_iteration=iteration)
         if self.evaluator.env is not None:
             self.evaluator.use_env(stage_env_config(run.cfg.env, stage))
         self.curriculum.env_stage = stage
@@ -178,7 +180,9 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     if state is not None:
         restore_training(state, dict(learners), optimisers)
     policy = TensorDictSequential(*(learner.policy for learner in learners.values()))
-    collector = make_collector(run.env, policy, run.cfg, device=run.device, init_random_frames=init_random_frames,
+    collecting = TensorDictSequential(*(module for learner in learners.values()
+                                        for module in (learner.policy, learner.collecting) if module is not None))
+    collector = make_collector(run.env, collecting, run.cfg, device=run.device, init_random_frames=init_random_frames,
                                start_iteration=run.start.iteration)
     run.dir.create(run.cfg, extra={"iterations": run.iterations, "groups": run.env.group_map, **(derived or {})})
     reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
@@ -192,7 +196,7 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
             evaluator.use_env(stage_env_config(run.cfg.env, curriculum.env_stage))
     if state is not None:
         restore_rollout(state, run.env, collector)
-    training = Training(optimisers, policy, collector, reporter, evaluator, checkpointer, curriculum)
+    training = Training(optimisers, policy, collecting, collector, reporter, evaluator, checkpointer, curriculum)
     training.catch_stop_signals()
     return training
 

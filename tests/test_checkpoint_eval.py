@@ -137,6 +137,8 @@ RESUME_CASES = [
     ("happo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2"]),
     ("mappo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2",
                "model.kind=gru", "model.seq_len=5"]),  # each agent's state carried through the checkpoint
+    ("ippo", ["--env", "vmas/navigation", "env.n_agents=2", "train.minibatch_size=20", "train.num_epochs=2",
+              "model.critic_kind=lstm", "model.seq_len=5"]),  # the critic's state too
     ("iql", ["--env", "gridworld", "model.kind=gru", "replay.seq_len=4", "replay.burn_in=2", "replay.batch_size=4",
              "replay.prioritized=true", "train.optimiser_steps=2", "exploration.annealing_frames=200"]),  # DRQN
     ("qtran", ["--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2",

@@ -73,7 +73,9 @@ def test_mlp_memory_check_can_fail():
 
 
 @pytest.mark.parametrize("algorithm,kind,extra", [("mappo", "gru", {}), ("ippo", "lstm", {}),
-                                                   ("mappo", "lstm", {"model.share_params": False})])
+                                                   ("mappo", "lstm", {"model.share_params": False}),
+                                                   ("mappo", "mlp", {"model.critic_kind": "gru"}),
+                                                   ("ippo", "gru", {"model.critic_kind": "lstm"})])
 def test_recurrent_actor_trains_and_evaluates(algorithm, kind, extra, tiny_config, tmp_run_dir, read_metrics, capsys):
     cfg = tiny_config(algorithm, "vmas/navigation", tmp_run_dir, **{"env.n_agents": 2, "env.max_steps": 12,
                       "model.kind": kind, "model.seq_len": 5, "logger.eval_every": 1, "logger.eval_episodes": 2, **extra})
@@ -97,6 +99,10 @@ def test_mlp_weights_do_not_fit_a_recurrent_network():
       "collector.frames_per_batch=300", "train.minibatch_size=100"],
      r"model.seq_len=7 must divide the steps each env copy collects per batch \(30 .*\) and train.minibatch_size \(100\)"),
     (["train", "mappo", "--env", "probe/memory", "model.kind=gru", "model.seq_len=0"], r"model.seq_len must be an integer >= 1"),
+    (["train", "maddpg", "--env", "vmas/navigation", "model.critic_kind=gru"],
+     r"model.critic_kind=gru is a recurrent value critic for mappo or ippo; maddpg takes model.critic_kind=mlp"),
+    (["train", "mappo", "--env", "probe/memory", "model.critic_kind=transformer"],
+     r"model.critic_kind='transformer'; accepted: mlp, gru, lstm"),
     (["train", "mappo", "--env", "probe/memory", "model.kind=lstm", "collector.backend=multiprocess",
       "collector.workers=2"], r"model.kind=lstm keeps each agent's state in this process's collector: use collector.backend=sync"),
 ])
@@ -111,3 +117,52 @@ def test_export_refuses_a_recurrent_policy(tiny_config, tmp_run_dir, capsys):
     with pytest.raises(SystemExit):
         cli_main(["export", str(tmp_run_dir), "--format", "pt2"])
     assert "has a recurrent policy (model.kind=gru)" in capsys.readouterr().err
+
+
+def _gae_reference(value, next_value, reward, done, terminated, gamma, lmbda):
+    """GAE written out step by step backwards over the time dim (dim 1)."""
+    advantage, running = torch.zeros_like(value), torch.zeros_like(value[:, 0])
+    for t in reversed(range(value.shape[1])):
+        delta = reward[:, t] + gamma * (~terminated[:, t]).float() * next_value[:, t] - value[:, t]
+        running = delta + gamma * lmbda * (~done[:, t]).float() * running
+        advantage[:, t] = running
+    return advantage
+
+
+@pytest.mark.parametrize("centralised", [True, False])
+def test_recurrent_critic_values_each_next_observation_from_the_state_after_its_step(centralised):
+    from tensordict import TensorDict
+    from tensordict.nn import TensorDictSequential
+
+    from marlkit.losses import estimate_advantages, make_ppo_loss
+    from marlkit.modules import CRITIC_STATE_KEY, make_value_critic
+
+    torch.manual_seed(0)
+    env = _memory_env(num_envs=3)  # 4-step episodes
+    env.append_transform(state_primer(env, "lstm", [8], key=CRITIC_STATE_KEY))
+    actor = make_stochastic_actor(env, "agents", num_cells=[8], kind="gru")
+    critic = make_value_critic(env, "agents", centralised=centralised, num_cells=[8], kind="lstm")
+    with torch.no_grad():
+        batch = env.rollout(3, TensorDictSequential(actor, critic), break_when_any_done=False)  # 3 steps: fill the state
+        batch = env.rollout(9, TensorDictSequential(actor, critic), auto_reset=False, tensordict=batch[:, -1]["next"].clone(),
+                            break_when_any_done=False)  # starts mid-episode, with a state, crosses two boundaries
+    loss = make_ppo_loss(actor, critic, "agents", gamma=0.9, lmbda=0.8)
+    with torch.no_grad():
+        estimate_advantages(loss, batch)
+    g, key = "agents", CRITIC_STATE_KEY
+    state, values, next_values = batch[g, key][:, 0], [], []
+    with torch.no_grad():
+        for t in range(batch.shape[1]):
+            state = torch.where((batch["step_count"][:, t] == 0).view(-1, 1, 1), torch.zeros_like(state), state)
+            out = critic(TensorDict({g: {"observation": batch[g, "observation"][:, t], key: state}}, batch_size=[3]))
+            values.append(out[g, "state_value"])
+            state = out["next", g, key]
+            nxt = critic(TensorDict({g: {"observation": batch["next", g, "observation"][:, t], key: state}}, batch_size=[3]))
+            next_values.append(nxt[g, "state_value"])
+    value, next_value = torch.stack(values, 1), torch.stack(next_values, 1)
+    assert batch["step_count"][:, 1:].eq(0).any()  # the batch does cross episode boundaries
+    torch.testing.assert_close(batch[g, "state_value"], value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batch["next", g, "state_value"], next_value, rtol=0, atol=1e-6)
+    expected = _gae_reference(value, next_value, batch["next", g, "reward"], batch["next", g, "done"],
+                              batch["next", g, "terminated"], 0.9, 0.8)
+    torch.testing.assert_close(batch[g, "advantage"], expected, rtol=1e-5, atol=1e-6)
