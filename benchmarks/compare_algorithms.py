@@ -13,6 +13,8 @@ Tasks and their arms (algorithm, preset, overrides):
   and a ``gru`` actor trained on whole-episode slices; QMIX (``qmix-mlp-k*``, ``qmix-gru-k*``) with MLP and
   recurrent (DRQN) Q networks learnt from replayed whole-episode slices (the MLP arm samples as many
   transitions per step).
+* ``reference`` (MPE ``simple_reference``: each of 2 agents must reach the landmark only the other knows,
+  told through discrete "say" actions; partially observable): MAPPO with an ``mlp`` and a ``gru`` actor.
 * ``gridworld-curriculum`` (MAPPO on the cooperative grid world, 2 agents, 3 targets, 100-step episodes):
   ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
   (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
@@ -97,6 +99,15 @@ def _memory_q(delay: int, kind: str) -> tuple[str, None, dict]:
                            **({"replay.seq_len": delay + 1} if kind != "mlp" else {"replay.batch_size": 32 * (delay + 1)})})
 
 
+# MPE simple_reference (2 agents, 3 landmarks: each agent's goal is known only to the other, who can say it
+# through its discrete actions), a standard partially observable task, with speaker-listener's MAPPO settings;
+# the gru arm trains on whole 25-step episodes (model.seq_len).
+REFERENCE = {"env.name": "pettingzoo/mpe2/simple_reference_v3", "env.num_envs": 32, "env.max_steps": 25,
+             "collector.frames_per_batch": 3200, "model.num_cells": [64, 64], "loss.gamma": 0.99, "loss.lmbda": 0.95,
+             "loss.entropy_coef": 0.01, "train.lr": 7e-4, "train.max_grad_norm": 10.0, "train.num_epochs": 10,
+             "train.minibatch_size": 800}
+
+
 GRIDWORLD = {"env.name": "gridworld", "env.num_envs": 20, "env.max_steps": 100, "collector.frames_per_batch": 4000,
              "train.minibatch_size": 1000, "train.num_epochs": 4, "model.num_cells": [64, 64], "loss.entropy_coef": 0.01,
              "logger.eval_every": 1, "logger.eval_episodes": 20}
@@ -120,6 +131,9 @@ TASKS = {
         arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind})
               for kind in ("mlp", "commnet", "attention", "deepsets", "gnn")},
         key="agents/episode_reward_mean", default_arms="mlp,commnet,attention,deepsets,gnn", frames=60_000),
+    "reference": Task(
+        arms={"mlp": ("mappo", None, REFERENCE), "gru": ("mappo", None, {**REFERENCE, "model.kind": "gru", "model.seq_len": 25})},
+        key="agent/episode_reward_mean", default_arms="mlp,gru", frames=102_400),
     "memory": Task(
         arms={**{f"{kind}-k{k}": _memory(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")},
               **{f"qmix-{kind}-k{k}": _memory_q(k, kind) for k in (5, 10, 20) for kind in ("mlp", "gru")}},
