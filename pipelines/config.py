@@ -89,12 +89,14 @@ class ModelConfig:
     messages), deepsets (each agent next to the group's mean) or gnn (GATv2 message passing over a graph
     of the agents; the [graph] extra): all four use one set of weights for any number of agents and
     learn what to exchange through the actor's own loss. gru or lstm: each agent keeps a recurrent state
-    across the steps of an episode (MAPPO / IPPO, trained on whole slices of model.seq_len steps)."""
+    across the steps of an episode (MAPPO / IPPO, trained on whole slices of model.seq_len steps; IQL / VDN /
+    QMIX: DRQN, replayed slices of replay.seq_len steps)."""
     comm_rounds: int = 2
     """Rounds of message exchange (commnet, attention) or message-passing layers (gnn)."""
     seq_len: int = 10
     """gru / lstm: steps per training sequence (a slice of a trajectory, with its stored initial state);
-    it divides the steps each env copy collects per batch, and the minibatch size."""
+    it divides the steps each env copy collects per batch, and the minibatch size (DRQN: the default of
+    replay.seq_len)."""
     gnn_topology: str = "full"
     """gnn edges: full (every pair of agents) or radius (agents closer than gnn_radius)."""
     gnn_radius: float = 0.5
