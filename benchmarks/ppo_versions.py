@@ -7,7 +7,12 @@ plain TorchRL parts, loads the weights and computes GAE (gamma 0.99, lambda 0.9)
 (clip 0.2, L2 critic) on the first 400 frames, with the gradient norms of actor and critic. It prints the
 largest absolute difference of each quantity between the two.
 
+``--marlkit-task TASK`` checks the other half: marlkit's own MAPPO learner (actor, critic and loss built by
+``pipelines/mappo.py`` from ``learning_vs_benchmarl``'s settings for TASK) against the same plain TorchRL
+parts carrying its weights, on one batch of TASK collected by marlkit's env and policy.
+
     python benchmarks/ppo_versions.py [--other-python /tmp/benchmarl-venv/bin/python] [--envs 60] [--steps 100]
+    python benchmarks/ppo_versions.py --marlkit-task dispersion
 """
 
 from __future__ import annotations
@@ -73,6 +78,11 @@ def worker(mode: str, path: Path, envs: int, steps: int) -> None:
                   value_target=("agents", "value_target"), value=("agents", "state_value"),
                   sample_log_prob=("agents", "sample_log_prob"))
     loss.make_value_estimator(ValueEstimators.GAE, gamma=0.99, lmbda=0.9)
+    torch.save(gae_and_loss(loss, batch), path / f"res_{mode}.pt")
+
+
+def gae_and_loss(loss, batch) -> dict[str, torch.Tensor]:
+    """GAE over ``batch``, then the loss and its gradient norms on its first 400 frames."""
     with torch.no_grad():
         loss.value_estimator(batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params)
     out = loss(batch.reshape(-1)[:400])
@@ -81,10 +91,50 @@ def worker(mode: str, path: Path, envs: int, steps: int) -> None:
     def norm(params) -> torch.Tensor:
         return torch.stack([p.grad.norm() for p in params.values(True, True)]).norm()
 
-    torch.save({"advantage": batch["agents", "advantage"], "value_target": batch["agents", "value_target"],
-                "loss_objective": out["loss_objective"].detach(), "loss_critic": out["loss_critic"].detach(),
-                "actor_grad_norm": norm(loss.actor_network_params), "critic_grad_norm": norm(loss.critic_network_params)},
-               path / f"res_{mode}.pt")
+    return {"advantage": batch["agents", "advantage"], "value_target": batch["agents", "value_target"],
+            "loss_objective": out["loss_objective"].detach(), "loss_critic": out["loss_critic"].detach(),
+            "actor_grad_norm": norm(loss.actor_network_params), "critic_grad_norm": norm(loss.critic_network_params)}
+
+
+def marlkit_against_plain(task: str, envs: int, steps: int) -> None:
+    """marlkit's MAPPO learner for ``task`` against plain TorchRL parts with its weights, on one batch."""
+    from learning_vs_benchmarl import ARMS, MAPPO, marlkit_overrides
+    from torchrl.envs.libs.vmas import VmasEnv
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+    from torchrl.objectives import ClipPPOLoss, ValueEstimators
+
+    from marlkit.pipelines import make_config
+    from marlkit.pipelines.environment import build_env
+    from marlkit.pipelines.mappo import build_group
+
+    torch.manual_seed(0)
+    cfg = make_config("mappo", None, {**marlkit_overrides(MAPPO, task, 0, 300_000), **ARMS["marlkit"], "env.num_envs": envs})
+    env = build_env(cfg.env, device="cpu", seed=0, model=cfg.model)
+    marlkit = build_group(env, "agents", cfg, torch.device("cpu")).loss
+    n_agents = len(env.group_map["agents"])
+    actor, critic = modules(VmasEnv(task, num_envs=1, continuous_actions=True, **cfg.env.kwargs), n_agents)
+    with torch.no_grad():
+        for plain, ours in ((actor, marlkit.actor_network), (critic, marlkit.critic_network)):
+            for p, q in zip(plain.parameters(), ours.parameters(), strict=True):
+                p.copy_(q)
+        with set_exploration_type(ExplorationType.RANDOM):
+            batch = env.rollout(steps, marlkit.actor_network, break_when_any_done=False)
+    plain_batch = batch.clone()
+    plain_batch["agents", "sample_log_prob"] = plain_batch["agents", "action_log_prob"]
+    plain = ClipPPOLoss(actor_network=actor, critic_network=critic, clip_epsilon=0.2, entropy_bonus=False,
+                        critic_coeff=1.0, loss_critic_type="l2", normalize_advantage=False)
+    plain.set_keys(reward=("agents", "reward"), action=("agents", "action"), done=("agents", "done"),
+                   terminated=("agents", "terminated"), advantage=("agents", "advantage"),
+                   value_target=("agents", "value_target"), value=("agents", "state_value"),
+                   sample_log_prob=("agents", "sample_log_prob"))
+    plain.make_value_estimator(ValueEstimators.GAE, gamma=cfg.loss.gamma, lmbda=cfg.loss.lmbda)
+    ours, theirs = gae_and_loss(marlkit, batch), gae_and_loss(plain, plain_batch)
+    print(f"marlkit's MAPPO learner against plain TorchRL parts with its weights, one {task} batch of {envs} x {steps} "
+          f"collected by marlkit (episodes ended: {int(batch['next', 'done'].sum())})\n")
+    print("| quantity | mean size | largest difference |")
+    print("|---|---|---|")
+    for key, value in ours.items():
+        print(f"| {key} | {float(value.abs().mean()):.6g} | {float((value - theirs[key]).abs().max()):.3g} |")
 
 
 def main() -> None:
@@ -92,8 +142,12 @@ def main() -> None:
     parser.add_argument("--other-python", default="/tmp/benchmarl-venv/bin/python")
     parser.add_argument("--envs", type=int, default=60)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--marlkit-task", default=None, help="compare marlkit's learner with plain TorchRL on this task")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.marlkit_task:
+        marlkit_against_plain(args.marlkit_task, args.envs, args.steps)
+        return
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]), args.envs, args.steps)
         return

@@ -141,6 +141,12 @@ def test_ppo_versions_compares_two_pythons():
     assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out  # the same TorchRL: no difference
 
 
+def test_ppo_versions_checks_marlkits_learner_against_plain_torchrl():
+    out = _run(str(BENCHMARKS / "ppo_versions.py"), "--marlkit-task", "dispersion", "--envs", "2", "--steps", "5")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| quantity")]
+    assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out
+
+
 FAKE_TORCHRL_SCRIPT = '''"""Stands in for TorchRL's mappo_ippo.py: takes its Hydra overrides and iterates a Collector."""
 import sys
 from torchrl.collectors import Collector
