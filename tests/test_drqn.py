@@ -114,8 +114,8 @@ def test_burn_in_steps_only_warm_the_state_up():
     ("qmix", "gru", {"replay.burn_in": 1, "replay.seq_len": 3, "model.share_params": False}),
 ])
 def test_recurrent_q_learning_trains_and_evaluates(algorithm, kind, extra, tiny_config, tmp_run_dir, read_metrics, capsys):
-    cfg = tiny_config(algorithm, "probe/memory", tmp_run_dir, num_envs=4, frames_per_batch=40, iterations=3,
-                      **{"model.kind": kind, "model.seq_len": 5, "replay.batch_size": 4, "logger.eval_every": 1,
+    cfg = tiny_config(algorithm, "gridworld", tmp_run_dir, num_envs=4, frames_per_batch=40, iterations=3,
+                      **{"env.max_steps": 12, "model.kind": kind, "model.seq_len": 5, "replay.batch_size": 4, "logger.eval_every": 1,
                          "logger.eval_episodes": 2, **extra})
     result = pipeline_for(algorithm).train(cfg)
     rows = read_metrics(tmp_run_dir)
@@ -123,6 +123,8 @@ def test_recurrent_q_learning_trains_and_evaluates(algorithm, kind, extra, tiny_
     assert rows[-1]["agents/loss"] != "" and rows[-1]["eval/agents/episode_reward_mean"] != ""
     assert cli_main(["eval", str(tmp_run_dir), "--episodes", "3"]) == 0
     assert "agents: mean return" in capsys.readouterr().out
+    assert cli_main(["render", str(tmp_run_dir), "--steps", "4", "--out", str(tmp_run_dir / "v.gif")]) == 0
+    assert (tmp_run_dir / "v.gif").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args,match", [
