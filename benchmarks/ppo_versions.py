@@ -52,7 +52,6 @@ def worker(mode: str, path: Path, envs: int, steps: int) -> None:
     from tensordict import TensorDict
     from torchrl.envs.libs.vmas import VmasEnv
     from torchrl.envs.utils import ExplorationType, set_exploration_type
-    from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
     torch.manual_seed(0)
     env = VmasEnv("balance", num_envs=envs, continuous_actions=True, max_steps=100, seed=0, n_agents=3)
@@ -71,14 +70,22 @@ def worker(mode: str, path: Path, envs: int, steps: int) -> None:
                 p.copy_(q)
     for flag in ("done", "terminated"):
         batch["next", "agents", flag] = batch["next", flag].unsqueeze(-1).expand(envs, steps, 3, 1)
+    torch.save(gae_and_loss(plain_loss(actor, critic, 0.99, 0.9), batch), path / f"res_{mode}.pt")
+
+
+def plain_loss(actor, critic, gamma: float, lmbda: float):
+    """TorchRL's ClipPPOLoss (clip 0.2, L2 critic, no entropy, no advantage normalisation) with GAE."""
+    from torchrl.objectives import ClipPPOLoss, ValueEstimators
+
+
     loss = ClipPPOLoss(actor_network=actor, critic_network=critic, clip_epsilon=0.2, entropy_bonus=False,
                        critic_coeff=1.0, loss_critic_type="l2", normalize_advantage=False)
     loss.set_keys(reward=("agents", "reward"), action=("agents", "action"), done=("agents", "done"),
                   terminated=("agents", "terminated"), advantage=("agents", "advantage"),
                   value_target=("agents", "value_target"), value=("agents", "state_value"),
                   sample_log_prob=("agents", "sample_log_prob"))
-    loss.make_value_estimator(ValueEstimators.GAE, gamma=0.99, lmbda=0.9)
-    torch.save(gae_and_loss(loss, batch), path / f"res_{mode}.pt")
+    loss.make_value_estimator(ValueEstimators.GAE, gamma=gamma, lmbda=lmbda)
+    return loss
 
 
 def gae_and_loss(loss, batch) -> dict[str, torch.Tensor]:
@@ -101,7 +108,6 @@ def marlkit_against_plain(task: str, envs: int, steps: int) -> None:
     from learning_vs_benchmarl import ARMS, MAPPO, marlkit_overrides
     from torchrl.envs.libs.vmas import VmasEnv
     from torchrl.envs.utils import ExplorationType, set_exploration_type
-    from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
     from marlkit.pipelines import make_config
     from marlkit.pipelines.environment import build_env
@@ -121,13 +127,7 @@ def marlkit_against_plain(task: str, envs: int, steps: int) -> None:
             batch = env.rollout(steps, marlkit.actor_network, break_when_any_done=False)
     plain_batch = batch.clone()
     plain_batch["agents", "sample_log_prob"] = plain_batch["agents", "action_log_prob"]
-    plain = ClipPPOLoss(actor_network=actor, critic_network=critic, clip_epsilon=0.2, entropy_bonus=False,
-                        critic_coeff=1.0, loss_critic_type="l2", normalize_advantage=False)
-    plain.set_keys(reward=("agents", "reward"), action=("agents", "action"), done=("agents", "done"),
-                   terminated=("agents", "terminated"), advantage=("agents", "advantage"),
-                   value_target=("agents", "value_target"), value=("agents", "state_value"),
-                   sample_log_prob=("agents", "sample_log_prob"))
-    plain.make_value_estimator(ValueEstimators.GAE, gamma=cfg.loss.gamma, lmbda=cfg.loss.lmbda)
+    plain = plain_loss(actor, critic, cfg.loss.gamma, cfg.loss.lmbda)
     ours, theirs = gae_and_loss(marlkit, batch), gae_and_loss(plain, plain_batch)
     print(f"marlkit's MAPPO learner against plain TorchRL parts with its weights, one {task} batch of {envs} x {steps} "
           f"collected by marlkit (episodes ended: {int(batch['next', 'done'].sum())})\n")
