@@ -66,14 +66,12 @@ def check_model_config(model: ModelConfig) -> None:
 
 RECURRENT_ALGORITHMS = ("mappo", "ippo", "iql", "vdn", "qmix")
 RECURRENT_CRITIC_ALGORITHMS = ("mappo", "ippo")
+RECURRENT_Q_ALGORITHMS = ("iql", "vdn", "qmix")  # DRQN: sequence replay (replay.seq_len, replay.burn_in)
 
 
 def recurrent(model: ModelConfig) -> bool:
     """Whether the actor (or Q network) or the value critic carries a state (trains on sequences)."""
     return model.kind in RECURRENT_KINDS or model.critic_kind in RECURRENT_KINDS
-
-
-RECURRENT_Q_ALGORITHMS = ("iql", "vdn", "qmix")  # DRQN: sequence replay (replay.seq_len, replay.burn_in)
 
 
 def check_recurrent(cfg: RunConfig) -> None:
