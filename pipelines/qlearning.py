@@ -189,9 +189,6 @@ def check_sequences(cfg: QlearningConfig) -> None:
         raise ValueError(f"sharing.mode={cfg.sharing.mode} relays single transitions between agents' buffers; recurrent "
                          "Q networks (DRQN) learn from slices of one agent's trajectory and do not share yet: use "
                          "sharing.mode=none, or model.kind=mlp to share")
-    if cfg.env.teams and any(len(members) > 1 for members in cfg.env.teams.values()):
-        raise ValueError(f"model.kind={cfg.model.kind} mixes one group's agents; env.teams joins groups "
-                         f"{dict(cfg.env.teams)}: leave env.teams empty, or use model.kind=mlp for a team of groups")
 
 
 def _score_with(loss, group: str):
@@ -305,6 +302,9 @@ def build_team(env: EnvBase, team: str, groups: list[str], cfg: QlearningConfig,
     """VDN / QMIX over the agents of several groups: a Q network and epsilon-greedy per group, one
     mixer and one replay (every group's transitions, the team reward) for the team."""
     m, lc, r = cfg.model, cfg.loss, cfg.replay
+    if m.kind in RECURRENT_KINDS:
+        raise ValueError(f"model.kind={m.kind} (DRQN) mixes the agents of one group; {cfg.env.name} makes the groups "
+                         f"{groups} one team: use model.kind=mlp for a team of groups, or algorithm=iql")
     q_nets = {group: _q_network(env, group, cfg, device) for group in groups}
     explore = AnnealedTogether(*(_epsilon_greedy(env, group, cfg, device) for group in groups))
     has_state, state_shape = _state(env)

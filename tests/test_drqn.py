@@ -134,6 +134,8 @@ def test_recurrent_q_learning_trains_and_evaluates(algorithm, kind, extra, tiny_
     (["train", "iql", "--env", "probe/memory", "model.kind=gru", "replay.burn_in=-1"], r"replay.burn_in must be an integer >= 0, got -1"),
     (["train", "qmix", "--env", "probe/memory", "model.kind=gru", "replay.buffer_size=100", "replay.batch_size=32"],
      r"replay.buffer_size=100 transitions hold fewer than replay.batch_size=32 slices of 10 steps"),
+    (["train", "qmix", "--preset", "speaker-listener-q", "model.kind=gru"],
+     r"model.kind=gru \(DRQN\) mixes the agents of one group; .* makes the groups \['speaker', 'listener'\] one team"),
     (["train", "iql", "--env", "pettingzoo/sisl/pursuit_v5", "model.kind=gru", "sharing.mode=quantile"],
      r"sharing.mode=quantile relays single transitions .* use sharing.mode=none, or model.kind=mlp"),
 ])
