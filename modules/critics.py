@@ -95,7 +95,8 @@ def make_value_critic(
     """
     if centralised and team is not None and len(team) > 1:
         if kind != "mlp":
-            raise ValueError(f"a recurrent critic ({kind}) reads one group; the team {list(team)} needs critic kind mlp")
+            raise ValueError(f"a recurrent critic ({kind}) reads one group's observations; the team {list(team)} needs "
+                             "an MLP team critic: set model.critic_kind=mlp (the actors may stay recurrent)")
         return _team_critic(env, team, (group, "state_value"), with_actions=False, num_cells=num_cells,
                             activation=activation, share_params=share_params, device=device)
     device, n_agents, encoder, features = _observation_encoder(env, group, share_params, device)

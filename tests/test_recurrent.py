@@ -101,6 +101,9 @@ def test_mlp_weights_do_not_fit_a_recurrent_network():
     (["train", "mappo", "--env", "probe/memory", "model.kind=gru", "model.seq_len=0"], r"model.seq_len must be an integer >= 1"),
     (["train", "maddpg", "--env", "vmas/navigation", "model.critic_kind=gru"],
      r"model.critic_kind=gru is a recurrent value critic for mappo or ippo; maddpg takes model.critic_kind=mlp"),
+    (["train", "mappo", "--preset", "speaker-listener", "model.critic_kind=gru", "model.seq_len=25"],
+     r"a recurrent critic \(gru\) reads one group's observations; the team \['speaker', 'listener'\] needs an MLP "
+     r"team critic: set model.critic_kind=mlp"),
     (["train", "mappo", "--env", "probe/memory", "model.critic_kind=transformer"],
      r"model.critic_kind='transformer'; accepted: mlp, gru, lstm"),
     (["train", "mappo", "--env", "probe/memory", "model.kind=lstm", "collector.backend=multiprocess",
