@@ -31,13 +31,14 @@ def _memory_rollout(kind="gru", steps=12, num_envs=3):
 
 def test_slices_tile_each_copy_trajectory_and_keep_the_stored_state():
     env, _, rollout = _memory_rollout(steps=12)
-    replay = SequenceReplay("agents", 1000, 4, seq_len=4, burn_in=2, scratch_dir=None, device=torch.device("cpu"))
+    replay = SequenceReplay("agents", 1000, 4, seq_len=3, burn_in=1, scratch_dir=None, device=torch.device("cpu"))
     slices = replay.slices(rollout)
-    assert slices.shape == (3 * 2, 6)  # per copy: steps 0-5 and 4-9 (the last 2 of 12 fit no slice)
-    first = rollout[:, [0, 4]].reshape(-1)  # each slice's first step, copy by copy
+    assert slices.shape == (3 * 3, 4)  # per copy: steps 0-3, 3-6 and 6-9 (the last 2 of 12 fit no slice)
+    first = rollout[:, [0, 3, 6]].reshape(-1)  # each slice's first step, copy by copy
     assert torch.equal(slices[:, 0]["agents", "rnn_state"], first["agents", "rnn_state"])
-    assert torch.equal(slices["agents", "observation"][1], rollout["agents", "observation"][0, 4:10])
-    assert torch.equal(slices["step_count"][0].squeeze(-1), torch.tensor([0, 1, 2, 3, 0, 1]))  # crosses an episode
+    assert slices[1, 0]["agents", "rnn_state"].abs().sum() > 0  # starts mid-episode, from the state it had
+    assert torch.equal(slices["agents", "observation"][1], rollout["agents", "observation"][0, 3:7])
+    assert torch.equal(slices["step_count"][1].squeeze(-1), torch.tensor([3, 0, 1, 2]))  # crosses an episode
 
 
 def _reference_loss(q_values, loss, rollout, burn_in, double, mixer):
