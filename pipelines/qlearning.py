@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.envs import EnvBase
 
@@ -225,6 +225,15 @@ def _state(env: EnvBase) -> tuple[bool, tuple[int, ...]]:
     return True, tuple(env.full_observation_spec["state"].shape[len(env.batch_size):])
 
 
+def _mixer_state(env: EnvBase, group: str) -> tuple[bool, NestedKey, tuple[int, ...]]:
+    """What a one-group mixer reads as the state: the env's ``state``, else the group's observations;
+    whether the env has a state, its key and its shape."""
+    has_state, state_shape = _state(env)
+    if has_state:
+        return True, "state", state_shape
+    return False, (group, "observation"), tuple(group_spec(env, group, "observation").shape)
+
+
 def _check_team_size(group: str, n_agents: int) -> None:
     if n_agents < 2:
         raise ValueError(f"qtran factorises the joint value of several agents; group {group!r} has {n_agents}: "
@@ -255,10 +264,7 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                                   scratch_dir=scratch_dir if r.memmap else None, selector=selector,
                                   score=_score_with(loss, group), **prioritized)
     else:
-        has_state, state_shape = _state(env)
-        state_key = "state" if has_state else (group, "observation")
-        if not has_state:
-            state_shape = tuple(group_spec(env, group, "observation").shape)
+        has_state, state_key, state_shape = _mixer_state(env, group)
         if cfg.algorithm == "qtran":
             _check_team_size(group, n_agents)
             joint = make_qtran_joint(env, group, state_shape=state_shape, num_cells=m.joint_num_cells,
@@ -283,11 +289,9 @@ def _recurrent_group(env: EnvBase, group: str, cfg: QlearningConfig, device: tor
         raise ValueError(f"{cfg.env.name}: agents of group {group!r} can leave mid-episode, which recurrent Q networks "
                          "do not handle yet; use model.kind=mlp")
     mixer = None if cfg.algorithm == "iql" else cfg.algorithm
-    has_state, state_shape = _state(env)
-    if not has_state:
-        state_shape = tuple(group_spec(env, group, "observation").shape)
+    has_state, state_key, state_shape = _mixer_state(env, group)
     loss = make_drqn_loss(q_net[0], group, n_agents=env.n_agents(group), mixer=mixer,
-                          state_key="state" if has_state else (group, "observation"), state_shape=state_shape,
+                          state_key=state_key, state_shape=state_shape,
                           gamma=lc.gamma, loss_function=lc.loss_function, double_dqn=lc.double_dqn,
                           burn_in=r.burn_in, mixing_embed_dim=m.mixing_embed_dim)
     replay = SequenceReplay(group, r.buffer_size, r.batch_size, seq_len=sequence_length(cfg), burn_in=r.burn_in,
