@@ -21,8 +21,9 @@ from pathlib import Path
 
 from _child import run_child
 
-ARMS = {"mlp": {}, "gnn": {"model.kind": "gnn"}, "deepsets": {"model.kind": "deepsets"},
-        "mlp-separate": {"model.share_params": False}}
+ARMS = {"mlp": {}, "gnn": {"model.kind": "gnn"},
+        "gnn-radius": {"model.kind": "gnn", "model.gnn_topology": "radius", "model.gnn_radius": 0.5},
+        "deepsets": {"model.kind": "deepsets"}, "mlp-separate": {"model.share_params": False}}
 AGENTS = (3, 5, 7)
 
 

@@ -125,8 +125,13 @@ def require_torch_geometric():
 
 
 class GraphNet(nn.Module):
-    """Agents as graph nodes: an MLP trunk, ``rounds`` GATv2 message-passing layers (each node also
-    attends to itself, so an agent out of everyone's radius keeps its own features), a linear head."""
+    """Agents as graph nodes: an MLP trunk, ``rounds`` GATv2 message-passing layers, a linear head.
+
+    Each layer, like CommNet's, updates an agent from its own features next to what it received (a lone
+    agent receives zeros), so its own observation is never averaged away by its neighbours'. With
+    ``position_dims`` each edge carries the sender's position relative to the receiver and their
+    distance (translation-invariant, as BenchMARL's GNN does with a position key): ``[]`` for none.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, num_cells: Sequence[int], activation: str,
                  rounds: int, topology: str = "full", radius: float = 0.5, position_dims: Sequence[int] = (0, 1),
@@ -135,35 +140,44 @@ class GraphNet(nn.Module):
         geometric = require_torch_geometric()
         if topology not in GNN_TOPOLOGIES:
             raise ValueError(f"model.gnn_topology={topology!r}; accepted: {', '.join(GNN_TOPOLOGIES)}")
-        if topology == "radius" and any(not 0 <= d < in_features for d in position_dims):
+        if any(not 0 <= d < in_features for d in position_dims):
             raise ValueError(f"model.gnn_position_dims={list(position_dims)} are not observation entries "
                              f"(the observation has {in_features})")
+        if topology == "radius" and not position_dims:
+            raise ValueError("model.gnn_topology=radius links agents by distance: set model.gnn_position_dims to the "
+                             "observation entries holding the position (VMAS: [0, 1]), or use model.gnn_topology=full")
         hidden = num_cells[-1]
         self.topology, self.radius, self.position_dims = topology, radius, list(position_dims)
+        edge_dim = len(self.position_dims) + 1 if self.position_dims else None
         self.trunk = _trunk(in_features, num_cells, activation, device)
-        self.convs = nn.ModuleList(geometric.GATv2Conv(hidden, hidden, add_self_loops=True).to(device)
-                                   for _ in range(rounds))
+        self.convs = nn.ModuleList(geometric.GATv2Conv(hidden, hidden, add_self_loops=False, edge_dim=edge_dim)
+                                   .to(device) for _ in range(rounds))
+        self.update = nn.ModuleList(nn.Linear(2 * hidden, hidden, device=device) for _ in range(rounds))
         self.act = activation_class(activation)()
         self.head = nn.Linear(hidden, out_features, device=device)
 
-    def edges(self, x: torch.Tensor) -> torch.Tensor:
+    def edges(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``edge_index`` (sender, receiver) over ``x`` of shape ``[graphs, n_agents, features]``, node
-        ``g * n_agents + i`` being agent ``i`` of graph ``g``."""
+        ``g * n_agents + i`` being agent ``i`` of graph ``g``, and the edges' features (or None)."""
         graphs, n = x.shape[:2]
         linked = _others_mask(n, x.device).expand(graphs, n, n)
+        position = x[..., self.position_dims]
         if self.topology == "radius":
-            position = x[..., self.position_dims]
             linked = linked & (torch.cdist(position, position) <= self.radius)
         graph, receiver, sender = linked.nonzero(as_tuple=True)
-        return torch.stack([graph * n + sender, graph * n + receiver])
+        index = torch.stack([graph * n + sender, graph * n + receiver])
+        if not self.position_dims:
+            return index, None
+        offset = position[graph, sender] - position[graph, receiver]
+        return index, torch.cat([offset, offset.norm(dim=-1, keepdim=True)], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, n = x.shape[:-2], x.shape[-2]
         flat = x.reshape(-1, n, x.shape[-1])
-        edge_index = self.edges(flat)
+        edge_index, edge_attr = self.edges(flat)
         h = self.trunk(flat).reshape(-1, self.head.in_features)
-        for conv in self.convs:
-            h = self.act(conv(h, edge_index))
+        for conv, update in zip(self.convs, self.update):
+            h = self.act(update(torch.cat([h, conv(h, edge_index, edge_attr)], -1)))
         return self.head(h).reshape(*lead, n, -1)
 
 

@@ -62,6 +62,9 @@ def check_model_config(model: ModelConfig) -> None:
             raise ValueError(f"model.gnn_topology={model.gnn_topology!r}; accepted: {', '.join(GNN_TOPOLOGIES)}")
         if not 0 < model.gnn_radius < math.inf:
             raise ValueError(f"model.gnn_radius must be finite and > 0, got {model.gnn_radius}")
+        if model.gnn_topology == "radius" and not model.gnn_position_dims:
+            raise ValueError("model.gnn_topology=radius links agents by distance: set model.gnn_position_dims to the "
+                             "observation entries holding the position (VMAS: [0, 1]), or use model.gnn_topology=full")
 
 
 RECURRENT_ALGORITHMS = ("mappo", "ippo", "iql", "vdn", "qmix")

@@ -102,7 +102,8 @@ class ModelConfig:
     gnn_radius: float = 0.5
     """gnn with topology radius: the largest distance between linked agents."""
     gnn_position_dims: list[int] = field(default_factory=lambda: [0, 1])
-    """gnn with topology radius: the observation entries holding the agent's position (VMAS: 0, 1)."""
+    """gnn: the observation entries holding the agent's position (VMAS: 0, 1); each edge carries the sender's
+    position relative to the receiver and their distance, and topology radius links by it. [] for none."""
 
     def net_options(self) -> dict[str, Any]:
         """The actor network's kind and options, as the actor factories take them."""

@@ -49,10 +49,26 @@ def test_gnn_radius_links_only_near_agents():
     x[:, 2, :2] = 5.0
     x[..., 2:] = torch.randn(2, 3, 4)
     x.requires_grad_(True)
-    edges = net.edges(x.detach())
+    edges, features = net.edges(x.detach())
     assert sorted(map(tuple, edges.t().tolist())) == [(0, 1), (1, 0), (3, 4), (4, 3)]  # per graph: 0 <-> 1 only
+    # each edge carries the sender's position relative to the receiver, then their distance
+    expected = {(0, 1): [-0.5, -0.5], (1, 0): [0.5, 0.5], (3, 4): [-0.5, -0.5], (4, 3): [0.5, 0.5]}
+    for (sender, receiver), feature in zip(edges.t().tolist(), features.tolist()):
+        assert feature == pytest.approx(expected[sender, receiver] + [0.5 ** 0.5])
     net(x)[:, 0].sum().backward()
     assert x.grad[:, 1, 2:].abs().sum() > 0 and x.grad[:, 2].abs().sum() == 0
+
+
+def test_gnn_without_positions_has_no_edge_features_and_radius_needs_them():
+    net = agent_net("gnn", 6, 4, 3, centralised=False, share_params=True, num_cells=[16], activation="tanh",
+                    device="cpu", comm_rounds=1, gnn_position_dims=[])
+    edges, features = net.edges(torch.randn(2, 3, 6))
+    assert edges.shape == (2, 12) and features is None and net(torch.randn(2, 3, 6)).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"model.gnn_topology=radius links agents by distance: set model.gnn_position_dims"):
+        check_model_config(ModelConfig(kind="gnn", gnn_topology="radius", gnn_position_dims=[]))
+    with pytest.raises(ValueError, match=r"model.gnn_position_dims=\[7\] are not observation entries"):
+        agent_net("gnn", 6, 4, 3, centralised=False, share_params=True, num_cells=[16], activation="tanh",
+                  device="cpu", gnn_position_dims=[7])
 
 
 def test_gnn_without_torch_geometric_names_the_extra(monkeypatch):
