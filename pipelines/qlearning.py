@@ -255,8 +255,10 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
                              mask_key=env.live_mask_key(group))
         priority_key = (group, "td_error")
         # SUPER shares within a group (its agents have the same spaces): a team's transitions never reach
-        # the other side, and a one-agent group has nobody to share with
-        if cfg.sharing.mode == "none" or n_agents == 1:
+        # the other side, and a one-agent group has nobody to share with. Independent learners with
+        # priorities keep a buffer each, so each samples by its own |TD| (as the SUPER paper's no-sharing
+        # baseline does), not by the largest over the group; uniform replay can share one buffer.
+        if n_agents == 1 or (cfg.sharing.mode == "none" and not r.prioritized):
             replay = group_replay(cfg, group, scratch_dir, device, **prioritized)
         else:
             selector = ExperienceSelector(cfg.sharing.mode, n_agents, cfg.sharing.beta, cfg.sharing.window)
@@ -272,7 +274,7 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
             loss = make_qtran_loss(q_net, joint, group, state_key=state_key, gamma=lc.gamma,
                                    loss_function=lc.loss_function, lambda_opt=lc.lambda_opt, lambda_nopt=lc.lambda_nopt)
         else:
-                loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
+            loss = make_qmixer_loss(q_net, group, mixer=cfg.algorithm, n_agents=n_agents, state_key=state_key,
                                     state_shape=state_shape, gamma=lc.gamma, loss_function=lc.loss_function,
                                     mixing_embed_dim=m.mixing_embed_dim)
         priority_key = (TEAM, "td_error")

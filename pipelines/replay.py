@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, RandomSampler, ReplayBuffer
 from torchrl.data.replay_buffers.samplers import Sampler
 
@@ -34,61 +34,102 @@ from .checkpoint import space_guarded
 SHARING_MODES = ("none", "all", "random", "quantile", "gaussian", "stochastic")
 
 
-class ProportionalPrioritizedSampler(Sampler):
-    """Proportional prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha, weights (N P(i))^-beta.
+class PriorityBlocks:
+    """The priorities of ``rows`` buffers of ``capacity`` slots each, with ``p^alpha`` kept summed and
+    minimised per block of ``BLOCK`` slots, so a draw reads the block sums and one block per sample
+    instead of the whole buffer (TorchRL's C++ sum tree does not load with this torch build).
 
-    New transitions get ``new_priority``, or when it is ``None`` the largest priority seen so far (as
-    the paper); :meth:`update_priority` sets ``p_i = |td_error_i| + eps``. ``p^alpha`` is kept with its
-    sums and minima per block of ``BLOCK`` slots, so a draw reads the block sums and one block per
-    sample instead of the whole buffer (TorchRL's C++ sum tree does not load with this torch build):
-    a 32-sample draw and its priority update take 0.33 ms instead of 0.53 ms at 120,000 slots (one
-    thread, interleaved rounds), which SUPER's eight per-agent buffers pay at every update.
+    SUPER's eight per-agent buffers share one table (a row each), so one update draws and re-prioritises
+    every agent's minibatch in one pass instead of eight: with its gather from plain views of the
+    memmap files (:class:`MemmapStorage`) that took a SUPER update from 13.5 to ... ms (one thread).
     """
 
     BLOCK = 512
 
+    def __init__(self, rows: int, capacity: int, alpha: float):
+        blocks = -(-capacity // self.BLOCK)
+        self.alpha, self.capacity = alpha, capacity
+        self.raw = torch.zeros(rows, blocks * self.BLOCK)  # the priorities; slots past capacity stay 0
+        self.scaled = torch.zeros(rows, blocks, self.BLOCK)  # p^alpha (0 where nothing is stored)
+        self.block_sum = torch.zeros(rows, blocks, dtype=torch.float64)
+        self.block_min = torch.zeros(rows, blocks)
+
+    def refresh(self, rows: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        """Recompute ``p^alpha`` and the sums and minima of the blocks holding slots ``index`` of the
+        buffers ``rows`` (same shape; both None: every block)."""
+        blocks = self.block_sum.shape[1]
+        if index is None:
+            flat = torch.arange(self.block_sum.numel())
+        else:
+            flat = torch.unique(rows.reshape(-1).long() * blocks + index.reshape(-1).long() // self.BLOCK)
+        raw = self.raw.view(-1, self.BLOCK)[flat]
+        scaled = torch.where(raw > 0, raw.pow(self.alpha), torch.zeros_like(raw))
+        self.scaled.view(-1, self.BLOCK)[flat] = scaled
+        self.block_sum.view(-1)[flat] = scaled.double().sum(1)
+        self.block_min.view(-1)[flat] = scaled.min(1).values
+
+    def set(self, index: torch.Tensor, priority: torch.Tensor) -> None:
+        """Slots ``index[r]`` of buffer ``r`` get ``priority[r]`` (both ``[rows, B]``)."""
+        rows = torch.arange(index.shape[0]).unsqueeze(-1).expand_as(index).contiguous()
+        self.raw[rows, index] = priority
+        self.refresh(rows, index)
+
+    def draw(self, rows: list[int], lengths: list[int], batch_size: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` slots of each buffer of ``rows`` (holding ``lengths`` transitions, always the
+        prefix of its slots) drawn with P(i) ~ p_i^alpha, and their importance weights (N P(i))^-beta
+        over the largest possible one: both ``[len(rows), batch_size]``."""
+        if min(lengths) == 0:
+            raise RuntimeError("cannot sample from an empty buffer")
+        which = torch.as_tensor(rows)
+        n = torch.as_tensor(lengths)
+        block_sum, blocks = self.block_sum[which], self.block_sum.shape[1]  # small; the slots are read in place
+        cumulative = block_sum.cumsum(1)
+        total = cumulative[:, -1:]
+        mass = torch.rand(len(rows), batch_size, dtype=torch.float64) * total
+        block = torch.searchsorted(cumulative, mass, right=True).clamp(max=blocks - 1)
+        within = (mass - (cumulative.gather(1, block) - block_sum.gather(1, block))).unsqueeze(-1)
+        row = which.unsqueeze(-1)
+        slot = torch.searchsorted(self.scaled[row, block].double().cumsum(-1), within, right=True).squeeze(-1)
+        # float rounding can step past the last filled slot
+        index = torch.minimum(block * self.BLOCK + slot.clamp(max=self.BLOCK - 1), (n - 1).unsqueeze(-1))
+        full, rest = n // self.BLOCK, n % self.BLOCK
+        inf = torch.tensor(math.inf)
+        smallest = torch.where(torch.arange(blocks) < full.unsqueeze(-1), self.block_min[which], inf).amin(1)
+        partial = self.scaled[which, full.clamp(max=blocks - 1)]
+        smallest = torch.minimum(smallest, torch.where(torch.arange(self.BLOCK) < rest.unsqueeze(-1), partial, inf).amin(1))
+        probs = self.scaled.view(self.scaled.shape[0], -1)[row, index].double() / total
+        largest = (n * smallest.double() / total.squeeze(-1)).pow(-beta).unsqueeze(-1)
+        return index, ((n.unsqueeze(-1) * probs).pow(-beta) / largest).float()
+
+
+class ProportionalPrioritizedSampler(Sampler):
+    """Proportional prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha, weights (N P(i))^-beta.
+
+    New transitions get ``new_priority``, or when it is ``None`` the largest priority seen so far (as
+    the paper); :meth:`update_priority` sets ``p_i = |td_error_i| + eps``. The priorities live in row
+    ``row`` of ``table`` (:class:`PriorityBlocks`; its own one-row table when None).
+    """
+
     def __init__(self, max_capacity: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
-                 new_priority: float | None = None):
+                 new_priority: float | None = None, *, table: PriorityBlocks | None = None, row: int = 0):
         super().__init__()
         if not 0.0 <= alpha or not 0.0 <= beta <= 1.0:
             raise ValueError(f"need alpha >= 0 and beta in [0, 1], got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.eps, self.new_priority = alpha, beta, eps, new_priority
-        blocks = -(-max_capacity // self.BLOCK)
-        self._raw = torch.zeros(blocks * self.BLOCK)
-        self.priorities = self._raw[:max_capacity]  # a view: the state, as checkpoints hold it
-        self._scaled = torch.zeros(blocks, self.BLOCK)  # p^alpha (0 where nothing is stored)
-        self._block_sum = torch.zeros(blocks, dtype=torch.float64)
-        self._block_min = torch.zeros(blocks)
+        self.table = PriorityBlocks(1, max_capacity, alpha) if table is None else table
+        self.row = row
+        self.priorities = self.table.raw[row, :max_capacity]  # a view: the state, as checkpoints hold it
         self.max_priority = 1.0
 
     def _refresh(self, index: torch.Tensor | None = None) -> None:
-        """Recompute ``p^alpha`` and the block sums and minima of the blocks holding ``index`` (all: None)."""
-        rows = (torch.arange(self._block_sum.shape[0]) if index is None
-                else torch.unique(torch.as_tensor(index).reshape(-1).long() // self.BLOCK))
-        raw = self._raw.view(-1, self.BLOCK)[rows]
-        scaled = torch.where(raw > 0, raw.pow(self.alpha), torch.zeros_like(raw))
-        self._scaled[rows] = scaled
-        self._block_sum[rows] = scaled.double().sum(1)
-        self._block_min[rows] = scaled.min(1).values
+        if index is None:
+            index = torch.arange(self.priorities.shape[0])
+        index = torch.as_tensor(index).reshape(-1)
+        self.table.refresh(torch.full_like(index, self.row), index)
 
     def sample(self, storage: Any, batch_size: int) -> tuple[torch.Tensor, dict]:
-        n = len(storage)
-        if n == 0:
-            raise RuntimeError("cannot sample from an empty buffer")
-        full, rest = divmod(n, self.BLOCK)  # the filled slots are always the prefix [0, n)
-        cumulative = self._block_sum.cumsum(0)
-        total = float(cumulative[-1])
-        mass = torch.rand(batch_size, dtype=torch.float64) * total
-        block = torch.searchsorted(cumulative, mass, right=True).clamp(max=cumulative.shape[0] - 1)
-        within = (mass - (cumulative[block] - self._block_sum[block])).unsqueeze(-1)
-        slot = torch.searchsorted(self._scaled[block].double().cumsum(-1), within, right=True).squeeze(-1)
-        index = (block * self.BLOCK + slot.clamp(max=self.BLOCK - 1)).clamp(max=n - 1)  # float rounding at the end
-        smallest = self._block_min[:full].min() if full else torch.tensor(math.inf)
-        if rest:
-            smallest = torch.minimum(smallest, self._scaled[full, :rest].min())
-        probs = self._scaled.view(-1)[index].double() / total
-        weights = (n * probs).pow(-self.beta) / (n * float(smallest) / total) ** -self.beta  # largest possible: 1
-        return index, {"priority_weight": weights.float()}
+        index, weights = self.table.draw([self.row], [len(storage)], batch_size, self.beta)
+        return index[0], {"priority_weight": weights[0]}
 
     def extend(self, index: torch.Tensor) -> None:
         self.priorities[torch.as_tensor(index)] = self._new()
@@ -101,10 +142,13 @@ class ProportionalPrioritizedSampler(Sampler):
     def _new(self) -> float:
         return self.max_priority if self.new_priority is None else self.new_priority
 
-    def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
-        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs().reshape(-1)
+    def _clean(self, priority: torch.Tensor) -> torch.Tensor:
+        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs()
         # a skipped (non-finite) step's TD errors must not poison the sums before the run stops
-        priority = priority.nan_to_num(nan=0.0, posinf=0.0) + self.eps
+        return priority.nan_to_num(nan=0.0, posinf=0.0) + self.eps
+
+    def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
+        priority = self._clean(priority).reshape(-1)
         index = torch.as_tensor(index).cpu().reshape(-1)
         self.priorities[index] = priority
         self.max_priority = max(self.max_priority, float(priority.max()))
@@ -130,6 +174,21 @@ class ProportionalPrioritizedSampler(Sampler):
         self.load_state_dict(torch.load(Path(path) / "sampler.pt", weights_only=True))
 
 
+class MemmapStorage(LazyMemmapStorage):
+    """TorchRL's on-disk storage, read through plain-tensor views of its memmap files: indexing a
+    ``MemoryMappedTensor`` wraps every result again (file name, offsets), which was a fifth of a SUPER
+    update. The views share the files' memory, so writes are seen; a reloaded storage gets new ones."""
+
+    _views: tuple[TensorDictBase, TensorDictBase] | None = None
+
+    def get(self, index: Any) -> Any:
+        if not (self.initialized and isinstance(index, torch.Tensor) and is_tensor_collection(self._storage)):
+            return super().get(index)
+        if self._views is None or self._views[0] is not self._storage:
+            self._views = (self._storage, self._storage.apply(lambda t: t.as_subclass(torch.Tensor)))
+        return self._views[1][index]
+
+
 def make_buffer(
     size: int,
     batch_size: int,
@@ -140,14 +199,17 @@ def make_buffer(
     alpha: float = 0.6,
     beta: float = 0.4,
     new_priority: float | None = None,
+    table: PriorityBlocks | None = None,
+    row: int = 0,
 ) -> ReplayBuffer:
-    """A buffer of ``size`` transitions on disk (``scratch_dir`` given) or in ``device`` memory."""
+    """A buffer of ``size`` transitions on disk (``scratch_dir`` given) or in ``device`` memory; with
+    priorities, kept in row ``row`` of ``table`` when given (see :class:`PriorityBlocks`)."""
     if scratch_dir is not None:
-        storage = LazyMemmapStorage(size, scratch_dir=scratch_dir)
+        storage = MemmapStorage(size, scratch_dir=scratch_dir)
     else:
         storage = LazyTensorStorage(size, device=device)
-    sampler = (ProportionalPrioritizedSampler(size, alpha, beta, new_priority=new_priority) if prioritized
-               else RandomSampler())
+    sampler = (ProportionalPrioritizedSampler(size, alpha, beta, new_priority=new_priority, table=table, row=row)
+               if prioritized else RandomSampler())
     return ReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size)
 
 
@@ -451,7 +513,8 @@ class ExperienceSelector:
 
 
 class SharedReplay(GroupReplay):
-    """One buffer per agent of a group; each agent's selected new transitions go to the others'.
+    """One buffer per agent of a group; each agent's selected new transitions go to the others' (none
+    with ``selector.mode == "none"``: independent learners' own buffers and priorities).
 
     ``score`` maps the new transitions (``[M]`` entries, group fields ``[n_agents, ...]``) to each
     agent's |TD error| ``[M, n_agents]`` under that agent's own online and target networks.
@@ -466,10 +529,12 @@ class SharedReplay(GroupReplay):
         self.groups, self.partners = [group], []
         self.n_agents, self.selector, self.score = n_agents, selector, score
         self.dirs = [None if scratch_dir is None else scratch_dir / f"agent_{i}" for i in range(n_agents)]
+        self.batch_size, self.beta = batch_size, beta
+        self.table = PriorityBlocks(n_agents, buffer_size, alpha) if prioritized else None  # a row per agent
         self.buffers = [
             make_buffer(buffer_size, batch_size, device=device, prioritized=prioritized, alpha=alpha, beta=beta,
-                        new_priority=new_priority, scratch_dir=directory)
-            for directory in self.dirs
+                        new_priority=new_priority, scratch_dir=directory, table=self.table, row=i)
+            for i, directory in enumerate(self.dirs)
         ]
 
     def _buffers(self) -> list[tuple[ReplayBuffer, Path | None]]:
@@ -493,8 +558,11 @@ class SharedReplay(GroupReplay):
     def extend(self, batch: TensorDictBase) -> dict[str, float]:
         """Store each agent's transitions in its buffer, then relay the selected ones to the others."""
         data = transitions(batch, [self.group])
-        with torch.no_grad():
-            share = self.selector.select(self.score(data.to(self.device)))  # [M, n_agents]
+        if self.selector.mode == "none":  # per-agent buffers and priorities only: nothing to score
+            share = torch.zeros(data.shape[0], self.n_agents, dtype=torch.bool)
+        else:
+            with torch.no_grad():
+                share = self.selector.select(self.score(data.to(self.device)))  # [M, n_agents]
         per_agent = self._per_agent(data)
         chosen_by = share.sum(0).tolist()  # agent i's buffer gets its own and every other agent's chosen
         for i, (buffer, directory) in enumerate(self._buffers()):
@@ -510,29 +578,33 @@ class SharedReplay(GroupReplay):
         return {f"{self.group}/share_fraction": share.float().mean().item()}
 
     def sample(self) -> TensorDictBase:
-        """Agent i's column comes from agent i's buffer: one ``[B]`` batch with ``[B, n_agents]`` fields."""
-        samples, indices, weights = [], [], []
-        for buffer in self.buffers:
-            data, info = buffer.sample(return_info=True)
-            samples.append(data)
-            indices.append(torch.as_tensor(info["index"]))
-            if self.prioritized:
-                weights.append(info["priority_weight"])
-        stacked = torch.stack(samples, dim=1)
+        """Agent i's column comes from agent i's buffer: one ``[B]`` batch with ``[B, n_agents]`` fields.
+        With priorities every agent's slots are drawn in one pass over the shared table."""
+        lengths = [len(buffer.storage) for buffer in self.buffers]
+        if self.prioritized:
+            index, weights = self.table.draw(list(range(self.n_agents)), lengths, self.batch_size, self.beta)
+        else:
+            index = torch.stack([buffer.sampler.sample(buffer.storage, self.batch_size)[0] for buffer in self.buffers])
+        stacked = torch.stack([buffer.storage.get(i) for buffer, i in zip(self.buffers, index, strict=True)], dim=1)
         g = self.group
         out = TensorDict({g: stacked.get(g), "next": {g: stacked.get(("next", g))}},
                          batch_size=stacked.shape[:1]).to(self.device)
         if self.prioritized:
-            out.set("index", torch.stack(indices, 1).to(self.device))
-            out.set("priority_weight", torch.stack(weights, 1).to(self.device))  # agent i's own weights
+            # contiguous [B, n_agents]: from a strided view the loss would sum its weighted errors in another order
+            out.set("index", index.t().contiguous().to(self.device))
+            out.set("priority_weight", weights.t().contiguous().to(self.device))  # agent i's own weights
         return out
 
     def update_priority(self, minibatch: TensorDictBase, squared_td_error: torch.Tensor) -> None:
-        """Agent i's buffer gets agent i's |TD| (from the squared TD errors the loss writes)."""
-        if self.prioritized:
-            errors = squared_td_error.detach().reshape(minibatch.shape[0], self.n_agents).sqrt()
-            for i, buffer in enumerate(self.buffers):
-                buffer.update_priority(minibatch.get("index")[:, i], errors[:, i])
+        """Agent i's buffer gets agent i's |TD| (from the squared TD errors the loss writes), all agents'
+        in one pass over the shared table."""
+        if not self.prioritized:
+            return
+        samplers = [buffer.sampler for buffer in self.buffers]
+        errors = samplers[0]._clean(squared_td_error.reshape(minibatch.shape[0], self.n_agents).sqrt()).t()
+        self.table.set(minibatch.get("index").cpu().t(), errors)
+        for sampler, largest in zip(samplers, errors.amax(1).tolist(), strict=True):
+            sampler.max_priority = max(sampler.max_priority, largest)
 
     def priorities(self) -> torch.Tensor:
         """Agent 0's sampler priorities."""

@@ -125,6 +125,25 @@ def test_prioritized_priorities_change_after_update():
     assert not torch.equal(before, after)
 
 
+def test_independent_prioritized_learners_keep_their_own_priorities(tmp_run_dir, tiny_config):
+    """IQL with priorities and no sharing: a buffer per agent, none scored or relayed, and agent i's
+    priorities are agent i's |TD| (the SUPER paper's no-sharing baseline), not the group's largest."""
+    replay = SharedReplay("agents", N, 64, 8, scratch_dir=None, device=torch.device("cpu"), prioritized=True,
+                          selector=ExperienceSelector("none", N), score=lambda d: pytest.fail("scored"))
+    assert replay.extend(_collected(10)) == {"agents/share_fraction": 0.0}
+    assert [len(buffer) for buffer in replay.buffers] == [10] * N
+    sample = replay.sample()
+    errors = torch.tensor([0.1, 0.2, 0.3]).expand(8, N)
+    replay.update_priority(sample, errors.pow(2).unsqueeze(-1))  # squared, as the losses write them
+    for i, buffer in enumerate(replay.buffers):
+        drawn = sample["index"][:, i].unique()
+        torch.testing.assert_close(buffer.sampler.priorities[drawn], torch.full(drawn.shape, errors[0, i] + 1e-6))
+    cfg = tiny_config("iql", "gridworld", tmp_run_dir, frames_per_batch=80,
+                      **{"env.max_steps": 10, "replay.batch_size": 16, "replay.prioritized": True})
+    qlearning.train(cfg)
+    assert len(list((tmp_run_dir / "buffers" / "agents").glob("agent_*"))) == 2  # the grid world's two agents
+
+
 def test_prioritized_sampler_prefers_high_priority():
     sampler = ProportionalPrioritizedSampler(4, alpha=1.0, beta=1.0)
     sampler.extend(torch.arange(4))
@@ -159,6 +178,58 @@ def test_prioritized_sampler_draws_in_proportion_and_restores_its_state():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1]["priority_weight"], second[1]["priority_weight"])
     sampler.extend(torch.arange(1300, 1310))
     assert torch.all(sampler.priorities[1300:1310] == 1.0)  # new transitions at the fixed priority
+
+
+def test_shared_priority_table_draws_and_updates_as_one_sampler_per_agent(tmp_path):
+    """SUPER's agents share one priority table: one pass must give exactly what a sampler per agent gives,
+    with buffers of different lengths (enough of them for torch to vectorise across them)."""
+    from marlkit.pipelines.replay import PriorityBlocks
+
+    lengths, capacity = [1300, 700, 1029, 512, 1, 2999, 1800, 64, 1024], 3000
+    table = PriorityBlocks(len(lengths), capacity, alpha=0.6)
+    shared = [ProportionalPrioritizedSampler(capacity, 0.6, 0.4, new_priority=1.0, table=table, row=i)
+              for i in range(len(lengths))]
+    alone = [ProportionalPrioritizedSampler(capacity, 0.6, 0.4, new_priority=1.0) for _ in lengths]
+    torch.manual_seed(0)
+    for i, n in enumerate(lengths):
+        priority = torch.rand(n) * 10
+        for sampler in (shared[i], alone[i]):
+            sampler.extend(torch.arange(n))
+            sampler.update_priority(torch.arange(n), priority)
+    for step in range(5):
+        torch.manual_seed(step)
+        index, weights = table.draw(list(range(len(lengths))), lengths, 64, 0.4)
+        torch.manual_seed(step)
+        expected = [sampler.sample(range(n), 64) for sampler, n in zip(alone, lengths)]
+        assert torch.equal(index, torch.stack([e[0] for e in expected]))
+        assert torch.equal(weights, torch.stack([e[1]["priority_weight"] for e in expected]))
+        assert (index < torch.tensor(lengths).unsqueeze(-1)).all()
+        errors = torch.rand(len(lengths), 64)
+        for i, sampler in enumerate(alone):
+            sampler.update_priority(index[i], errors[i])
+        table.set(index.t().contiguous().t(), errors + 1e-6)  # a strided view, as SharedReplay hands it over
+        for a, b in zip(shared, alone):
+            assert torch.equal(a.priorities, b.priorities)
+        assert torch.equal(table.block_sum, torch.cat([b.table.block_sum for b in alone]))
+        assert torch.equal(table.block_min, torch.cat([b.table.block_min for b in alone]))
+
+
+def test_memmap_storage_reads_what_torchrl_reads_and_sees_later_writes(tmp_path):
+    from torchrl.data import LazyMemmapStorage
+
+    from marlkit.pipelines.replay import MemmapStorage
+
+    data = TensorDict({"agents": {"observation": torch.rand(50, N, OBS)}, "reward": torch.rand(50, 1)}, batch_size=[50])
+    fast, plain = MemmapStorage(100, scratch_dir=tmp_path / "fast"), LazyMemmapStorage(100, scratch_dir=tmp_path / "plain")
+    for storage in (fast, plain):
+        storage.set(torch.arange(50), data)
+    index = torch.tensor([3, 49, 3, 0])
+    assert (fast.get(index) == plain.get(index)).all()
+    assert not any(isinstance(t, type(plain._storage["reward"])) for t in fast.get(index).values(True, True))
+    fast.set(torch.tensor([3]), data[7:8])  # a write after the views were made
+    assert torch.equal(fast.get(torch.tensor([3]))["reward"], data["reward"][7:8])
+    fast._storage = TensorDict.load_memmap(tmp_path / "plain")  # a resumed run reopens other files
+    assert (fast.get(index) == plain.get(index)).all()
 
 
 ENVS = [
