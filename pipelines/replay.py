@@ -48,7 +48,7 @@ class PriorityBlocks:
 
     def __init__(self, rows: int, capacity: int, alpha: float):
         blocks = -(-capacity // self.BLOCK)
-        self.alpha, self.capacity = alpha, capacity
+        self.alpha = alpha
         self.raw = torch.zeros(rows, blocks * self.BLOCK)  # the priorities; slots past capacity stay 0
         self.scaled = torch.zeros(rows, blocks, self.BLOCK)  # p^alpha (0 where nothing is stored)
         self.block_sum = torch.zeros(rows, blocks, dtype=torch.float64)
@@ -102,6 +102,13 @@ class PriorityBlocks:
         return index, ((n.unsqueeze(-1) * probs).pow(-beta) / largest).float()
 
 
+def td_priority(td_error: torch.Tensor, eps: float) -> torch.Tensor:
+    """``|td_error| + eps`` on the host, where the priorities live."""
+    priority = torch.as_tensor(td_error, dtype=torch.float32).detach().cpu().abs()
+    # a skipped (non-finite) step's TD errors must not poison the sums before the run stops
+    return priority.nan_to_num(nan=0.0, posinf=0.0) + eps
+
+
 class ProportionalPrioritizedSampler(Sampler):
     """Proportional prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha, weights (N P(i))^-beta.
 
@@ -142,13 +149,8 @@ class ProportionalPrioritizedSampler(Sampler):
     def _new(self) -> float:
         return self.max_priority if self.new_priority is None else self.new_priority
 
-    def _clean(self, priority: torch.Tensor) -> torch.Tensor:
-        priority = torch.as_tensor(priority, dtype=torch.float32).detach().cpu().abs()
-        # a skipped (non-finite) step's TD errors must not poison the sums before the run stops
-        return priority.nan_to_num(nan=0.0, posinf=0.0) + self.eps
-
     def update_priority(self, index: torch.Tensor, priority: torch.Tensor, *, storage: Any = None) -> None:
-        priority = self._clean(priority).reshape(-1)
+        priority = td_priority(priority, self.eps).reshape(-1)
         index = torch.as_tensor(index).cpu().reshape(-1)
         self.priorities[index] = priority
         self.max_priority = max(self.max_priority, float(priority.max()))
@@ -601,7 +603,7 @@ class SharedReplay(GroupReplay):
         if not self.prioritized:
             return
         samplers = [buffer.sampler for buffer in self.buffers]
-        errors = samplers[0]._clean(squared_td_error.reshape(minibatch.shape[0], self.n_agents).sqrt()).t()
+        errors = td_priority(squared_td_error.reshape(minibatch.shape[0], self.n_agents).sqrt(), samplers[0].eps).t()
         self.table.set(minibatch.get("index").cpu().t(), errors)
         for sampler, largest in zip(samplers, errors.amax(1).tolist(), strict=True):
             sampler.max_priority = max(sampler.max_priority, largest)
