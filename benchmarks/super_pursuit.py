@@ -47,6 +47,14 @@ def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+def _commit() -> str | None:
+    """The commit of the marlkit checkout running the benchmark (None outside a git checkout), so a run
+    can be matched with the code that made it."""
+    result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> str:
     """Train one arm and seed in a child process; copy its metrics to ``out``; a line saying how it went."""
     name = f"{arm}_s{seed}"
@@ -68,7 +76,7 @@ def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> st
         (out / f"{name}.json").write_text(json.dumps({
             "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
             "frames_per_s": summary["frames_per_s"], "overrides": overrides + extra,
-            "n_pursuers": 8, "versions": summary.get("versions", {})}, indent=2))
+            "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit()}, indent=2))
         os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
     return f"{name}: {wall / 60:.1f} min, {summary['frames_per_s']:.0f} frames/s"
 

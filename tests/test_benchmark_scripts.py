@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     with (tmp_path / "quantile_s1.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and rows[-1]["eval/pursuer/episode_reward_mean"] != ""
+    head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert json.loads((tmp_path / "quantile_s1.json").read_text())["commit"] == (head.strip() or None)
     assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
     table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
