@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = BENCHMARKS.parent
 
 
 def _run(*args: str) -> str:
@@ -41,6 +42,18 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
     assert "| 2 |" in quantile and "(2 seeds)" in quantile, table
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_super_update_cost_times_both_checkouts(tmp_path):
+    package = tmp_path / "pkg" / "marlkit"  # another checkout: here, links to this one's folders
+    package.mkdir(parents=True)
+    for part in ("envs", "modules", "losses", "pipelines"):
+        (package / part).symlink_to(ROOT / part)
+    tiny = ["--frames", "360", "--set", "env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7",
+            "env.y_size=7", "env.n_pursuers=3", "env.n_evaders=2", "replay.warmup_frames=0", "train.optimiser_steps=2"]
+    out = _run(str(BENCHMARKS / "super_update_cost.py"), "--modes", "quantile", "--rounds", "1",
+               "--other", str(tmp_path / "pkg"), *tiny)
+    assert "| quantile | this |" in out and "| quantile | other |" in out, out
 
 
 def test_scaling_prints_its_collection_table():
