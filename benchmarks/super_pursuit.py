@@ -52,7 +52,9 @@ def _commit() -> str | None:
     can be matched with the code that made it."""
     result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
                             capture_output=True, text=True)
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
 
 
 def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> str:
