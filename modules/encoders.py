@@ -124,6 +124,48 @@ def _observation_encoder(
     return device, n_agents, encoder, features
 
 
+class AgentMLP(MultiAgentMLP):
+    """TorchRL's ``MultiAgentMLP``, with the same parameters and state dict, whose forward without
+    parameter sharing runs each layer for all agents as one batched matmul instead of a ``torch.vmap``
+    over a functional call: the vmap re-binds every agent's parameters to a module at each call, which
+    was half the cost of a SUPER update's Q-learning loss (8 agents, 32 samples).
+
+    The results match the vmapped forward's bit for bit (tested, outputs and gradients). Shared
+    parameters, lazy (uninitialised) layers, layers other than ``Linear`` and parameter-free
+    activations, and export fall back to TorchRL's forward.
+    """
+
+    _layers: list[tuple[str, nn.Module]] | None = None
+
+    def _batched_layers(self) -> list[tuple[str, nn.Module]] | None:
+        if self._layers is None and not self.share_params and self.initialized:
+            layers = list(self._empty_net.named_children())
+            if all(isinstance(m, nn.Linear) or not any(True for _ in m.parameters()) for _, m in layers):
+                self._layers = layers
+        return self._layers
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        layers = self._batched_layers()
+        if layers is None or torch.compiler.is_exporting():
+            return super().forward(*inputs)
+        x = torch.cat(inputs, -1) if len(inputs) > 1 else inputs[0]
+        if x.shape[-2] != self.n_agents:
+            return super().forward(x)  # TorchRL's message for the wrong agent count
+        if self.centralized:  # every agent's network reads all agents' inputs
+            x = x.flatten(-2).unsqueeze(-2).expand(*x.shape[:-2], self.n_agents, -1)
+        batch = x.shape[:-2]
+        h = x.movedim(-2, 0).reshape(self.n_agents, -1, x.shape[-1])  # [agents, samples, features]
+        for name, module in layers:
+            if isinstance(module, nn.Linear):
+                weight, bias = self.params[name, "weight"], self.params.get((name, "bias"))
+                h = torch.bmm(h, weight.transpose(1, 2))  # then the bias, as vmap's linear does (bit for bit)
+                if bias is not None:
+                    h = h + bias.unsqueeze(1)
+            else:
+                h = module(h)
+        return h.reshape(self.n_agents, *batch, h.shape[-1]).movedim(0, -2)
+
+
 def _mlp(
     in_features: int,
     out_features: int,
@@ -135,7 +177,7 @@ def _mlp(
     activation: str,
     device: torch.device | str,
 ) -> MultiAgentMLP:
-    return MultiAgentMLP(
+    return AgentMLP(
         n_agent_inputs=in_features,
         n_agent_outputs=out_features,
         n_agents=n_agents,

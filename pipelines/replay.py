@@ -533,6 +533,7 @@ class SharedReplay(GroupReplay):
         self.dirs = [None if scratch_dir is None else scratch_dir / f"agent_{i}" for i in range(n_agents)]
         self.batch_size, self.beta = batch_size, beta
         self.table = PriorityBlocks(n_agents, buffer_size, alpha) if prioritized else None  # a row per agent
+        self._column_cache: tuple[list[TensorDictBase], list[dict[Any, torch.Tensor]]] | None = None
         self.buffers = [
             make_buffer(buffer_size, batch_size, device=device, prioritized=prioritized, alpha=alpha, beta=beta,
                         new_priority=new_priority, scratch_dir=directory, table=self.table, row=i)
@@ -579,6 +580,15 @@ class SharedReplay(GroupReplay):
                         buffer.extend(chosen)
         return {f"{self.group}/share_fraction": share.float().mean().item()}
 
+    def _columns(self) -> list[dict[Any, torch.Tensor]]:
+        """Each agent's stored fields as plain tensors viewing its storage (memory or memmap files),
+        rebuilt when a storage is replaced (first write, resume)."""
+        stored = [buffer.storage._storage for buffer in self.buffers]
+        if self._column_cache is None or any(a is not b for a, b in zip(self._column_cache[0], stored, strict=True)):
+            columns = [{key: value.as_subclass(torch.Tensor) for key, value in td.items(True, True)} for td in stored]
+            self._column_cache = (stored, columns)
+        return self._column_cache[1]
+
     def sample(self) -> TensorDictBase:
         """Agent i's column comes from agent i's buffer: one ``[B]`` batch with ``[B, n_agents]`` fields.
         With priorities every agent's slots are drawn in one pass over the shared table."""
@@ -587,10 +597,11 @@ class SharedReplay(GroupReplay):
             index, weights = self.table.draw(list(range(self.n_agents)), lengths, self.batch_size, self.beta)
         else:
             index = torch.stack([buffer.sampler.sample(buffer.storage, self.batch_size)[0] for buffer in self.buffers])
-        stacked = torch.stack([buffer.storage.get(i) for buffer, i in zip(self.buffers, index, strict=True)], dim=1)
-        g = self.group
-        out = TensorDict({g: stacked.get(g), "next": {g: stacked.get(("next", g))}},
-                         batch_size=stacked.shape[:1]).to(self.device)
+        out = TensorDict(batch_size=[self.batch_size])
+        columns = self._columns()
+        for key in columns[0]:  # one gather per agent and field, stacked: no TensorDict indexing per agent
+            out.set(key, torch.stack([fields[key][i] for fields, i in zip(columns, index, strict=True)], dim=1))
+        out = out.to(self.device)
         if self.prioritized:
             # contiguous [B, n_agents]: from a strided view the loss would sum its weighted errors in another order
             out.set("index", index.t().contiguous().to(self.device))

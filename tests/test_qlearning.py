@@ -135,7 +135,8 @@ def test_independent_prioritized_learners_keep_their_own_priorities(tmp_run_dir,
     sample = replay.sample()
     errors = torch.tensor([0.1, 0.2, 0.3]).expand(8, N)
     replay.update_priority(sample, errors.pow(2).unsqueeze(-1))  # squared, as the losses write them
-    for i, buffer in enumerate(replay.buffers):
+    for i, buffer in enumerate(replay.buffers):  # agent i's column is agent i's buffer at the drawn slots
+        assert torch.equal(sample["agents", "observation"][:, i], buffer.storage[sample["index"][:, i]]["agents", "observation"])
         drawn = sample["index"][:, i].unique()
         torch.testing.assert_close(buffer.sampler.priorities[drawn], torch.full(drawn.shape, errors[0, i] + 1e-6))
     cfg = tiny_config("iql", "gridworld", tmp_run_dir, frames_per_batch=80,
