@@ -78,11 +78,12 @@ from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictPara
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ProbabilisticActor, RunningValueNorm
 from torch import nn
-from torchrl.modules import QMixer, VDNMixer
+from torchrl.modules import QMixer, QValueModule, VDNMixer
 from torchrl.objectives import (A2CLoss, DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate,
                                  ValueEstimators)
 from torchrl.objectives.multiagent import MAPPOLoss, QMixerLoss
 from torchrl.objectives.utils import distance_loss, TargetNetUpdater
+from torchrl.objectives.value import TD0Estimator
 from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from marlkit.modules import action_indices, QTranJoint
@@ -357,6 +358,75 @@ def make_target_updater(
     return SoftUpdate(loss, tau=tau)
 
 
+class IndependentDQNLoss(DQNLoss):
+    """TorchRL's ``DQNLoss`` for a group of independent learners, computing the same loss, TD errors and
+    gradients (bit for bit, tested against ``DQNLoss.forward``) from the Q network's tensors.
+
+    TorchRL's forward runs the whole ``TensorDictSequential`` (values, then the greedy action) three
+    times per update, each inside a parameter swap and on cloned TensorDicts; that bookkeeping was most
+    of an update of SUPER's 8 small pursuer networks. Here the online network reads the observations and
+    the next ones directly, and only the target network's pass swaps parameters in. TorchRL's own value
+    estimator (TD(0)), distance loss and reduction (importance weights, loss masks) are reused as they
+    are. A Q network of another layout falls back to TorchRL's forward.
+    """
+
+    def _tensor_parts(self) -> tuple[nn.Module, NestedKey, NestedKey | None] | None:
+        """The values network, its observation key and the action-mask key, for Q networks made as
+        :func:`marlkit.modules.make_q_network` makes them (values module, then the greedy action)."""
+        net = self.value_network
+        if not (isinstance(net, TensorDictSequential) and len(net.module) == 2 and self.action_space == "categorical"):
+            return None
+        values, greedy = net.module
+        if not (type(values) is TensorDictModule and isinstance(greedy, QValueModule)  # noqa: E721 (no subclasses)
+                and len(values.in_keys) == 1 and values.out_keys == [greedy.action_value_key]
+                and greedy.action_space == "categorical" and greedy.action_value_key == self.tensor_keys.action_value):
+            return None
+        return values.module, values.in_keys[0], greedy.action_mask_key
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        """The loss (``loss``), with the squared TD error written at the priority key, as ``DQNLoss``."""
+        parts = self._tensor_parts()
+        estimator = self.value_estimator
+        if (parts is None or not isinstance(estimator, TD0Estimator) or estimator.average_rewards
+                or estimator.tensor_keys.steps_to_next_obs in tensordict.keys(True)):
+            return super().forward(tensordict)
+        values, obs_key, mask_key = parts
+        keys = self.tensor_keys
+        action = tensordict.get(keys.action)
+        pred_val = values(tensordict.get(obs_key))
+        # TorchRL gathers from values masked by the action mask: equal at the taken (allowed) action
+        pred_val_index = torch.gather(pred_val, -1, index=action.unsqueeze(-1)).squeeze(-1)
+        next_obs = tensordict.get(_next_key(obs_key))
+        next_mask = None if mask_key is None else tensordict.get(_next_key(mask_key))
+        with torch.no_grad():
+            with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
+                next_target = _masked(values(next_obs), next_mask)
+            # double Q: the online network picks the next action; plain DQN: the target network does
+            chooser = _masked(values(next_obs), next_mask) if self.double_dqn else next_target
+            next_action = torch.argmax(chooser, dim=-1).to(torch.long)
+            next_value = torch.gather(next_target, -1, index=next_action.unsqueeze(-1))
+        target_value = estimator.value_estimate(tensordict, next_value=next_value).squeeze(-1)
+        with torch.no_grad():
+            priority = (pred_val_index - target_value).pow(2).unsqueeze(-1)
+        tensordict.set(keys.priority, priority, inplace=True)
+        loss = distance_loss(pred_val_index, target_value, self.loss_function)
+        weights = None
+        if self.use_prioritized_weights in (True, "auto") and keys.priority_weight in tensordict.keys():
+            weights = tensordict.get(keys.priority_weight)
+        return TensorDict(loss=self._reduce_loss(loss, tensordict=tensordict, weights=weights))
+
+
+def _next_key(key: NestedKey) -> tuple[str, ...]:
+    return ("next", *((key,) if isinstance(key, str) else key))
+
+
+def _masked(action_values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Disallowed actions at the lowest float, as TorchRL's ``QValueModule`` masks them."""
+    if mask is None:
+        return action_values
+    return torch.where(mask, action_values, torch.finfo(action_values.dtype).min)
+
+
 def make_dqn_loss(
     q_network: nn.Module,
     group: str,
@@ -369,8 +439,8 @@ def make_dqn_loss(
     """Independent DQN for every agent of a group (IQL); double-Q targets when ``double_dqn``;
     ``mask_key`` names the live-agent mask (dead agents' entries are left out)."""
     check_td_settings(loss_function, gamma)
-    loss = DQNLoss(q_network, loss_function=loss_function, delay_value=True, double_dqn=double_dqn,
-                   action_space="categorical")
+    loss = IndependentDQNLoss(q_network, loss_function=loss_function, delay_value=True, double_dqn=double_dqn,
+                              action_space="categorical")
     loss.set_keys(
         action_value=(group, "action_value"),
         action=(group, "action"),

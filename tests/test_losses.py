@@ -296,6 +296,49 @@ def test_dqn_loss_on_hand_made_batch(double_dqn, dueling, spec_env):
     assert td["agents", "td_error"].shape[:2] == (QB, QN)  # one priority per agent
 
 
+@pytest.mark.parametrize("double_dqn", [True, False])
+@pytest.mark.parametrize("dueling", [True, False])
+@pytest.mark.parametrize("share_params", [True, False])
+@pytest.mark.parametrize("extras", ["plain", "weights-masks", "smooth_l1"])
+def test_dqn_loss_equals_torchrl_dqn_loss_bit_for_bit(double_dqn, dueling, share_params, extras, spec_env):
+    """marlkit's DQN loss works on the Q network's tensors; its loss, TD errors and gradients are TorchRL's
+    ``DQNLoss.forward``'s exactly (target network apart from the online one, action masks, importance
+    weights, a live-agent mask, done without termination)."""
+    from torchrl.objectives import DQNLoss
+
+    masks = extras == "weights-masks"
+    env = spec_env((QOBS,), Q_DISCRETE, batch=QB, mask=masks)
+    q = make_q_network(env, "agents", num_cells=[16], dueling=dueling, share_params=share_params)
+    loss = make_dqn_loss(q, "agents", double_dqn=double_dqn, gamma=0.95, mask_key=("agents", "mask") if masks else None,
+                         loss_function="smooth_l1" if extras == "smooth_l1" else "l2")
+    with torch.no_grad():  # a target network that disagrees with the online one
+        for target in loss.target_value_network_params.values(True, True):
+            target.add_(torch.randn(target.shape, generator=torch.Generator().manual_seed(3)))
+    td = _batch()
+    td["next", "agents", "done"][4:6] = True  # truncated: done, not terminated
+    if masks:
+        g = torch.Generator().manual_seed(4)
+        allowed = torch.rand(QB, QN, QA, generator=g) < 0.6
+        allowed[..., 0] = True
+        td["agents", "action"] = torch.where(allowed.gather(-1, td["agents", "action"].unsqueeze(-1)).squeeze(-1),
+                                             td["agents", "action"], 0)
+        td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
+        td["next", "agents", "action_mask"][..., 3] = True
+        td["priority_weight"] = torch.rand(QB, QN, generator=g)
+        td["agents", "mask"] = torch.rand(QB, QN, generator=g) < 0.8
+    results = []
+    for forward in (DQNLoss.forward, type(loss).forward):
+        batch = td.clone()
+        out = forward(loss, batch)
+        out["loss"].backward()
+        results.append((out["loss"], batch["agents", "td_error"], [p.grad.clone() for p in loss.parameters()]))
+        loss.zero_grad()
+    (expected, expected_td, expected_grads), (got, got_td, grads) = results
+    assert torch.equal(got, expected) and torch.equal(got_td, expected_td)
+    assert all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
+    assert loss._tensor_parts() is not None  # the comparison ran marlkit's path, not TorchRL's again
+
+
 @pytest.mark.parametrize("mixer", ["vdn", "qmix"])
 def test_qmixer_loss_on_hand_made_batch(mixer, spec_env):
     q = _q(spec_env)
