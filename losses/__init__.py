@@ -408,6 +408,8 @@ class IndependentDQNLoss(DQNLoss):
         target_value = estimator.value_estimate(tensordict, next_value=next_value).squeeze(-1)
         with torch.no_grad():
             priority = (pred_val_index - target_value).pow(2).unsqueeze(-1)
+        if tensordict.device is not None:
+            priority = priority.to(tensordict.device)
         tensordict.set(keys.priority, priority, inplace=True)
         loss = distance_loss(pred_val_index, target_value, self.loss_function)
         weights = None
