@@ -371,25 +371,16 @@ class IndependentDQNLoss(DQNLoss):
     """
 
     def _tensor_parts(self) -> tuple[nn.Module, NestedKey, NestedKey | None] | None:
-        """The values network, its observation key and the action-mask key, for Q networks made as
-        :func:`marlkit.modules.make_q_network` makes them (values module, then the greedy action)."""
-        net = self.value_network
-        if not (isinstance(net, TensorDictSequential) and len(net.module) == 2 and self.action_space == "categorical"):
+        if self.action_space != "categorical":
             return None
-        values, greedy = net.module
-        if not (type(values) is TensorDictModule and isinstance(greedy, QValueModule)  # noqa: E721 (no subclasses)
-                and len(values.in_keys) == 1 and values.out_keys == [greedy.action_value_key]
-                and greedy.action_space == "categorical" and greedy.action_value_key == self.tensor_keys.action_value):
-            return None
-        return values.module, values.in_keys[0], greedy.action_mask_key
+        return _q_tensor_parts(self.value_network, self.tensor_keys.action_value)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         """The loss (``loss``), with the squared TD error written at the priority key, as ``DQNLoss``."""
         parts = self._tensor_parts()
-        estimator = self.value_estimator
-        if (parts is None or not isinstance(estimator, TD0Estimator) or estimator.average_rewards
-                or estimator.tensor_keys.steps_to_next_obs in tensordict.keys(True)):
+        if parts is None or not _plain_td0(self.value_estimator, tensordict):
             return super().forward(tensordict)
+        estimator = self.value_estimator
         values, obs_key, mask_key = parts
         keys = self.tensor_keys
         action = tensordict.get(keys.action)
@@ -416,6 +407,69 @@ class IndependentDQNLoss(DQNLoss):
         if self.use_prioritized_weights in (True, "auto") and keys.priority_weight in tensordict.keys():
             weights = tensordict.get(keys.priority_weight)
         return TensorDict(loss=self._reduce_loss(loss, tensordict=tensordict, weights=weights))
+
+
+class MixedQLoss(QMixerLoss):
+    """TorchRL's ``QMixerLoss`` (VDN / QMIX over one group), computing the same loss, TD errors and
+    gradients (bit for bit, tested against ``QMixerLoss.forward``) from the Q network's and the mixer's
+    tensors, as :class:`IndependentDQNLoss` does for DQN: one online pass of the agents' network and the
+    mixer, one target pass of both inside one parameter swap, and TorchRL's TD(0) estimator and distance
+    loss. Other layouts (the team values of several groups) fall back to TorchRL's forward.
+    """
+
+    def _tensor_parts(self) -> tuple[nn.Module, NestedKey, NestedKey | None, nn.Module, list[NestedKey]] | None:
+        """The agents' values network, observation and action-mask keys, the mixer and its other inputs."""
+        parts = _q_tensor_parts(self.local_value_network, self.tensor_keys.action_value)
+        mixer = self.mixer_network
+        if (parts is None or self.action_space != "categorical" or type(mixer) is not TensorDictModule  # noqa: E721
+                or mixer.in_keys[0] != self.tensor_keys.local_value):
+            return None
+        return (*parts, mixer.module, list(mixer.in_keys[1:]))
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        """The loss (``loss``), with the squared TD error written at the priority key, as ``QMixerLoss``."""
+        parts = self._tensor_parts()
+        if parts is None or not _plain_td0(self.value_estimator, tensordict):
+            return super().forward(tensordict)
+        values, obs_key, mask_key, mixer, state_keys = parts
+        action = tensordict.get(self.tensor_keys.action)
+        # TorchRL gathers from values masked by the action mask: equal at the taken (allowed) action
+        local = torch.gather(values(tensordict.get(obs_key)), -1, index=action.unsqueeze(-1))  # [*B, n_agents, 1]
+        pred_val = mixer(local, *(tensordict.get(key) for key in state_keys)).squeeze(-1)
+        next_mask = None if mask_key is None else tensordict.get(_next_key(mask_key))
+        with torch.no_grad(), \
+                self.target_local_value_network_params.to_module(self.local_value_network, preserve_module_state=False), \
+                self.target_mixer_network_params.to_module(self.mixer_network, preserve_module_state=False):
+            next_values = _masked(values(tensordict.get(_next_key(obs_key))), next_mask)  # the target's greedy action
+            next_local = next_values.gather(-1, torch.argmax(next_values, dim=-1).to(torch.long).unsqueeze(-1))
+            next_value = mixer(next_local, *(tensordict.get(_next_key(key)) for key in state_keys))
+        target_value = self.value_estimator.value_estimate(tensordict, next_value=next_value).squeeze(-1)
+        with torch.no_grad():
+            priority = (pred_val - target_value).pow(2).unsqueeze(-1)
+        if tensordict.device is not None:
+            priority = priority.to(tensordict.device)
+        tensordict.set(self.tensor_keys.priority, priority, inplace=True)
+        return TensorDict({"loss": distance_loss(pred_val, target_value, self.loss_function).mean()}, [])
+
+
+def _q_tensor_parts(q_network: nn.Module, action_value_key: NestedKey) -> tuple[nn.Module, NestedKey, NestedKey | None] | None:
+    """The values network, its observation key and the action-mask key of a Q network made as
+    :func:`marlkit.modules.make_q_network` makes it (values module, then the greedy action); None otherwise."""
+    if not (isinstance(q_network, TensorDictSequential) and len(q_network.module) == 2):
+        return None
+    values, greedy = q_network.module
+    if not (type(values) is TensorDictModule and isinstance(greedy, QValueModule)  # noqa: E721 (no subclasses)
+            and len(values.in_keys) == 1 and values.out_keys == [greedy.action_value_key]
+            and greedy.action_space == "categorical" and greedy.action_value_key == action_value_key):
+        return None
+    return values.module, values.in_keys[0], greedy.action_mask_key
+
+
+def _plain_td0(estimator: object, tensordict: TensorDictBase) -> bool:
+    """Whether the loss's value estimator is TorchRL's TD(0) without reward standardisation or n-step
+    gaps, the case the tensor-level losses compute."""
+    return (isinstance(estimator, TD0Estimator) and not estimator.average_rewards
+            and estimator.tensor_keys.steps_to_next_obs not in tensordict.keys(True))
 
 
 def _next_key(key: NestedKey) -> tuple[str, ...]:
@@ -486,7 +540,7 @@ def _mixer_loss(
         net = QMixer(state_shape=state_shape, mixing_embed_dim=mixing_embed_dim, n_agents=n_agents, device=device)
         in_keys = [keys["local_value"], state_key]
     mixer_module = TensorDictModule(net, in_keys=in_keys, out_keys=[(TEAM, "chosen_action_value")])
-    loss = QMixerLoss(local_values, mixer_module, loss_function=loss_function, delay_value=True,
+    loss = MixedQLoss(local_values, mixer_module, loss_function=loss_function, delay_value=True,
                       action_space="categorical")
     loss.set_keys(
         **keys,

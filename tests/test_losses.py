@@ -358,6 +358,48 @@ def test_qmixer_loss_on_hand_made_batch(mixer, spec_env):
         assert out["loss"].item() == pytest.approx(((chosen - target) ** 2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("mixer", ["vdn", "qmix"])
+@pytest.mark.parametrize("share_params", [True, False])
+@pytest.mark.parametrize("extras", ["plain", "masks-state", "l1"])
+def test_mixer_loss_equals_torchrl_qmixer_loss_bit_for_bit(mixer, share_params, extras, spec_env):
+    """marlkit's VDN / QMIX loss works on the networks' tensors; its loss, TD errors and gradients (agents'
+    network and mixer) are TorchRL's ``QMixerLoss.forward``'s exactly, with target networks apart from the
+    online ones, action masks and a global state."""
+    from torchrl.objectives.multiagent import QMixerLoss
+
+    masks = extras == "masks-state"
+    env = spec_env((QOBS,), Q_DISCRETE, batch=QB, mask=masks)
+    q = make_q_network(env, "agents", num_cells=[16], share_params=share_params)
+    state_key, state_shape = ("state", (7,)) if masks else (("agents", "observation"), (QN, QOBS))
+    loss = make_qmixer_loss(q, "agents", mixer=mixer, n_agents=QN, state_key=state_key, state_shape=state_shape,
+                            gamma=0.95, loss_function="l1" if extras == "l1" else "l2")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for target in (*loss.target_local_value_network_params.values(True, True),
+                       *loss.target_mixer_network_params.values(True, True)):
+            target.add_(torch.randn(target.shape, generator=g))
+    td = _batch(team=True)
+    if masks:
+        allowed = torch.rand(QB, QN, QA, generator=g) < 0.6
+        allowed[..., 0] = True
+        td["agents", "action"] = torch.where(allowed.gather(-1, td["agents", "action"].unsqueeze(-1)).squeeze(-1),
+                                             td["agents", "action"], 0)
+        td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
+        td["next", "agents", "action_mask"][..., 2] = True
+        td["state"], td["next", "state"] = torch.randn(QB, 7, generator=g), torch.randn(QB, 7, generator=g)
+    results = []
+    for forward in (QMixerLoss.forward, type(loss).forward):
+        batch = td.clone()
+        out = forward(loss, batch)
+        out["loss"].backward()
+        results.append((out["loss"], batch["team", "td_error"], [p.grad.clone() for p in loss.parameters()]))
+        loss.zero_grad()
+    (expected, expected_td, expected_grads), (got, got_td, grads) = results
+    assert torch.equal(got, expected) and torch.equal(got_td, expected_td)
+    assert len(grads) > 0 and all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
+    assert loss._tensor_parts() is not None  # the comparison ran marlkit's path, not TorchRL's again
+
+
 def test_mixer_needs_several_agents(spec_env):
     with pytest.raises(ValueError, match="group 'agents' has 1: use algorithm=iql"):
         make_qmixer_loss(_q(spec_env), "agents", mixer="qmix", n_agents=1, state_key="state", state_shape=(3,))
