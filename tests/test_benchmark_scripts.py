@@ -204,3 +204,11 @@ def test_profile_mappo_prints_its_phases():
     for phase in ("collection", "GAE", "loss forward", "backward", "optimiser step", "end_iteration"):
         assert f"| {phase}" in out, out
     assert "bare MLPs of the same sizes" in out, out
+
+
+def test_loss_cost_times_torchrl_and_marlkit_forwards():
+    out = _run(str(BENCHMARKS / "loss_cost.py"), "--cases", "iql-pursuit,qmix-128", "--rounds", "1", "--steps", "2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| iql-pursuit |") or line.startswith("| qmix-128 |")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("iql-pursuit", "TorchRL"), ("iql-pursuit", "marlkit"),
+                                                              ("qmix-128", "TorchRL"), ("qmix-128", "marlkit")], out
+    assert all(float(r[4]) > 0 for r in rows), out
