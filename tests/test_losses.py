@@ -296,6 +296,21 @@ def test_dqn_loss_on_hand_made_batch(double_dqn, dueling, spec_env):
     assert td["agents", "td_error"].shape[:2] == (QB, QN)  # one priority per agent
 
 
+def _assert_same_as_torchrl(loss, torchrl_forward, td, td_error_key):
+    """marlkit's forward of ``loss`` gives TorchRL's loss, TD errors and gradients on ``td``, bit for bit."""
+    results = []
+    for forward in (torchrl_forward, type(loss).forward):
+        batch = td.clone()
+        out = forward(loss, batch)
+        out["loss"].backward()
+        results.append((out["loss"], batch[td_error_key], [p.grad.clone() for p in loss.parameters()]))
+        loss.zero_grad()
+    (expected, expected_td, expected_grads), (got, got_td, grads) = results
+    assert torch.equal(got, expected) and torch.equal(got_td, expected_td)
+    assert len(grads) > 0 and all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
+    assert loss._tensor_parts() is not None  # the comparison ran marlkit's path, not TorchRL's again
+
+
 @pytest.mark.parametrize("double_dqn", [True, False])
 @pytest.mark.parametrize("dueling", [True, False])
 @pytest.mark.parametrize("share_params", [True, False])
@@ -326,17 +341,7 @@ def test_dqn_loss_equals_torchrl_dqn_loss_bit_for_bit(double_dqn, dueling, share
         td["next", "agents", "action_mask"][..., 3] = True
         td["priority_weight"] = torch.rand(QB, QN, generator=g)
         td["agents", "mask"] = torch.rand(QB, QN, generator=g) < 0.8
-    results = []
-    for forward in (DQNLoss.forward, type(loss).forward):
-        batch = td.clone()
-        out = forward(loss, batch)
-        out["loss"].backward()
-        results.append((out["loss"], batch["agents", "td_error"], [p.grad.clone() for p in loss.parameters()]))
-        loss.zero_grad()
-    (expected, expected_td, expected_grads), (got, got_td, grads) = results
-    assert torch.equal(got, expected) and torch.equal(got_td, expected_td)
-    assert all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
-    assert loss._tensor_parts() is not None  # the comparison ran marlkit's path, not TorchRL's again
+    _assert_same_as_torchrl(loss, DQNLoss.forward, td, ("agents", "td_error"))
 
 
 @pytest.mark.parametrize("mixer", ["vdn", "qmix"])
@@ -387,17 +392,7 @@ def test_mixer_loss_equals_torchrl_qmixer_loss_bit_for_bit(mixer, share_params, 
         td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
         td["next", "agents", "action_mask"][..., 2] = True
         td["state"], td["next", "state"] = torch.randn(QB, 7, generator=g), torch.randn(QB, 7, generator=g)
-    results = []
-    for forward in (QMixerLoss.forward, type(loss).forward):
-        batch = td.clone()
-        out = forward(loss, batch)
-        out["loss"].backward()
-        results.append((out["loss"], batch["team", "td_error"], [p.grad.clone() for p in loss.parameters()]))
-        loss.zero_grad()
-    (expected, expected_td, expected_grads), (got, got_td, grads) = results
-    assert torch.equal(got, expected) and torch.equal(got_td, expected_td)
-    assert len(grads) > 0 and all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
-    assert loss._tensor_parts() is not None  # the comparison ran marlkit's path, not TorchRL's again
+    _assert_same_as_torchrl(loss, QMixerLoss.forward, td, ("team", "td_error"))
 
 
 def test_mixer_needs_several_agents(spec_env):
