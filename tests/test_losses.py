@@ -296,6 +296,17 @@ def test_dqn_loss_on_hand_made_batch(double_dqn, dueling, spec_env):
     assert td["agents", "td_error"].shape[:2] == (QB, QN)  # one priority per agent
 
 
+def _add_action_masks(td, g, always_allowed_next):
+    """Random action masks (action 0 always allowed now, ``always_allowed_next`` next), the taken actions
+    made allowed ones."""
+    allowed = torch.rand(QB, QN, QA, generator=g) < 0.6
+    allowed[..., 0] = True
+    td["agents", "action"] = torch.where(allowed.gather(-1, td["agents", "action"].unsqueeze(-1)).squeeze(-1),
+                                         td["agents", "action"], 0)
+    td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
+    td["next", "agents", "action_mask"][..., always_allowed_next] = True
+
+
 def _assert_same_as_torchrl(loss, torchrl_forward, td, td_error_key):
     """marlkit's forward of ``loss`` gives TorchRL's loss, TD errors and gradients on ``td``, bit for bit."""
     results = []
@@ -333,12 +344,7 @@ def test_dqn_loss_equals_torchrl_dqn_loss_bit_for_bit(double_dqn, dueling, share
     td["next", "agents", "done"][4:6] = True  # truncated: done, not terminated
     if masks:
         g = torch.Generator().manual_seed(4)
-        allowed = torch.rand(QB, QN, QA, generator=g) < 0.6
-        allowed[..., 0] = True
-        td["agents", "action"] = torch.where(allowed.gather(-1, td["agents", "action"].unsqueeze(-1)).squeeze(-1),
-                                             td["agents", "action"], 0)
-        td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
-        td["next", "agents", "action_mask"][..., 3] = True
+        _add_action_masks(td, g, always_allowed_next=3)
         td["priority_weight"] = torch.rand(QB, QN, generator=g)
         td["agents", "mask"] = torch.rand(QB, QN, generator=g) < 0.8
     _assert_same_as_torchrl(loss, DQNLoss.forward, td, ("agents", "td_error"))
@@ -385,12 +391,7 @@ def test_mixer_loss_equals_torchrl_qmixer_loss_bit_for_bit(mixer, share_params, 
             target.add_(torch.randn(target.shape, generator=g))
     td = _batch(team=True)
     if masks:
-        allowed = torch.rand(QB, QN, QA, generator=g) < 0.6
-        allowed[..., 0] = True
-        td["agents", "action"] = torch.where(allowed.gather(-1, td["agents", "action"].unsqueeze(-1)).squeeze(-1),
-                                             td["agents", "action"], 0)
-        td["agents", "action_mask"], td["next", "agents", "action_mask"] = allowed, torch.rand(QB, QN, QA, generator=g) < 0.5
-        td["next", "agents", "action_mask"][..., 2] = True
+        _add_action_masks(td, g, always_allowed_next=2)
         td["state"], td["next", "state"] = torch.randn(QB, 7, generator=g), torch.randn(QB, 7, generator=g)
     _assert_same_as_torchrl(loss, QMixerLoss.forward, td, ("team", "td_error"))
 
