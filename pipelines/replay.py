@@ -44,7 +44,9 @@ class PriorityBlocks:
     result as a table per buffer.
     """
 
-    BLOCK = 512
+    # A draw reads every block sum and one block per sample, an update recomputes the blocks it touched:
+    # at SUPER's size (8 buffers of 120,000, 32 samples each) 64 costs about a fifth of what 512 does.
+    BLOCK = 64
 
     def __init__(self, rows: int, capacity: int, alpha: float):
         blocks = -(-capacity // self.BLOCK)
@@ -570,14 +572,14 @@ class SharedReplay(GroupReplay):
         chosen_by = share.sum(0).tolist()  # agent i's buffer gets its own and every other agent's chosen
         for i, (buffer, directory) in enumerate(self._buffers()):
             _mark_writes(buffer, directory, data.shape[0] + int(sum(chosen_by)) - int(chosen_by[i]))
-        for i, buffer in enumerate(self.buffers):
-            buffer.extend(per_agent[:, i])
-        for sender in range(self.n_agents):
-            chosen = per_agent[:, sender][share[:, sender].to(per_agent.device)]
-            if chosen.shape[0]:
-                for receiver, buffer in enumerate(self.buffers):
-                    if receiver != sender:
-                        buffer.extend(chosen)
+        chosen = [per_agent[:, sender][share[:, sender].to(per_agent.device)] if chosen_by[sender] else None
+                  for sender in range(self.n_agents)]
+        for receiver, buffer in enumerate(self.buffers):
+            # one write per buffer (each TorchRL extend costs ~2 ms on memmap files), in the order the
+            # transitions arrive: its own, then each other agent's chosen ones by sender
+            parts = [per_agent[:, receiver]] + [part for sender, part in enumerate(chosen)
+                                                if sender != receiver and part is not None]
+            buffer.extend(torch.cat(parts) if len(parts) > 1 else parts[0])
         return {f"{self.group}/share_fraction": share.float().mean().item()}
 
     def _columns(self) -> list[dict[Any, torch.Tensor]]:
@@ -600,7 +602,7 @@ class SharedReplay(GroupReplay):
         out = TensorDict(batch_size=[self.batch_size])
         columns = self._columns()
         for key in columns[0]:  # one gather per agent and field, stacked: no TensorDict indexing per agent
-            out.set(key, torch.stack([fields[key][i] for fields, i in zip(columns, index, strict=True)], dim=1))
+            out.set(key, torch.stack([fields[key].index_select(0, i) for fields, i in zip(columns, index, strict=True)], dim=1))
         out = out.to(self.device)
         if self.prioritized:
             # contiguous [B, n_agents]: from a strided view the loss would sum its weighted errors in another order
