@@ -52,7 +52,15 @@ def make_config(algorithm: str, preset: str | None = None,
     """
     cfg = pipeline_for(algorithm).CONFIG(algorithm=algorithm)
     if preset is not None:
-        apply_overrides(cfg, load_preset(preset))
+        values = load_preset(preset)
+        written_for = values.get("algorithm", algorithm)
+        try:
+            apply_overrides(cfg, values)
+        except ValueError as error:
+            if written_for == algorithm:
+                raise
+            raise ValueError(f"preset {preset!r} is written for {written_for} and does not fit {algorithm} ({error}); "
+                             f"train {written_for} with it, or leave the algorithm out to get its own") from None
         cfg.algorithm = algorithm  # a preset names its usual algorithm; the caller's choice wins
     apply_overrides(cfg, overrides or {})
     if cfg.algorithm != algorithm:

@@ -28,7 +28,7 @@ if __name__ == "__main__" or Path(sys.argv[0]).name == "marlkit":
         signal.signal(_signum, _interrupted_while_starting)
 
 from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for  # noqa: E402
-from .config import apply_overrides, available_presets, describe, RunConfig  # noqa: E402
+from .config import apply_overrides, available_presets, describe, preset_algorithm, RunConfig  # noqa: E402
 from .checkpoint import DiskFull  # noqa: E402
 from .collectors import CollectorFailed  # noqa: E402
 from .learners import TrainingDiverged  # noqa: E402
@@ -352,8 +352,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         # "marlkit train train.lr=1e-3": the first override landed in the algorithm slot.
         overrides.insert(0, args.algorithm)
         args.algorithm = None
-    algorithm = args.algorithm or DEFAULT_ALGORITHM
     preset = args.preset
+    # "marlkit train --preset pursuit-super": the preset's own algorithm, as its file names it
+    algorithm = args.algorithm or (preset_algorithm(preset) if preset else None) or DEFAULT_ALGORITHM
     if preset is None and args.env is None:
         preset = ALGORITHMS[algorithm][1] if algorithm in ALGORITHMS else None
     flags = {"env.name": args.env, "collector.total_frames": args.frames, "seed": args.seed,

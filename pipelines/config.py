@@ -334,6 +334,11 @@ def load_preset(name: str) -> dict[str, Any]:
     return flatten(data)
 
 
+def preset_algorithm(name: str) -> str | None:
+    """The algorithm preset ``name`` is written for (its ``algorithm:`` entry), None if it names none."""
+    return load_preset(name).get("algorithm")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for ``config.yaml``)."""
     return dataclasses.asdict(cfg)

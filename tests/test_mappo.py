@@ -138,11 +138,21 @@ def test_navigation_matched_preset_matches_anchor_config():
     (["train", "env.n_agents=0"], "env without agents cannot be trained"),
     (["train", "train.lr=abc"], "train.lr expects a number, got 'abc'"),
     (["train", "--preset", "nope"], "unknown preset 'nope'; available: .*navigation-matched"),
+    (["train", "mappo", "--preset", "pursuit-super"],
+     "preset 'pursuit-super' is written for iql and does not fit mappo .*model.image_encoder.*train iql with it"),
     (["train", "--device", "tpu"], "device='tpu' is not a valid torch device"),
     (["train", "model.activation=swish"], "activation='swish' is not supported"),
 ])
 def test_bad_input_fails_before_building(args, match, cli_rejects):
     cli_rejects(args, match)
+
+
+def test_a_preset_alone_trains_its_own_algorithm():
+    from marlkit.pipelines.cli import _train_parser, build_config
+
+    cfg = build_config(_train_parser().parse_args(["--preset", "pursuit-super"]))
+    assert (cfg.algorithm, cfg.env.name, cfg.model.image_encoder) == ("iql", "pursuit", "flatten")
+    assert build_config(_train_parser().parse_args(["--preset", "navigation-matched"])).algorithm == "mappo"
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_run_dir, tiny_config):
