@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import itertools
 import math
 import os
 import statistics
@@ -204,6 +205,25 @@ def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.array([float(r[k]) if r[k] != "" else math.nan for r in rows]) for k in ("frames", "time_s", "return"))
 
 
+def permutation_p(a: list[float], b: list[float], rounds: int = 20_000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of mean(b) - mean(a) over the seeds: every relabelling of the pooled
+    values when there are at most ``rounds`` of them (3 seeds a side give 20: p is never below 0.1),
+    ``rounds`` random ones otherwise."""
+    pooled, n = np.array(a + b, dtype=float), len(a)
+    observed = abs(pooled[n:].mean() - pooled[:n].mean())
+    exact = math.comb(len(pooled), n) <= rounds
+    if exact:
+        splits = [list(c) for c in itertools.combinations(range(len(pooled)), n)]
+    else:
+        rng = np.random.default_rng(seed)
+        splits = [rng.permutation(len(pooled))[:n] for _ in range(rounds)]
+    total = pooled.sum()
+    diffs = np.array([abs((total - pooled[s].sum()) / len(b) - pooled[s].mean()) for s in splits])
+    hits = int((diffs >= observed - 1e-12).sum())
+    # sampled: the observed labelling counts as one of the draws, so p is never 0 (Phipson & Smyth 2010)
+    return hits / len(splits) if exact else (hits + 1) / (rounds + 1)
+
+
 def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str:
     """The task's markdown table and curves.png from its CSVs alone.
 
@@ -228,12 +248,27 @@ def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str
     lines = [f"**{task}** ({frames:,} frames; threshold {threshold:.2f})", "",
              "| arm | seeds | final return (last 10% of frames) | mean return over the run | frames to threshold | frames/s |",
              "|---|---|---|---|---|---|"]
+    per_seed = {}
     for arm, rr in runs.items():
         hits = [f[np.argmax(r >= threshold)] for f, _, r in rr if (r >= threshold).any()]
         reach = f"{statistics.mean(hits):,.0f} ({len(hits)}/{len(rr)})" if hits else f"not reached (0/{len(rr)})"
         fps = statistics.mean(f[-1] / t[-1] for f, t, _ in rr)
-        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval([float(np.nanmean(r)) for _, _, r in rr])} "
-                     f"| {reach} | {fps:,.0f} |")
+        means = [float(np.nanmean(r)) for _, _, r in rr]
+        per_seed[arm] = {"final": finals[arm], "over the run": means,
+                         "frames to threshold": hits if len(hits) == len(rr) else None}
+        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval(means)} | {reach} | {fps:,.0f} |")
+    reference = next(iter(per_seed))
+    for arm in list(per_seed)[1:]:
+        parts = []
+        for measure, values in per_seed[arm].items():
+            base = per_seed[reference][measure]
+            if values is None or base is None or any(map(math.isnan, values + base)):
+                continue  # a seed that never reached the threshold, or one without a finished episode
+            digits = 0 if measure == "frames to threshold" else 2
+            parts.append(f"{measure} {statistics.mean(values) - statistics.mean(base):+,.{digits}f} "
+                         f"(p = {permutation_p(base, values):.2f})")
+        lines.append(f"\n{arm} − {reference}, difference of the means over seeds (two-sided permutation p): "
+                     + "; ".join(parts))
     plot_curves({arm: [(f, r) for f, _, r in rr] for arm, rr in runs.items()}, out / "curves.png",
                 f"{task}: mean and 95% band over seeds")
     return "\n".join(lines) + "\n"

@@ -139,6 +139,19 @@ def test_learning_vs_benchmarl_runs_skips_and_tabulates(tmp_path):
     again = _run(*args)
     assert "0 runs to do" in again and "| benchmarl | 1 | 0.00 ± 0.00 | -0.50 ± 0.00 |" in again, again
     assert (tmp_path / "out" / "mappo_balance" / "curves.png").stat().st_size > 0
+    assert "marlkit − benchmarl, difference of the means over seeds" in again, again
+
+
+def test_permutation_p_enumerates_small_samples_and_samples_large_ones(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from learning_vs_benchmarl import permutation_p
+
+    assert permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)  # 2 of the 20 splits
+    assert permutation_p([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == 1.0
+    assert permutation_p([0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]) == 1.0
+    far = permutation_p(list(range(10)), [x + 100.0 for x in range(10)])  # 184,756 splits: sampled
+    assert 0 < far < 1e-3
+    assert 0.3 < permutation_p(list(range(10)), [x + 1.0 for x in range(10)]) < 0.6
 
 
 def test_graph_transfer_tabulates_more_agents_and_refusals(tmp_path):
