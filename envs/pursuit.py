@@ -203,11 +203,13 @@ class PursuitEnv(NativeState, EnvBase):
         """[B, P] float64 rewards summed over the AEC cycle's sub-steps in PettingZoo's order."""
         n = self.n_pursuers
         evaders = self._counts(self.evader_pos, self.evader_alive)
-        tag_old, tag_new = self._tagged(evaders, old), self._tagged(evaders, new)
+        # each pursuer's tag term before and after its own move, as PettingZoo computes it: (r * tags) / n
+        before = (self.tag_reward * self._tagged(evaders, old).double()) / n
+        after = (self.tag_reward * self._tagged(evaders, new).double()) / n
         index = torch.arange(n, device=self.device)
         total = torch.zeros(old.shape[0], n, dtype=torch.float64, device=self.device)
         for k in range(n):  # sub-step k: pursuers 0..k have moved
-            step = (self.tag_reward * torch.where(index <= k, tag_new, tag_old).double()) / n
+            step = torch.where(index <= k, after, before)
             if k == n - 1:
                 step = (step + self.catch_reward * catchers.double()) + self.urgency_reward
             if self.shared_reward:
