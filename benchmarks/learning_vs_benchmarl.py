@@ -225,7 +225,8 @@ def permutation_p(a: list[float], b: list[float], rounds: int = 20_000, seed: in
 
 
 def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str:
-    """The task's markdown table and curves.png from its CSVs alone.
+    """The task's markdown table and curves.png from its CSVs alone ("best iteration": each run's highest
+    return, which shows what an unstable off-policy run reached before it fell back).
 
     Threshold: 80% of the way from the first iteration's return (mean over every run) to the best arm's
     final return; "frames to threshold" is the first iteration at or above it, mean over the seeds that
@@ -246,17 +247,20 @@ def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str
     best = max(statistics.mean([v for v in vs if not math.isnan(v)] or [start]) for vs in finals.values())
     threshold = start + 0.8 * (best - start)
     lines = [f"**{task}** ({frames:,} frames; threshold {threshold:.2f})", "",
-             "| arm | seeds | final return (last 10% of frames) | mean return over the run | frames to threshold | frames/s |",
-             "|---|---|---|---|---|---|"]
+             "| arm | seeds | final return (last 10% of frames) | mean return over the run | best iteration "
+             "| frames to threshold | frames/s |",
+             "|---|---|---|---|---|---|---|"]
     per_seed = {}
     for arm, rr in runs.items():
         hits = [f[np.argmax(r >= threshold)] for f, _, r in rr if (r >= threshold).any()]
         reach = f"{statistics.mean(hits):,.0f} ({len(hits)}/{len(rr)})" if hits else f"not reached (0/{len(rr)})"
         fps = statistics.mean(f[-1] / t[-1] for f, t, _ in rr)
         means = [float(np.nanmean(r)) for _, _, r in rr]
-        per_seed[arm] = {"final": finals[arm], "over the run": means,
+        best = [float(np.nanmax(r)) if np.isfinite(r).any() else math.nan for _, _, r in rr]
+        per_seed[arm] = {"final": finals[arm], "over the run": means, "best iteration": best,
                          "frames to threshold": hits if len(hits) == len(rr) else None}
-        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval(means)} | {reach} | {fps:,.0f} |")
+        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval(means)} | {interval(best)} | {reach} "
+                     f"| {fps:,.0f} |")
     reference = next(iter(per_seed))
     for arm in list(per_seed)[1:]:
         parts = []

@@ -137,7 +137,7 @@ def test_learning_vs_benchmarl_runs_skips_and_tabulates(tmp_path):
     benchmarl = (tmp_path / "out" / "mappo_balance" / "benchmarl_seed0.csv").read_text().split()
     assert benchmarl == ["frames,time_s,return", "6000.0,1.0,-1.0", "12000.0,2.0,0.0"]
     again = _run(*args)
-    assert "0 runs to do" in again and "| benchmarl | 1 | 0.00 ± 0.00 | -0.50 ± 0.00 |" in again, again
+    assert "0 runs to do" in again and "| benchmarl | 1 | 0.00 ± 0.00 | -0.50 ± 0.00 | 0.00 ± 0.00 |" in again, again
     assert (tmp_path / "out" / "mappo_balance" / "curves.png").stat().st_size > 0
     assert "marlkit − benchmarl, difference of the means over seeds" in again, again
 
