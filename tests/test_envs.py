@@ -440,5 +440,7 @@ def test_benchmarl_benchmark_keywords_are_all_taken_by_their_scenarios():
     for task, kwargs in TASKS.items():
         env = make_env(f"vmas/{task}", num_envs=2, seed=0, **kwargs)
         assert env.batch_size == (2,)
+        discrete = make_env(f"vmas/{task}", num_envs=2, seed=0, continuous_actions=False, **kwargs)  # QMIX's arm
+        assert not discrete.full_action_spec[discrete.action_keys[0]].dtype.is_floating_point
     with pytest.raises(ValueError, match=r"does not take the keyword\(s\) \{'shared_rew': False\}"):
         make_env("vmas/balance", num_envs=2, **TASKS["balance"], shared_rew=False)
