@@ -40,7 +40,9 @@ def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str
     episodes = env.batch_size[0]
     cap = max_steps or MAX_EVAL_STEPS
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        rollout = env.rollout(cap, policy, break_when_any_done=False, break_when_all_done=True)
+        # left lazily stacked: only the done flags and returns are read, not the 500 steps' observations
+        rollout = env.rollout(cap, policy, break_when_any_done=False, break_when_all_done=True,
+                              return_contiguous=False)
     done = rollout.get(("next", "done"))[..., 0]  # [episodes, T]
     ended = done.any(-1)
     last = torch.full_like(ended, done.shape[-1] - 1, dtype=torch.long)
