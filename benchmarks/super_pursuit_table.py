@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
+ORDER = ["none", "quantile", "gaussian", "stochastic", "random", "all", "none-dqn", "quantile-dqn"]  # super_pursuit.ARMS
 EVAL = "eval/pursuer/episode_reward_mean"
 
 
@@ -49,12 +50,14 @@ def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, n: int = 10_00
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    """One row per arm: seeds, AUC, final return, paired bootstrap vs none, wall time."""
+    """One row per arm, in the benchmark's arm order: seeds, AUC, final return (each also per seed, by
+    seed), paired bootstrap vs none, wall time."""
     rng = np.random.default_rng(0)
     rows = []
-    stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in seeds.items()
+    stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in sorted(seeds.items())
                    if r["returns"]} for arm, seeds in runs.items()}
-    for arm, seeds in runs.items():
+    for arm in sorted(runs, key=lambda a: (ORDER.index(a) if a in ORDER else len(ORDER), a)):
+        seeds = dict(sorted(runs[arm].items()))
         auc = np.array([stats[arm][s][0] for s in stats[arm]])
         final = np.array([stats[arm][s][1] for s in stats[arm]])
         paired = sorted(set(stats[arm]) & set(stats.get("none", {})))
@@ -62,12 +65,15 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
         rows.append({"arm": arm, "seeds": len(auc), "auc": auc.mean() if len(auc) else float("nan"),
                      "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
                      "final_ci": _ci(final), "vs_none": paired_bootstrap(diff, rng) if arm != "none" else None,
-                     "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60})
+                     "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60,
+                     "auc_seeds": auc.tolist(), "final_seeds": final.tolist(),
+                     "wall_min_seeds": [r["wall_s"] / 60 for r in seeds.values()]})
     return rows
 
 
-def _pm(mean: float, ci: float) -> str:
-    return f"{mean:.1f}" if math.isnan(ci) else f"{mean:.1f} ± {ci:.1f}"
+def _pm(mean: float, ci: float, per_seed: list[float] = ()) -> str:
+    text = f"{mean:.1f}" if math.isnan(ci) else f"{mean:.1f} ± {ci:.1f}"
+    return text + (f" ({', '.join(f'{v:.1f}' for v in per_seed)})" if len(per_seed) > 1 else "")
 
 
 def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
@@ -104,7 +110,8 @@ def main() -> None:
     runs = load(args.out)
     if not runs:
         parser.error(f"no finished runs (<arm>_s<seed>.csv) in {args.out}")
-    print("| arm | seeds | area under curve | final return | AUC - none (paired bootstrap 95%) | wall min/run |")
+    print("| arm | seeds | area under curve (per seed) | final return (per seed) | AUC - none (paired bootstrap 95%) "
+          "| wall min/run (per seed) |")
     print("|---|---|---|---|---|---|")
     for r in summarise(runs):
         if r["vs_none"] is None:
@@ -113,8 +120,9 @@ def main() -> None:
             vs = f"n/a ({r['paired']} paired seed)"
         else:
             vs = f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
-        print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'])} | {_pm(r['final'], r['final_ci'])} | {vs} | "
-              f"{r['wall_min']:.1f} |")
+        walls = ", ".join(f"{w:.1f}" for w in r["wall_min_seeds"])
+        print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'], r['auc_seeds'])} "
+              f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} | {r['wall_min']:.1f} ({walls}) |")
     png = args.png or args.out / "curves.png"
     plot(runs, png)
     print(f"\nwrote {png}")
