@@ -118,11 +118,16 @@ def worker_seeds(seed: int, workers: int, copies_per_worker: int, start_iteratio
     return seeds
 
 
-def worker_env(env_cfg: EnvConfig, seed: int) -> MultiAgentEnv:
-    """Build a worker's env copies and seed the worker's generators (runs inside the worker)."""
-    torch.manual_seed(seed)  # the policy's sampling and exploration draw from the worker's own stream
+def seed_generators(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators (a user's env may draw from any of them)."""
+    torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def worker_env(env_cfg: EnvConfig, seed: int) -> MultiAgentEnv:
+    """Build a worker's env copies and seed the worker's generators (runs inside the worker)."""
+    seed_generators(seed)  # the policy's sampling and exploration draw from the worker's own stream
     return build_env(env_cfg, device="cpu", seed=seed)
 
 

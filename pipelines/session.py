@@ -23,7 +23,7 @@ from torchrl.collectors import BaseCollector
 from marlkit.envs import device_of, MultiAgentEnv
 
 from .checkpoint import Checkpointer, restore_rollout, restore_training
-from .collectors import CollectorFailed, make_collector, worker_failure
+from .collectors import CollectorFailed, make_collector, seed_generators, worker_failure
 from .config import RunConfig
 from .curriculum import Curriculum, parse_curriculum, stage_env_config, stage_seed
 from .environment import build_env, check_curriculum_specs, resolve_env_config
@@ -63,14 +63,14 @@ class Run:
 
 def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunConfig], int]) -> Run:
     """Check ``cfg`` (``checked_iterations`` checks it and returns the iteration count), open the run directory (its checkpoint
-    when ``resume``), seed torch, build the env and resolve the teams."""
+    when ``resume``), seed the generators, build the env and resolve the teams."""
     iterations = checked_iterations(cfg)
     threads = ThreadGovernor(thread_setting())
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = device_of(cfg.device)
     run_dir, start = open_run_dir(cfg, resume)
     keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
-    torch.manual_seed(cfg.seed)
+    seed_generators(cfg.seed)
     stage = start.state.get("curriculum", {}).get("env_stage", 0) if start.state else 0
     env = build_env(stage_env_config(cfg.env, stage), device=device, seed=stage_seed(cfg.seed, stage), model=cfg.model)
     if cfg.env.curriculum:

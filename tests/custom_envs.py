@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import pettingzoo
@@ -48,6 +49,16 @@ class Countdown(pettingzoo.ParallelEnv):
         if end:
             self.agents = []
         return obs, rew, term, trunc, {a: {} for a in self.possible_agents}
+
+
+class GlobalDice(Countdown):
+    """Countdown written the old way: episode lengths from numpy's and Python's global generators, the
+    reset seed ignored (so only a run that seeds those generators repeats itself)."""
+
+    def reset(self, seed=None, options=None):
+        self.agents = list(self.possible_agents)
+        self.left = int(np.random.randint(2, self.longest)) + random.randint(0, 1)  # at most longest
+        return {a: np.array([self.left], dtype=np.float32) for a in self.agents}, {a: {} for a in self.agents}
 
 
 class NanReward(Countdown):

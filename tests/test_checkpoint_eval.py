@@ -105,6 +105,17 @@ def test_eval_is_deterministic(tmp_run_dir, tiny_gridworld_mappo):
     assert evaluate_run(tmp_run_dir, episodes=3)["groups"] == evaluate_run(tmp_run_dir, episodes=3)["groups"]
 
 
+def test_same_seed_repeats_a_run_whose_env_draws_from_global_generators(tmp_path, read_metrics):
+    """A user's env that draws from numpy's and Python's global generators (custom_envs:GlobalDice)
+    repeats itself under the same seed: the run seeds them as it seeds torch."""
+    args = ["--env", "custom_envs:GlobalDice", "--frames", "80", "--seed", "5", "env.num_envs=4",
+            "collector.frames_per_batch=40", "train.minibatch_size=20", "model.num_cells=[8]", "logger.progress=false"]
+    for name in ("a", "b"):
+        assert cli_main(["train", "mappo", "--run-dir", str(tmp_path / name), *args]) == 0
+    returns = [[row["runner/episode_reward_mean"] for row in read_metrics(tmp_path / name)] for name in ("a", "b")]
+    assert returns[0] == returns[1] and all(value != "" for value in returns[0]), returns
+
+
 def test_render_trained_run(tmp_run_dir, tmp_path, tiny_gridworld_mappo):
     tiny_gridworld_mappo(tmp_run_dir, **{"env.grid_size": 4})
     out = tmp_path / "trained.mp4"
