@@ -66,14 +66,18 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
                      "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
                      "final_ci": _ci(final), "vs_none": paired_bootstrap(diff, rng) if arm != "none" else None,
                      "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60,
-                     "auc_seeds": auc.tolist(), "final_seeds": final.tolist(),
-                     "wall_min_seeds": [r["wall_s"] / 60 for r in seeds.values()]})
+                     "auc_seeds": dict(zip(stats[arm], auc.tolist())), "final_seeds": dict(zip(stats[arm], final.tolist())),
+                     "wall_min_seeds": {seed: r["wall_s"] / 60 for seed, r in seeds.items()}})
     return rows
 
 
-def _pm(mean: float, ci: float, per_seed: list[float] = ()) -> str:
+def _per_seed(values: dict[int, float]) -> str:
+    return ", ".join(f"s{seed} {value:.1f}" for seed, value in values.items())
+
+
+def _pm(mean: float, ci: float, per_seed: dict[int, float] | None = None) -> str:
     text = f"{mean:.1f}" if math.isnan(ci) else f"{mean:.1f} ± {ci:.1f}"
-    return text + (f" ({', '.join(f'{v:.1f}' for v in per_seed)})" if len(per_seed) > 1 else "")
+    return text + (f" ({_per_seed(per_seed)})" if per_seed and len(per_seed) > 1 else "")
 
 
 def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
@@ -120,9 +124,8 @@ def main() -> None:
             vs = f"n/a ({r['paired']} paired seed)"
         else:
             vs = f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
-        walls = ", ".join(f"{w:.1f}" for w in r["wall_min_seeds"])
         print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'], r['auc_seeds'])} "
-              f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} | {r['wall_min']:.1f} ({walls}) |")
+              f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} | {r['wall_min']:.1f} ({_per_seed(r['wall_min_seeds'])}) |")
     png = args.png or args.out / "curves.png"
     plot(runs, png)
     print(f"\nwrote {png}")
