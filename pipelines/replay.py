@@ -602,7 +602,8 @@ class SharedReplay(GroupReplay):
         out = TensorDict(batch_size=[self.batch_size])
         columns = self._columns()
         for key in columns[0]:  # one gather per agent and field, stacked: no TensorDict indexing per agent
-            out.set(key, torch.stack([fields[key].index_select(0, i) for fields, i in zip(columns, index, strict=True)], dim=1))
+            out.set(key, torch.stack([fields[key].index_select(0, i) for fields, i in zip(columns, index, strict=True)],
+                                     dim=1))
         out = out.to(self.device)
         if self.prioritized:
             # contiguous [B, n_agents]: from a strided view the loss would sum its weighted errors in another order
