@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from super_pursuit import ARMS
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
-ORDER = ["none", "quantile", "gaussian", "stochastic", "random", "all", "none-dqn", "quantile-dqn"]  # super_pursuit.ARMS
 EVAL = "eval/pursuer/episode_reward_mean"
 
 
@@ -56,7 +57,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
     rows = []
     stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in sorted(seeds.items())
                    if r["returns"]} for arm, seeds in runs.items()}
-    for arm in sorted(runs, key=lambda a: (ORDER.index(a) if a in ORDER else len(ORDER), a)):
+    order = list(ARMS)
+    for arm in sorted(runs, key=lambda a: (order.index(a) if a in order else len(order), a)):
         seeds = dict(sorted(runs[arm].items()))
         auc = np.array([stats[arm][s][0] for s in stats[arm]])
         final = np.array([stats[arm][s][1] for s in stats[arm]])
@@ -66,7 +68,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
                      "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
                      "final_ci": _ci(final), "vs_none": paired_bootstrap(diff, rng) if arm != "none" else None,
                      "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60,
-                     "auc_seeds": dict(zip(stats[arm], auc.tolist())), "final_seeds": dict(zip(stats[arm], final.tolist())),
+                     "auc_seeds": dict(zip(stats[arm], auc.tolist())),
+                     "final_seeds": dict(zip(stats[arm], final.tolist())),
                      "wall_min_seeds": {seed: r["wall_s"] / 60 for seed, r in seeds.items()}})
     return rows
 
@@ -125,7 +128,8 @@ def main() -> None:
         else:
             vs = f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
         print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'], r['auc_seeds'])} "
-              f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} | {r['wall_min']:.1f} ({_per_seed(r['wall_min_seeds'])}) |")
+              f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} "
+              f"| {r['wall_min']:.1f} ({_per_seed(r['wall_min_seeds'])}) |")
     png = args.png or args.out / "curves.png"
     plot(runs, png)
     print(f"\nwrote {png}")
