@@ -256,10 +256,10 @@ def table(out: Path, task: str, arms: list[str], seeds: int, frames: int) -> str
         reach = f"{statistics.mean(hits):,.0f} ({len(hits)}/{len(rr)})" if hits else f"not reached (0/{len(rr)})"
         fps = statistics.mean(f[-1] / t[-1] for f, t, _ in rr)
         means = [float(np.nanmean(r)) for _, _, r in rr]
-        best = [float(np.nanmax(r)) if np.isfinite(r).any() else math.nan for _, _, r in rr]
-        per_seed[arm] = {"final": finals[arm], "over the run": means, "best iteration": best,
+        peaks = [float(np.nanmax(r)) if np.isfinite(r).any() else math.nan for _, _, r in rr]
+        per_seed[arm] = {"final": finals[arm], "over the run": means, "best iteration": peaks,
                          "frames to threshold": hits if len(hits) == len(rr) else None}
-        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval(means)} | {interval(best)} | {reach} "
+        lines.append(f"| {arm} | {len(rr)} | {interval(finals[arm])} | {interval(means)} | {interval(peaks)} | {reach} "
                      f"| {fps:,.0f} |")
     reference = next(iter(per_seed))
     for arm in list(per_seed)[1:]:
