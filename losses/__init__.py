@@ -82,6 +82,7 @@ from torchrl.modules import QMixer, QValueModule, VDNMixer
 from torchrl.objectives import (A2CLoss, DDPGLoss, DQNLoss, HardUpdate, LossModule, SACLoss, SoftUpdate,
                                  ValueEstimators)
 from torchrl.objectives.multiagent import MAPPOLoss, QMixerLoss
+from torchrl.objectives.ppo import _broadcast_advantage_to_log_weight, _check_advantage_broadcast
 from torchrl.objectives.utils import distance_loss, TargetNetUpdater
 from torchrl.objectives.value import TD0Estimator
 from torchrl.objectives.value.functional import td_lambda_return_estimate
@@ -103,10 +104,12 @@ __all__ = [
     "A2C_LOSS_TERMS",
     "COMA_LOSS_TERMS",
     "ComaLoss",
+    "GroupPPOLoss",
     "make_coma_loss",
     "HappoLoss",
     "make_happo_loss",
     "make_qtran_loss",
+    "minibatch_keys",
     "QTranLoss",
     "check_actor_critic_settings",
     "make_a2c_loss",
@@ -226,7 +229,7 @@ def make_ppo_loss(
     statistics of the value target (the MAPPO paper's value normalisation). ``mask_key`` (e.g.
     ``env.live_mask_key(group)``) names the live-agent mask: dead agents' entries leave every term.
     """
-    return _clipped_ppo(MAPPOLoss, actor, critic, group, gamma=gamma, lmbda=lmbda, clip_epsilon=clip_epsilon,
+    return _clipped_ppo(GroupPPOLoss, actor, critic, group, gamma=gamma, lmbda=lmbda, clip_epsilon=clip_epsilon,
                         entropy_coef=entropy_coef, critic_coef=critic_coef, loss_critic_type=loss_critic_type,
                         normalize_advantage=normalize_advantage, normalize_value_target=normalize_value_target,
                         mask_key=mask_key)
@@ -857,6 +860,118 @@ def make_coma_loss(
     check_actor_critic_settings(gamma, lmbda, entropy_coef, critic_coef, loss_critic_type)
     return ComaLoss(actor, critic, group, gamma=gamma, lmbda=lmbda, entropy_coef=entropy_coef,
                     critic_coef=critic_coef, loss_critic_type=loss_critic_type, mask_key=mask_key)
+
+
+class GroupPPOLoss(MAPPOLoss):
+    """TorchRL's ``MAPPOLoss`` (clipped PPO) for one group, computing the same terms, diagnostics and
+    gradients (bit for bit, tested against ``ClipPPOLoss.forward``) from the networks' tensors.
+
+    TorchRL's forward clones the minibatch, runs the actor as a ``TensorDictSequential`` to build the
+    distribution, runs the critic on the clone and reduces the output TensorDict entry by entry; with
+    MAPPO's small networks that bookkeeping was about a quarter of an optimiser step. Here the actor's
+    network reads the observation, its outputs go straight into the same distribution class with the
+    same keyword arguments, and the critic's network reads its inputs; TorchRL's own advantage
+    normalisation, entropy, value normalisation, distance loss and masked reduction are reused as they
+    are. Settings this path does not compute (a delayed actor, an importance-ratio cap, value clipping,
+    separate losses, advantage scaling, per-head entropy coefficients, an advantage computed inside the
+    loss) and networks of another layout (recurrent, composite actions) fall back to TorchRL's forward.
+    """
+
+    def _tensor_parts(self) -> tuple[nn.Module, NestedKey, tuple[NestedKey, ...], TensorDictModuleBase,
+                                     nn.Module, tuple[NestedKey, ...]] | None:
+        """(actor network, its input key, its output keys, the distribution module, critic network, its
+        input keys), or None when TorchRL's forward must run."""
+        if (not self.functional or self.delay_actor or self.max_importance_ratio is not None or self.clip_value
+                or self.separate_losses or self.advantage_norm is not None or not self._has_critic
+                or (self.entropy_bonus and self._entropy_coeff_map is not None)):
+            return None
+        actor, critic = self.actor_network, self.critic_network
+        if not isinstance(actor, ProbabilisticActor) or actor.return_composite or len(actor.module) != 2:
+            return None
+        body, head = actor.module
+        if (type(body) is not TensorDictModule or len(body.in_keys) != 1  # noqa: E721 (no subclasses)
+                or not set(body.out_keys) <= set(head.in_keys)):
+            return None
+        if type(critic) is not TensorDictModule or critic.out_keys != [self.tensor_keys.value]:  # noqa: E721
+            return None
+        return body.module, body.in_keys[0], tuple(body.out_keys), head, critic.module, tuple(critic.in_keys)
+
+    def batch_keys(self) -> list[NestedKey] | None:
+        """Every entry :meth:`forward` reads from a batch that holds the advantages (a minibatch needs no
+        others), or None when TorchRL's forward runs, which may read more."""
+        parts = self._tensor_parts()
+        if parts is None:
+            return None
+        _, obs_key, out_keys, head, _, critic_keys = parts
+        keys = self.tensor_keys
+        return list(dict.fromkeys([
+            obs_key, *(key for key in head.in_keys if key not in out_keys), *critic_keys, keys.action,
+            keys.sample_log_prob, keys.advantage, keys.value_target, *self._loss_mask_keys(),
+            "shifted_valid",  # read by the advantage normalisation when a value estimator wrote it
+        ]))
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``loss_objective``, ``loss_critic`` (and ``loss_entropy``) with the diagnostics of ``ClipPPOLoss``."""
+        keys = self.tensor_keys
+        parts = self._tensor_parts()
+        if parts is None or keys.advantage not in tensordict.keys(True):
+            return super().forward(tensordict)
+        body, obs_key, param_keys, head, critic, critic_keys = parts
+        advantage = self._maybe_normalize_advantage(tensordict.get(keys.advantage), tensordict, update_norm=False)
+        prev_log_prob = tensordict.get(keys.sample_log_prob)
+        if prev_log_prob.requires_grad:
+            raise RuntimeError(f"tensordict stored {keys.sample_log_prob} requires grad.")
+        params = body(tensordict.get(obs_key))
+        params = dict(zip(param_keys, params if isinstance(params, tuple) else (params,)))
+        # the distribution's other inputs (an action mask) come from the batch, as in get_dist
+        dist = head.distribution_class(**{(dist_key[-1] if isinstance(dist_key, tuple) else dist_key):
+                                          params[key] if key in params else tensordict.get(key)
+                                          for dist_key, key in zip(head.dist_keys, head.in_keys)},
+                                       **head.distribution_kwargs)
+        log_prob = dist.log_prob(tensordict.get(keys.action))
+        log_weight = (log_prob - prev_log_prob).unsqueeze(-1)
+        kl_approx = (prev_log_prob - log_prob).unsqueeze(-1)
+        advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
+        _check_advantage_broadcast(advantage, log_weight)
+        with torch.no_grad():  # TorchRL's effective sample size diagnostic
+            lw = log_weight.squeeze(-1)
+            ess = (2 * lw.logsumexp(0) - (2 * lw).logsumexp(0)).exp()
+        gain1 = log_weight.exp() * advantage
+        log_weight_clip = log_weight.clamp(*self._clip_bounds)
+        clip_fraction = (log_weight_clip != log_weight).to(log_weight.dtype).mean()
+        gain2 = log_weight_clip.exp() * advantage
+        gain = torch.stack([gain1, gain2], -1).min(dim=-1).values
+        out = {"loss_objective": -gain, "clip_fraction": clip_fraction, "kl_approx": kl_approx.detach().mean()}
+        if self.entropy_bonus:
+            entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
+            out["entropy"] = entropy.detach().mean()
+            out["loss_entropy"] = self._weighted_loss_entropy(entropy)
+        target_return = tensordict.get(keys.value_target)
+        state_value = critic(*(tensordict.get(key) for key in critic_keys))
+        target_return, state_value, _ = self._critic_loss_inputs(target_return, state_value, None)
+        out["loss_critic"] = self.critic_coeff * distance_loss(target_return, state_value,
+                                                               loss_function=self.loss_critic_type)
+        if self.log_explained_variance:
+            with torch.no_grad():
+                tgt, pred = target_return.detach(), state_value.detach()
+                resid = torch.var(tgt - pred, correction=0, dim=0)
+                total = torch.var(tgt, correction=0, dim=0)
+                out["explained_variance"] = 1.0 - resid / (total + torch.finfo(tgt.dtype).eps)
+        out["ESS"] = ess / log_weight.shape[0]
+        with torch.no_grad():
+            ratio = log_weight.exp()
+            out["max_ratio"], out["mean_ratio"] = ratio.max(), ratio.mean()
+        return TensorDict({name: self._reduce_loss(value, tensordict).squeeze(-1) if name.startswith("loss_") else value
+                           for name, value in out.items()}, [])
+
+
+def minibatch_keys(losses: Sequence[LossModule]) -> list[NestedKey] | None:
+    """The entries of a batch that ``losses`` read (see :meth:`GroupPPOLoss.batch_keys`), so that
+    minibatches gather nothing else; None when any of them may read any entry."""
+    needed = [loss.batch_keys() if isinstance(loss, GroupPPOLoss) else None for loss in losses]
+    if any(keys is None for keys in needed):
+        return None
+    return list(dict.fromkeys(key for keys in needed for key in keys))
 
 
 class HappoLoss(MAPPOLoss):

@@ -17,7 +17,7 @@ from tensordict import TensorDictBase
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 from torchrl.envs import EnvBase
 
-from marlkit.losses import estimate_advantages, make_ppo_loss, PPO_LOSS_TERMS
+from marlkit.losses import estimate_advantages, make_ppo_loss, minibatch_keys, PPO_LOSS_TERMS
 from marlkit.modules import RECURRENT_KINDS
 from marlkit.pipelines.checks import check_common, check_on_policy, check_optimiser, recurrent
 from marlkit.pipelines.config import RunConfig
@@ -147,12 +147,14 @@ def train(cfg: MappoConfig, resume: bool = False) -> TrainResult:
     seq_len = cfg.model.seq_len if recurrent(cfg.model) else 1
     buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch // seq_len, device=run.device),
                           sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size // seq_len)
+    keys = minibatch_keys([learner.loss for learner in learners.values()])  # None: the losses may read any entry
     for iteration, batch in training.batches(run):
         with torch.no_grad():
             for learner in learners.values():  # GAE writes (group, "advantage") and (group, "value_target")
                 estimate_advantages(learner.loss, batch)
         buffer.empty()  # this batch only; the sampler starts afresh, so a resumed run samples the same
-        buffer.extend(batch.reshape(-1) if seq_len == 1 else batch.reshape(-1, seq_len))
+        steps = batch if keys is None else batch.select(*keys, strict=False)  # minibatches gather only these
+        buffer.extend(steps.reshape(-1) if seq_len == 1 else steps.reshape(-1, seq_len))
         terms: dict[str, list[TensorDictBase]] = {group: [] for group in learners}
         for _ in range(cfg.train.num_epochs):
             for _ in range(minibatches):

@@ -141,6 +141,61 @@ def test_ppo_loss_bad_input(kwargs, match, spec_env):
         make_ppo_loss(actor, critic, "agents", **kwargs)
 
 
+@pytest.mark.parametrize("action", ["tanh-normal", "normal", "categorical", "masked"])
+@pytest.mark.parametrize("centralised,share_params", [(True, True), (False, False)])
+@pytest.mark.parametrize("extras", ["plain", "entropy-norms-mask", "smooth_l1"])
+def test_ppo_loss_equals_torchrl_clip_ppo_loss_bit_for_bit(action, centralised, share_params, extras, spec_env):
+    """marlkit's PPO loss works on the networks' tensors; every entry it returns and every gradient are
+    ``ClipPPOLoss.forward``'s exactly (continuous bounded / unbounded, discrete with and without action
+    masks; entropy bonus, advantage and value normalisation, live-agent mask, other critic losses)."""
+    import copy
+
+    from torchrl.data import Unbounded
+    from torchrl.objectives import ClipPPOLoss
+
+    steps, obs_dim = 6, 5
+    g = torch.Generator().manual_seed(5)
+    spec = {"tanh-normal": P_CONTINUOUS, "normal": Unbounded(shape=(PB, PN, 2))}.get(action, P_DISCRETE)
+    env = spec_env((obs_dim,), spec, mask=action == "masked")
+    actor = make_stochastic_actor(env, "agents", num_cells=[16], share_params=share_params)
+    critic = make_value_critic(env, "agents", centralised=centralised, num_cells=[16], share_params=share_params)
+    full = extras == "entropy-norms-mask"
+    loss = make_ppo_loss(actor, critic, "agents", entropy_coef=0.01 if full else 0.0, normalize_advantage=full,
+                         normalize_value_target=full, mask_key=("agents", "mask") if full else None,
+                         loss_critic_type="smooth_l1" if extras == "smooth_l1" else "l2")
+    assert loss._tensor_parts() is not None  # the comparison runs marlkit's path, not TorchRL's twice
+    n = PB * steps
+    if spec is P_DISCRETE:
+        taken = torch.randint(0, 5, (n, PN), generator=g)
+    else:
+        taken = torch.rand(n, PN, 2, generator=g) * 1.8 - 0.9
+    td = _hand_made_batch(taken.reshape(PB, steps, *taken.shape[1:]), obs_dim, steps).reshape(-1)
+    td["agents", "action_log_prob"] = -torch.rand(n, PN, generator=g) * 3
+    td["agents", "advantage"] = torch.randn(n, PN, 1, generator=g)
+    td["agents", "value_target"] = torch.randn(n, PN, 1, generator=g)
+    if action == "masked":
+        allowed = torch.rand(n, PN, 5, generator=g) < 0.6
+        allowed.scatter_(-1, taken.unsqueeze(-1), True)
+        td["agents", "action_mask"] = allowed
+    if full:
+        td["agents", "mask"] = torch.rand(n, PN, generator=g) < 0.8
+    start = copy.deepcopy(loss.state_dict())  # the value normaliser's statistics move on each forward
+    results = []
+    for forward in (ClipPPOLoss.forward, type(loss).forward):
+        loss.load_state_dict(start)
+        torch.manual_seed(0)  # TanhNormal's entropy is a Monte-Carlo estimate: the same draws for both
+        out = forward(loss, td.clone())
+        sum(out[k] for k in PPO_LOSS_TERMS if k in out.keys()).backward()
+        results.append((out, [p.grad.clone() for p in loss.parameters()], copy.deepcopy(loss.state_dict())))
+        loss.zero_grad()
+    (expected, expected_grads, expected_state), (got, grads, state) = results
+    assert list(got.keys()) == list(expected.keys()) and ("loss_entropy" in got.keys()) == full
+    assert all(torch.equal(got[k], expected[k]) for k in expected.keys()), [
+        k for k in expected.keys() if not torch.equal(got[k], expected[k])]
+    assert len(grads) > 0 and all(torch.equal(a, b) for a, b in zip(expected_grads, grads, strict=True))
+    assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
+
+
 # --- DDPG and SAC (MADDPG, MASAC and their independent forms), target updates ------------------
 
 AB, AN, AOBS, AACT = 8, 3, 5, 2
