@@ -1,17 +1,18 @@
-"""Benchmark: one Q-learning update with TorchRL's loss forward against marlkit's, side by side.
+"""Benchmark: one update with TorchRL's loss forward against marlkit's, side by side.
 
-marlkit's ``IndependentDQNLoss`` (IQL, SUPER) and ``MixedQLoss`` (VDN / QMIX) compute TorchRL's
-``DQNLoss`` / ``QMixerLoss`` from the networks' tensors, with the same results bit for bit
-(``tests/test_losses.py``). This script builds a real learner (env, Q network, replay, fused Adam) for each
-case, fills its replay with one collected batch, and times ``--steps`` updates (loss forward, backward,
-gradient clip, Adam step) on one minibatch with each forward, in ``--rounds`` interleaved rounds, one torch
-thread. Cases:
+marlkit's ``IndependentDQNLoss`` (IQL, SUPER), ``MixedQLoss`` (VDN / QMIX) and ``GroupPPOLoss`` (MAPPO /
+IPPO) compute TorchRL's ``DQNLoss`` / ``QMixerLoss`` / ``ClipPPOLoss`` from the networks' tensors, with the
+same results bit for bit (``tests/test_losses.py``). This script builds a real learner (env, networks,
+fused Adam) for each case, fills it with one collected batch, and times ``--steps`` updates (loss forward,
+backward, gradient clip, Adam step) on one minibatch with each forward, in ``--rounds`` interleaved rounds,
+one torch thread. Cases:
 
 * ``iql-pursuit``: the ``pursuit-super`` preset (8 pursuers' dueling double DQN, 32 samples each, priorities);
 * ``qmix-128``: QMIX on discrete navigation with BenchMARL's off-policy defaults (minibatch 128);
-* ``qmix-4096``: the same with the settings of ``compare_anchors.py`` (TorchRL's script: minibatch 4,096).
+* ``qmix-4096``: the same with the settings of ``compare_anchors.py`` (TorchRL's script: minibatch 4,096);
+* ``mappo-matched``: the ``navigation-matched`` preset (MAPPO, minibatch 400 of 3 agents, GAE computed).
 
-    python benchmarks/loss_cost.py [--cases iql-pursuit,qmix-128,qmix-4096] [--rounds 5] [--steps 100]
+    python benchmarks/loss_cost.py [--cases iql-pursuit,qmix-128,qmix-4096,mappo-matched] [--rounds 5] [--steps 100]
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ from compare_anchors import SETTINGS as ANCHOR_SETTINGS  # noqa: E402
 from learning_vs_benchmarl import marlkit_overrides, QMIX  # noqa: E402
 
 
+CASES = ("iql-pursuit", "qmix-128", "qmix-4096", "mappo-matched")
+
+
 def _case(name: str) -> tuple[str, str | None, dict[str, Any]]:
     """(algorithm, preset, overrides) of a case."""
+    if name == "mappo-matched":
+        return "mappo", "navigation-matched", {}
     if name == "iql-pursuit":
         return "iql", "pursuit-super", {"sharing.mode": "none", "replay.warmup_frames": 0}
     setting = QMIX if name == "qmix-128" else ANCHOR_SETTINGS["qmix"]
@@ -51,6 +57,8 @@ def learner_and_batch(name: str, run_dir: Path, extra: dict[str, Any]) -> tuple[
                  "logger.eval_every": 10**9, "logger.checkpoint_every": 10**9}
     module = pipeline_for(algorithm)
     cfg = make_config(algorithm, preset, overrides)
+    if algorithm == "mappo":
+        return _ppo_learner_and_batch(module, cfg)
     run, learners, training = start_offpolicy(cfg, False, module.checked_iterations, module.build_learners)
     for _, batch in training.batches(run):
         for learner in learners.values():
@@ -58,6 +66,24 @@ def learner_and_batch(name: str, run_dir: Path, extra: dict[str, Any]) -> tuple[
         break
     (group, learner), = learners.items()
     return learner, training.optimisers[group], learner.replay.sample(), cfg.train.max_grad_norm
+
+
+def _ppo_learner_and_batch(module: Any, cfg: Any) -> tuple[Any, torch.optim.Optimizer, Any, float]:
+    """As :func:`learner_and_batch` for MAPPO: the first collected batch with its advantages, and its
+    first ``minibatch_size`` steps as the minibatch."""
+    from marlkit.losses import estimate_advantages
+    from marlkit.pipelines.session import start_run, start_training
+
+    run = start_run(cfg, False, module.checked_iterations)
+    learners = module.build_learners(run.env, run.cfg, run.device)
+    training = start_training(run, learners, lr=cfg.train.lr, adam_eps=cfg.train.adam_eps, derived={})
+    for _, batch in training.batches(run):
+        break
+    (group, learner), = learners.items()
+    with torch.no_grad():
+        estimate_advantages(learner.loss, batch)
+    return learner, training.optimisers[group], batch.reshape(-1)[:cfg.train.minibatch_size].clone(), \
+        cfg.train.max_grad_norm
 
 
 def time_updates(learner: Any, optimiser: torch.optim.Optimizer, minibatch: Any, clip: float,
@@ -78,15 +104,15 @@ def time_updates(learner: Any, optimiser: torch.optim.Optimizer, minibatch: Any,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="iql-pursuit,qmix-128,qmix-4096")
+    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--set", nargs="*", default=[], help="section.field=value for every case (tiny checks)")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    unknown = sorted(set(cases) - {"iql-pursuit", "qmix-128", "qmix-4096"})
+    unknown = sorted(set(cases) - set(CASES))
     if unknown:
-        parser.error(f"unknown cases {unknown}; accepted: iql-pursuit, qmix-128, qmix-4096")
+        parser.error(f"unknown cases {unknown}; accepted: {', '.join(CASES)}")
     torch.set_num_threads(1)
     extra = dict(item.split("=", 1) for item in args.set)
     print("| case | loss forward | ms per update (each round) | median |\n|---|---|---|---|")
@@ -94,7 +120,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp())
         try:
             learner, optimiser, minibatch, clip = learner_and_batch(name, work / "run", extra)
-            torchrl_forward = type(learner.loss).__mro__[1].forward  # DQNLoss / QMixerLoss
+            torchrl_forward = type(learner.loss).__mro__[1].forward  # DQNLoss / QMixerLoss / MAPPOLoss
             arms = {"TorchRL": torchrl_forward, "marlkit": type(learner.loss).forward}
             times: dict[str, list[float]] = {arm: [] for arm in arms}
             for _ in range(args.rounds):

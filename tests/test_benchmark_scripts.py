@@ -223,8 +223,9 @@ def test_profile_mappo_prints_its_phases():
 
 
 def test_loss_cost_times_torchrl_and_marlkit_forwards():
-    out = _run(str(BENCHMARKS / "loss_cost.py"), "--cases", "iql-pursuit,qmix-128", "--rounds", "1", "--steps", "2")
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("| iql-pursuit |") or line.startswith("| qmix-128 |")]
-    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("iql-pursuit", "TorchRL"), ("iql-pursuit", "marlkit"),
-                                                              ("qmix-128", "TorchRL"), ("qmix-128", "marlkit")], out
+    out = _run(str(BENCHMARKS / "loss_cost.py"), "--cases", "iql-pursuit,qmix-128,mappo-matched", "--rounds", "1",
+               "--steps", "2")
+    cases = ("iql-pursuit", "qmix-128", "mappo-matched")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(tuple(f"| {c} |" for c in cases))]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [(c, arm) for c in cases for arm in ("TorchRL", "marlkit")], out
     assert all(float(r[4]) > 0 for r in rows), out
