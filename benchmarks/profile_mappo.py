@@ -52,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from marlkit.losses import minibatch_keys
     from marlkit.pipelines import make_config
     from marlkit.pipelines.mappo import build_learners, checked_iterations
     from marlkit.pipelines.reporting import scalar_entries
@@ -71,6 +72,7 @@ def main() -> None:
         buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.collector.frames_per_batch, device=run.device),
                               sampler=SamplerWithoutReplacement(), batch_size=cfg.train.minibatch_size)
         minibatches = cfg.collector.frames_per_batch // cfg.train.minibatch_size
+        keys = minibatch_keys([learner.loss for learner in learners.values()])
         batches = training.batches(run)
         for it in range(run.iterations):
             lap: dict[str, float] = defaultdict(float)
@@ -91,7 +93,7 @@ def main() -> None:
                                          target_params=loss.target_critic_network_params)
             tick("GAE")
             buffer.empty()
-            buffer.extend(batch.reshape(-1))
+            buffer.extend((batch if keys is None else batch.select(*keys, strict=False)).reshape(-1))
             tick("buffer fill")
             terms = {group: [] for group in learners}
             for _ in range(cfg.train.num_epochs * minibatches):
