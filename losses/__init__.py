@@ -1,6 +1,7 @@
 """Loss factories, each binding one group's TensorDict keys next to the objective.
 
-:func:`make_ppo_loss` (MAPPO / IPPO, a TorchRL ``ClipPPOLoss`` with GAE) for group ``g``:
+:func:`make_ppo_loss` (MAPPO / IPPO: :class:`GroupPPOLoss`, TorchRL's ``ClipPPOLoss`` computed from the
+networks' tensors, with GAE) for group ``g``:
 
 * reads ``(g, "observation")``, ``(g, "action")``, ``(g, "action_log_prob")`` (from the collecting
   policy), ``("next", g, "reward")``, ``("next", g, "done")``, ``("next", g, "terminated")`` and
@@ -9,7 +10,9 @@
   ``(g, "advantage")`` and ``(g, "value_target")``;
 * the loss returns ``loss_objective``, ``loss_critic`` and ``loss_entropy`` (already weighted by
   their coefficients: their sum is the quantity to minimise) plus diagnostics (``entropy``,
-  ``clip_fraction``, ``kl_approx``, ``explained_variance``).
+  ``clip_fraction``, ``kl_approx``, ``explained_variance``);
+* :func:`minibatch_keys` names the entries the losses read once the advantages are written, so
+  minibatches gather nothing else.
 
 :func:`make_happo_loss` (HAPPO) is the PPO loss with two more entry points for HAPPO's sequential
 update: :meth:`HappoLoss.agent_terms` (one agent's clipped objective, its advantage weighted by the
@@ -221,8 +224,9 @@ def make_ppo_loss(
     normalize_advantage: bool = False,
     normalize_value_target: bool = False,
     mask_key: NestedKey | None = None,
-) -> MAPPOLoss:
-    """Clipped PPO loss with GAE for one group (``MAPPOLoss`` is TorchRL's ``ClipPPOLoss`` subclass).
+) -> GroupPPOLoss:
+    """Clipped PPO loss with GAE for one group (:class:`GroupPPOLoss`: TorchRL's ``MAPPOLoss``, a
+    ``ClipPPOLoss``, computed from the networks' tensors).
 
     ``normalize_advantage`` standardises advantages over the minibatch (agent dim excluded);
     ``normalize_value_target`` scales the critic's regression target and prediction by running
