@@ -8,11 +8,12 @@ root ``done``, ``terminated`` and ``step_count`` with batch shape ``[num_envs]``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDictBase
 from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, RewardSum, StepCounter, Transform, TransformedEnv
 
@@ -195,6 +196,26 @@ class MultiAgentEnv(TransformedEnv):
             if sub is not None:
                 sub.pop("_neg_step", None)
         return super().step(tensordict)
+
+    _marl_stored_keys: list[NestedKey] | None = None
+
+    @contextmanager
+    def storing_only(self, keys: Iterable[NestedKey]) -> Iterator[None]:
+        """Within this block, ``rollout`` keeps only ``keys`` of each step it stacks (the policy still
+        reads every entry of the next step); an evaluation that scores returns needs no observations."""
+        self._marl_stored_keys = list(keys)
+        try:
+            yield
+        finally:
+            self._marl_stored_keys = None
+
+    def _post_step_mdp_hooks(self, tensordict: TensorDictBase,
+                             tensordict_: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        # TorchRL calls this after the next step's input is split off and before it stores the step
+        tensordict, tensordict_ = super()._post_step_mdp_hooks(tensordict, tensordict_)
+        if self._marl_stored_keys is not None:
+            tensordict = tensordict.select(*self._marl_stored_keys)
+        return tensordict, tensordict_
 
     def live_mask_key(self, group: str) -> tuple[str, str] | None:
         """``(group, "mask")`` when the env marks which of ``group``'s agents are alive (PettingZoo:

@@ -8,16 +8,18 @@ the marl-eval tools read (``logger.marl_eval``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from marlkit.envs import device_of, split_env_name
+from marlkit.envs import device_of, MultiAgentEnv, split_env_name
 
 from .config import EnvConfig, RunConfig
 from .environment import build_env
@@ -37,19 +39,26 @@ def evaluate_policy(env: Any, policy: Any, *, max_steps: int | None) -> dict[str
     early repeat their last step), so episodes of any length count; one still running after
     ``max_steps`` (or 10,000) steps is scored there and left out of ``episodes_ended``.
     """
-    episodes = env.batch_size[0]
     cap = max_steps or MAX_EVAL_STEPS
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        # left lazily stacked: only the done flags and returns are read, not the 500 steps' observations
-        rollout = env.rollout(cap, policy, break_when_any_done=False, break_when_all_done=True,
-                              return_contiguous=False)
+    scored = [("next", "done"), *(("next", group, "episode_reward") for group in env.group_map)]
+    # only the scored entries of each step are stacked, not every step's observations
+    storing = env.storing_only(scored) if isinstance(env, MultiAgentEnv) else contextlib.nullcontext()
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC), storing:
+        rollout = env.rollout(cap, policy, break_when_any_done=False, break_when_all_done=True)
+    return score_rollout(rollout, env.group_map)
+
+
+def score_rollout(rollout: Any, group_map: Mapping[str, Any]) -> dict[str, Any]:
+    """Per group mean return and 95% CI of a ``[episodes, T]`` rollout in which every copy ran to the end
+    of its episode (or to the cap), as :func:`evaluate_policy` returns them."""
+    episodes = rollout.batch_size[0]
     done = rollout.get(("next", "done"))[..., 0]  # [episodes, T]
     ended = done.any(-1)
     last = torch.full_like(ended, done.shape[-1] - 1, dtype=torch.long)
     first_end = torch.where(ended, done.float().argmax(-1), last)
     envs = torch.arange(episodes)
     groups = {}
-    for group in env.group_map:
+    for group in group_map:
         returns = rollout.get(("next", group, "episode_reward"))[envs, first_end].mean((-2, -1))  # [episodes]
         mean = returns.mean().item()
         half = 1.96 * returns.std().item() / math.sqrt(episodes) if episodes > 1 else 0.0

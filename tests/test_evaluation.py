@@ -103,6 +103,38 @@ def test_eval_returns_are_the_episodes_own():
     assert stats["groups"]["agents"]["returns"] == [float(n) for n in lengths]
 
 
+@pytest.mark.parametrize("name,kwargs", VARIABLE_LENGTH + [("pursuit", dict(n_evaders=4, max_cycles=60))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_eval_stores_only_what_it_scores_and_scores_the_same(name, kwargs):
+    """The evaluation's rollout stacks only the done flags and returns, and scores exactly what a full
+    rollout of the same episodes scores."""
+    from marlkit.pipelines.evaluate import evaluate_policy, score_rollout
+
+    def policy(env):
+        return lambda td: env.rand_action(td)
+
+    torch.manual_seed(0)
+    env = make_env(name, num_envs=4, seed=2, **kwargs)
+    stored = []
+    original = env.rollout
+
+    def rollout(*args, **options):
+        out = original(*args, **options)
+        stored.append(sorted(out.keys(True, True)))
+        return out
+
+    env.rollout = rollout
+    stats = evaluate_policy(env, policy(env), max_steps=None)
+    scored = [("next", "done"), *(("next", group, "episode_reward") for group in env.group_map)]
+    assert stored == [sorted(scored)]
+    torch.manual_seed(0)
+    replay = make_env(name, num_envs=4, seed=2, **kwargs)
+    with torch.no_grad():
+        full = replay.rollout(10_000, policy(replay), break_when_any_done=False, break_when_all_done=True)
+    assert len(full.keys(True, True)) > len(scored)
+    assert stats == score_rollout(full, replay.group_map)
+
+
 def test_eval_during_training_on_episodes_of_different_lengths(tmp_path):
     run = _tiny_run(tmp_path / "run", "gym/CartPole-v1", **{
         "collector.frames_per_batch": 400, "collector.total_frames": 800, "train.minibatch_size": 100,
