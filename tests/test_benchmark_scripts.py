@@ -47,6 +47,13 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_eval_cost_times_one_evaluation():
+    out = _run(str(BENCHMARKS / "eval_cost.py"), "--rounds", "1", "--repeats", "1", "--episodes", "2",
+               "--frames", "1200")
+    row = next(line for line in out.splitlines() if line.startswith("| this |"))
+    assert float(row.split("|")[3]) > 0, out
+
+
 def test_super_update_cost_times_both_checkouts(tmp_path):
     package = tmp_path / "pkg" / "marlkit"  # another checkout: here, links to this one's folders
     package.mkdir(parents=True)
