@@ -871,8 +871,9 @@ class GroupPPOLoss(MAPPOLoss):
     gradients (bit for bit, tested against ``ClipPPOLoss.forward``) from the networks' tensors.
 
     TorchRL's forward clones the minibatch, runs the actor as a ``TensorDictSequential`` to build the
-    distribution, runs the critic on the clone and reduces the output TensorDict entry by entry; with
-    MAPPO's small networks that bookkeeping was about a quarter of an optimiser step. Here the actor's
+    distribution, runs the critic on the clone and reduces the output TensorDict entry by entry; on the
+    matched MAPPO setup that bookkeeping was about a tenth of an optimiser step (``benchmarks/loss_cost.py``,
+    where the rest is the matrix products and ``tanh``). Here the actor's
     network reads the observation, its outputs go straight into the same distribution class with the
     same keyword arguments, and the critic's network reads its inputs; TorchRL's own advantage
     normalisation, entropy, value normalisation, distance loss and masked reduction are reused as they
