@@ -3,7 +3,8 @@
 Per arm: the greedy evaluation return summed over the 8 pursuers (every 4,000 env steps, 20 episodes,
 as the paper's code measures it), its mean over seeds with a 95% band (a PNG), the area under that
 curve (mean over evaluations), the final return (mean of the last 5 evaluations), the paired bootstrap
-95% interval of (arm - none) over the seeds both have, and wall time per run.
+95% interval of (arm - baseline) over the seeds both have (the baseline: ``none``, and ``none-dqn`` for the
+plain-DQN arms, the paper's robustness check), and wall time per run.
 
     python benchmarks/super_pursuit_table.py [--out benchmarks/results/super_pursuit] [--png FILE]
 """
@@ -50,9 +51,14 @@ def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, n: int = 10_00
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def baseline(arm: str) -> str:
+    """The no-sharing arm ``arm`` is compared with: the one with the same DQN variant."""
+    return "none-dqn" if arm.endswith("-dqn") else "none"
+
+
 def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
     """One row per arm, in the benchmark's arm order: seeds, AUC, final return (each also per seed, by
-    seed), paired bootstrap vs none, wall time."""
+    seed), paired bootstrap against its baseline, wall time."""
     rng = np.random.default_rng(0)
     rows = []
     stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in sorted(seeds.items())
@@ -62,11 +68,13 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
         seeds = dict(sorted(runs[arm].items()))
         auc = np.array([stats[arm][s][0] for s in stats[arm]])
         final = np.array([stats[arm][s][1] for s in stats[arm]])
-        paired = sorted(set(stats[arm]) & set(stats.get("none", {})))
-        diff = np.array([stats[arm][s][0] - stats["none"][s][0] for s in paired])
+        base = baseline(arm)
+        paired = sorted(set(stats[arm]) & set(stats.get(base, {})))
+        diff = np.array([stats[arm][s][0] - stats[base][s][0] for s in paired])
         rows.append({"arm": arm, "seeds": len(auc), "auc": auc.mean() if len(auc) else float("nan"),
                      "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
-                     "final_ci": _ci(final), "vs_none": paired_bootstrap(diff, rng) if arm != "none" else None,
+                     "final_ci": _ci(final), "baseline": base,
+                     "vs_baseline": paired_bootstrap(diff, rng) if arm != base else None,
                      "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60,
                      "auc_seeds": dict(zip(stats[arm], auc.tolist())),
                      "final_seeds": dict(zip(stats[arm], final.tolist())),
@@ -117,16 +125,16 @@ def main() -> None:
     runs = load(args.out)
     if not runs:
         parser.error(f"no finished runs (<arm>_s<seed>.csv) in {args.out}")
-    print("| arm | seeds | area under curve (per seed) | final return (per seed) | AUC - none (paired bootstrap 95%) "
+    print("| arm | seeds | area under curve (per seed) | final return (per seed) | AUC - baseline (paired bootstrap 95%) "
           "| wall min/run (per seed) |")
     print("|---|---|---|---|---|---|")
     for r in summarise(runs):
-        if r["vs_none"] is None:
-            vs = "—"
+        if r["vs_baseline"] is None:
+            vs = "— (baseline)"
         elif r["paired"] < 2:
-            vs = f"n/a ({r['paired']} paired seed)"
+            vs = f"n/a ({r['paired']} seed paired with {r['baseline']})"
         else:
-            vs = f"[{r['vs_none'][0]:+.1f}, {r['vs_none'][1]:+.1f}] ({r['paired']} seeds)"
+            vs = f"[{r['vs_baseline'][0]:+.1f}, {r['vs_baseline'][1]:+.1f}] vs {r['baseline']} ({r['paired']} seeds)"
         print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'], r['auc_seeds'])} "
               f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} "
               f"| {r['wall_min']:.1f} ({_per_seed(r['wall_min_seeds'])}) |")

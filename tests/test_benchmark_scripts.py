@@ -40,11 +40,26 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
     table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
-    assert "| 2 |" in quantile and "(2 seeds)" in quantile, table
+    assert "| 2 |" in quantile and "vs none (2 seeds)" in quantile, table
     auc_cell = quantile.split("|")[3]  # the mean, then each seed's value in brackets
     assert "(s0 " in auc_cell and ", s1 " in auc_cell and auc_cell.strip().endswith(")"), table
     assert table.index("| none |") < table.index("| quantile |"), table  # the benchmark's arm order
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_super_pursuit_table_pairs_plain_dqn_arms_with_plain_dqn_baseline(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from super_pursuit_table import summarise
+
+    def run(level: float) -> dict:
+        return {"returns": [level] * 10, "wall_s": 60.0}
+
+    runs = {"none": {0: run(1.0), 1: run(2.0)}, "none-dqn": {0: run(5.0), 1: run(7.0)},
+            "quantile": {0: run(4.0), 1: run(5.0)}, "quantile-dqn": {0: run(6.0), 1: run(8.0)}}
+    rows = {row["arm"]: row for row in summarise(runs)}
+    assert rows["quantile-dqn"]["baseline"] == "none-dqn" and rows["quantile-dqn"]["vs_baseline"] == (1.0, 1.0)
+    assert rows["quantile"]["baseline"] == "none" and rows["quantile"]["vs_baseline"] == (3.0, 3.0)
+    assert rows["none"]["vs_baseline"] is None and rows["none-dqn"]["vs_baseline"] is None
 
 
 def test_eval_cost_times_one_evaluation():
