@@ -4,7 +4,8 @@ Per arm: the greedy evaluation return summed over the 8 pursuers (every 4,000 en
 as the paper's code measures it), its mean over seeds with a 95% band (a PNG), the area under that
 curve (mean over evaluations), the final return (mean of the last 5 evaluations), the paired bootstrap
 95% interval of (arm - baseline) over the seeds both have (the baseline: ``none``, and ``none-dqn`` for the
-plain-DQN arms, the paper's robustness check), and wall time per run.
+plain-DQN arms, the paper's robustness check), and wall time per run; then the paper's other claims as paired
+differences of two arms (``quantile`` against ``all`` and ``random``, ``quantile-dqn`` against ``none-dqn``).
 
     python benchmarks/super_pursuit_table.py [--out benchmarks/results/super_pursuit] [--png FILE]
 """
@@ -117,6 +118,29 @@ def plot(runs: dict[str, dict[int, dict]], png: Path) -> None:
     plt.close(fig)
 
 
+# The paper's other claims, each a paired comparison of two arms: (claim, arm, against).
+CLAIMS = (
+    ("few chosen transitions beat sharing all", "quantile", "all"),
+    ("the choice of transitions, not the extra data, helps", "quantile", "random"),
+    ("robust across DQN variants (plain DQN)", "quantile-dqn", "none-dqn"),
+)
+
+
+def claim_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """Per claim: the seeds both arms have, and per measure (area, final) each seed's difference and the
+    paired bootstrap 95% interval of their mean."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for claim, arm, other in CLAIMS:
+        seeds = sorted(set(runs.get(arm, {})) & set(runs.get(other, {})))
+        row = {"claim": claim, "arm": arm, "other": other, "seeds": seeds}
+        for measure, reduce in (("area", np.mean), ("final", lambda r: np.mean(r[-5:]))):
+            diffs = np.array([reduce(runs[arm][s]["returns"]) - reduce(runs[other][s]["returns"]) for s in seeds])
+            row[measure] = (diffs.tolist(), paired_bootstrap(diffs, rng))
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -138,6 +162,15 @@ def main() -> None:
         print(f"| {r['arm']} | {r['seeds']} | {_pm(r['auc'], r['auc_ci'], r['auc_seeds'])} "
               f"| {_pm(r['final'], r['final_ci'], r['final_seeds'])} | {vs} "
               f"| {r['wall_min']:.1f} ({_per_seed(r['wall_min_seeds'])}) |")
+    print("\n| claim | arm - other | seeds | area difference per seed | 95% | final difference per seed | 95% |")
+    print("|---|---|---|---|---|---|---|")
+    for r in claim_rows(runs):
+        cells = []
+        for measure in ("area", "final"):
+            diffs, (low, high) = r[measure]
+            cells += [", ".join(f"{d:+.1f}" for d in diffs) or "—",
+                      f"[{low:+.1f}, {high:+.1f}]" if len(diffs) > 1 else "n/a"]
+        print(f"| {r['claim']} | {r['arm']} - {r['other']} | {len(r['seeds'])} | {' | '.join(cells)} |")
     png = args.png or args.out / "curves.png"
     plot(runs, png)
     print(f"\nwrote {png}")

@@ -60,6 +60,12 @@ def test_super_pursuit_table_pairs_plain_dqn_arms_with_plain_dqn_baseline(monkey
     assert rows["quantile-dqn"]["baseline"] == "none-dqn" and rows["quantile-dqn"]["vs_baseline"] == (1.0, 1.0)
     assert rows["quantile"]["baseline"] == "none" and rows["quantile"]["vs_baseline"] == (3.0, 3.0)
     assert rows["none"]["vs_baseline"] is None and rows["none-dqn"]["vs_baseline"] is None
+    from super_pursuit_table import claim_rows
+
+    runs["all"] = {0: run(3.0), 1: run(1.0)}
+    claims = {r["other"]: r for r in claim_rows(runs)}
+    assert claims["all"]["seeds"] == [0, 1] and claims["all"]["area"][0] == [1.0, 4.0]
+    assert claims["random"]["seeds"] == [] and claims["none-dqn"]["final"][0] == [1.0, 1.0]
 
 
 def test_eval_cost_times_one_evaluation():
