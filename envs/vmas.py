@@ -69,6 +69,12 @@ def make_vmas_env(
                              f"spelling against the scenario's make_world (e.g. n_agents, max_steps)")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
+    # TorchRL's wrapper reads these from the VMAS env at every step through its __getattr__, which lists
+    # every attribute of the module (twice) before forwarding: a tenth of a step's wrapper time. Neither
+    # changes after construction, so the instance holds them.
+    for attribute in ("n_agents", "continuous_actions"):
+        setattr(base, attribute, getattr(base._env, attribute))
+
     def render(env_index: int = 0, **kwargs: Any):
         return base.render(mode="rgb_array", env_index=env_index, **kwargs)
 

@@ -73,7 +73,7 @@ can die), the PPO, DDPG, SAC and DQN losses also read that mask and average over
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase
@@ -91,6 +91,7 @@ from torchrl.objectives.value import TD0Estimator
 from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from marlkit.modules import action_indices, QTranJoint
+from marlkit.modules.encoders import AgentMLP
 
 from ._common import check_td_settings, LOSS_CRITIC_TYPES, MIXERS, TEAM
 from .recurrent import DRQNLoss, estimate_advantages, make_drqn_loss
@@ -397,8 +398,12 @@ class IndependentDQNLoss(DQNLoss):
         next_obs = tensordict.get(_next_key(obs_key))
         next_mask = None if mask_key is None else tensordict.get(_next_key(mask_key))
         with torch.no_grad():
-            with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
-                next_target = _masked(values(next_obs), next_mask)
+            target = _with_params(values, self.target_value_network_params, ("module", "0", "module"))
+            if target is not None:
+                next_target = _masked(target(next_obs), next_mask)
+            else:
+                with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
+                    next_target = _masked(values(next_obs), next_mask)
             # double Q: the online network picks the next action; plain DQN: the target network does
             chooser = _masked(values(next_obs), next_mask) if self.double_dqn else next_target
             next_action = torch.argmax(chooser, dim=-1).to(torch.long)
@@ -470,6 +475,36 @@ def _q_tensor_parts(q_network: nn.Module, action_value_key: NestedKey) -> tuple[
             and greedy.action_space == "categorical" and greedy.action_value_key == action_value_key):
         return None
     return values.module, values.in_keys[0], greedy.action_mask_key
+
+
+def _with_params(values: nn.Module, params: TensorDictBase,
+                 prefix: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``values``'s forward with ``params`` (a loss's copy of the network's parameters, ``values``'s own
+    under ``prefix``), or None where that needs the parameters swapped into the module.
+
+    When ``values`` is a ``Sequential`` whose only parameters are one :class:`AgentMLP`'s, that network
+    takes the copy as an argument (:meth:`AgentMLP.forward_with`): the same operations on the same
+    tensors as ``params.to_module`` and a call, without the swap, whose setting and restoring of every
+    parameter was a quarter of a SUPER update's loss forward.
+    """
+    if not isinstance(values, nn.Sequential):
+        return None
+    owners = [k for k, module in enumerate(values) if any(True for _ in module.parameters())
+              or any(True for _ in module.buffers())]
+    if len(owners) != 1 or not isinstance(values[owners[0]], AgentMLP) or not values[owners[0]].takes_params():
+        return None
+    k = owners[0]
+    mine = params.get(prefix, None)
+    if mine is None or set(mine.keys()) != {str(k)} or set(mine.get(str(k)).keys()) != {"params"}:
+        return None
+    sub, modules = mine.get((str(k), "params")), list(values)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for j, module in enumerate(modules):
+            x = module.forward_with(sub, x) if j == k else module(x)
+        return x
+
+    return forward
 
 
 def _plain_td0(estimator: object, tensordict: TensorDictBase) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 from torchrl.data import TensorSpec
 from torchrl.envs import EnvBase
@@ -148,6 +149,19 @@ class AgentMLP(MultiAgentMLP):
         layers = self._batched_layers()
         if layers is None or torch.compiler.is_exporting():
             return super().forward(*inputs)
+        return self.forward_with(self.params, *inputs)
+
+    def takes_params(self) -> bool:
+        """Whether :meth:`forward_with` can run this network (the batched layout)."""
+        return self._batched_layers() is not None
+
+    def forward_with(self, params: TensorDictBase, *inputs: torch.Tensor) -> torch.Tensor:
+        """The forward pass with ``params`` (a TensorDict shaped as ``self.params``, e.g. a target
+        network's copy) in place of the module's own, without swapping them in: the same operations
+        as :meth:`forward`, so the same result as ``params.to_module(self)`` then ``self(*inputs)``."""
+        layers = self._batched_layers()
+        if layers is None:
+            raise RuntimeError("forward_with needs the batched layout (see takes_params)")
         x = torch.cat(inputs, -1) if len(inputs) > 1 else inputs[0]
         if x.shape[-2] != self.n_agents:
             return super().forward(x)  # TorchRL's message for the wrong agent count
@@ -157,7 +171,7 @@ class AgentMLP(MultiAgentMLP):
         h = x.movedim(-2, 0).reshape(self.n_agents, -1, x.shape[-1])  # [agents, samples, features]
         for name, module in layers:
             if isinstance(module, nn.Linear):
-                weight, bias = self.params[name, "weight"], self.params.get((name, "bias"))
+                weight, bias = params[name, "weight"], params.get((name, "bias"))
                 h = torch.bmm(h, weight.transpose(1, 2))  # then the bias, as vmap's linear does (bit for bit)
                 if bias is not None:
                     h = h + bias.unsqueeze(1)

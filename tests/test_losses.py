@@ -9,6 +9,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded, Categorical
 
 from marlkit.losses import (
+    _with_params,
     DDPG_LOSS_TERMS,
     make_ddpg_loss,
     make_dqn_loss,
@@ -403,6 +404,9 @@ def test_dqn_loss_equals_torchrl_dqn_loss_bit_for_bit(double_dqn, dueling, share
         td["priority_weight"] = torch.rand(QB, QN, generator=g)
         td["agents", "mask"] = torch.rand(QB, QN, generator=g) < 0.8
     _assert_same_as_torchrl(loss, DQNLoss.forward, td, ("agents", "td_error"))
+    # separate networks per agent: the target pass took the target parameters as an argument (no swap)
+    values = loss._tensor_parts()[0]
+    assert (_with_params(values, loss.target_value_network_params, ("module", "0", "module")) is not None) == (not share_params)
 
 
 @pytest.mark.parametrize("mixer", ["vdn", "qmix"])
