@@ -257,3 +257,9 @@ def test_loss_cost_times_torchrl_and_marlkit_forwards():
     rows = [line.split("|") for line in out.splitlines() if line.startswith(tuple(f"| {c} |" for c in cases))]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [(c, arm) for c in cases for arm in ("TorchRL", "marlkit")], out
     assert all(float(r[4]) > 0 for r in rows), out
+
+
+def test_update_floor_times_eager_and_compiled_updates():
+    out = _run(str(BENCHMARKS / "update_floor.py"), "--rounds", "1", "--updates", "5")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| eager |", "| compiled |"))]
+    assert [r[1].strip() for r in rows] == ["eager", "compiled"] and all(float(r[3]) > 0 for r in rows), out
