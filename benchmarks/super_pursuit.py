@@ -57,18 +57,27 @@ def _commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def train_command(arm: str, seed: int, frames: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """The command line that trains one arm and seed into ``run_dir`` (the arm's overrides, then ``extra``)."""
+    return [sys.executable, "-m", "marlkit.pipelines.cli", "train", "iql", "--preset", "pursuit-super",
+            "--seed", str(seed), "--frames", str(frames), "--run-dir", str(run_dir), "logger.progress=false",
+            *arm_overrides(arm), *extra]
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """``section.field=value`` of one arm."""
+    return [f"{k}={v}" for k, v in ARMS[arm].items()]
+
+
 def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> str:
     """Train one arm and seed in a child process; copy its metrics to ``out``; a line saying how it went."""
     name = f"{arm}_s{seed}"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        overrides = [f"{k}={v}" for k, v in ARMS[arm].items()]
-        args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "iql", "--preset", "pursuit-super",
-                "--seed", str(seed), "--frames", str(frames), "--run-dir", str(run), "logger.progress=false",
-                *overrides, *extra]
+        overrides = arm_overrides(arm)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the runs share the cores instead of fighting for them
         start = time.perf_counter()
-        result = subprocess.run(args, capture_output=True, text=True, env=env)
+        result = subprocess.run(train_command(arm, seed, frames, run, extra), capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if result.returncode:
             return f"{name}: FAILED ({(result.stderr.strip().splitlines() or ['?'])[-1][:200]})"

@@ -38,6 +38,18 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert json.loads((tmp_path / "quantile_s1.json").read_text())["commit"] == (head.strip() or None)
     assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
+    # the check script retrains a committed run's start and finds it equal; a changed value is caught
+    check = [str(BENCHMARKS / "super_pursuit_check.py"), "--arm", "quantile", "--seed", "1", "--frames", "160",
+             "--results", str(tmp_path), *tiny[tiny.index("env.num_envs=4"):]]
+    same = _run(*check)
+    assert ": 4 iterations x" in same and "0 differing values" in same, same
+    path = tmp_path / "quantile_s1.csv"
+    lines = path.read_text().splitlines()
+    header, row = lines[0].split(","), lines[-1].split(",")
+    row[header.index("pursuer/epsilon")] = "0.5"
+    path.write_text("\n".join([*lines[:-1], ",".join(row)]) + "\n")
+    out = subprocess.run([sys.executable, *check], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "1 differing values" in out.stdout and "pursuer/epsilon" in out.stdout, out.stdout
     table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
     assert "| 2 |" in quantile and "vs none (2 seeds)" in quantile, table
