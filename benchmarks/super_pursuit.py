@@ -57,6 +57,22 @@ def _commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def _cpu() -> str:
+    """The processor and the instruction set torch's kernels use on it: matrix products round differently
+    on other CPUs, so a run reproduces value for value only on the same kind of machine."""
+    import platform
+
+    import torch
+
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model or 'unknown'} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def train_command(arm: str, seed: int, frames: int, run_dir: Path, extra: list[str]) -> list[str]:
     """The command line that trains one arm and seed into ``run_dir`` (the arm's overrides, then ``extra``)."""
     return [sys.executable, "-m", "marlkit.pipelines.cli", "train", "iql", "--preset", "pursuit-super",
@@ -87,7 +103,8 @@ def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> st
         (out / f"{name}.json").write_text(json.dumps({
             "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
             "frames_per_s": summary["frames_per_s"], "overrides": overrides + extra,
-            "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit()}, indent=2))
+            "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit(), "cpu": _cpu()},
+            indent=2))
         os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
     return f"{name}: {wall / 60:.1f} min, {summary['frames_per_s']:.0f} frames/s"
 

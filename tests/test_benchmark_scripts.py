@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ROOT = BENCHMARKS.parent
@@ -36,7 +37,9 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and rows[-1]["eval/pursuer/episode_reward_mean"] != ""
     head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert json.loads((tmp_path / "quantile_s1.json").read_text())["commit"] == (head.strip() or None)
+    record = json.loads((tmp_path / "quantile_s1.json").read_text())
+    assert record["commit"] == (head.strip() or None)
+    assert record["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})"), record  # kernels round per CPU
     assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
     # the check script retrains a committed run's start and finds it equal; a changed value is caught
     check = [str(BENCHMARKS / "super_pursuit_check.py"), "--arm", "quantile", "--seed", "1", "--frames", "160",
