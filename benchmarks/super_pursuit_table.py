@@ -52,6 +52,16 @@ def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, n: int = 10_00
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def area_of(returns: list[float]) -> float:
+    """Area under the curve: the mean greedy return over the run's evaluations."""
+    return float(np.mean(returns))
+
+
+def final_of(returns: list[float]) -> float:
+    """Final return: the mean of the last 5 evaluations."""
+    return float(np.mean(returns[-5:]))
+
+
 def baseline(arm: str) -> str:
     """The no-sharing arm ``arm`` is compared with: the one with the same DQN variant."""
     return "none-dqn" if arm.endswith("-dqn") else "none"
@@ -62,7 +72,7 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
     seed), paired bootstrap against its baseline, wall time."""
     rng = np.random.default_rng(0)
     rows = []
-    stats = {arm: {seed: (np.mean(r["returns"]), np.mean(r["returns"][-5:])) for seed, r in sorted(seeds.items())
+    stats = {arm: {seed: (area_of(r["returns"]), final_of(r["returns"])) for seed, r in sorted(seeds.items())
                    if r["returns"]} for arm, seeds in runs.items()}
     order = list(ARMS)
     for arm in sorted(runs, key=lambda a: (order.index(a) if a in order else len(order), a)):
@@ -134,7 +144,7 @@ def claim_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
     for claim, arm, other in CLAIMS:
         seeds = sorted(set(runs.get(arm, {})) & set(runs.get(other, {})))
         row = {"claim": claim, "arm": arm, "other": other, "seeds": seeds}
-        for measure, reduce in (("area", np.mean), ("final", lambda r: np.mean(r[-5:]))):
+        for measure, reduce in (("area", area_of), ("final", final_of)):
             diffs = np.array([reduce(runs[arm][s]["returns"]) - reduce(runs[other][s]["returns"]) for s in seeds])
             row[measure] = (diffs.tolist(), paired_bootstrap(diffs, rng))
         rows.append(row)

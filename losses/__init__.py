@@ -383,6 +383,13 @@ class IndependentDQNLoss(DQNLoss):
             return None
         return _q_tensor_parts(self.value_network, self.tensor_keys.action_value)
 
+    def _target_owner(self, values: nn.Module) -> int | None:
+        """:func:`_param_owner` for the target network, worked out once (the layout does not change)."""
+        if "_target_owner_index" not in self.__dict__:
+            self.__dict__["_target_owner_index"] = _param_owner(values, self.target_value_network_params,
+                                                                _VALUES_PREFIX)
+        return self.__dict__["_target_owner_index"]
+
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         """The loss (``loss``), with the squared TD error written at the priority key, as ``DQNLoss``."""
         parts = self._tensor_parts()
@@ -398,9 +405,10 @@ class IndependentDQNLoss(DQNLoss):
         next_obs = tensordict.get(_next_key(obs_key))
         next_mask = None if mask_key is None else tensordict.get(_next_key(mask_key))
         with torch.no_grad():
-            target = _with_params(values, self.target_value_network_params, ("module", "0", "module"))
-            if target is not None:
-                next_target = _masked(target(next_obs), next_mask)
+            owner = self._target_owner(values)
+            if owner is not None:
+                target = self.target_value_network_params.get((*_VALUES_PREFIX, str(owner), "params"))
+                next_target = _masked(_run_with(values, owner, target, next_obs), next_mask)
             else:
                 with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
                     next_target = _masked(values(next_obs), next_mask)
@@ -464,6 +472,10 @@ class MixedQLoss(QMixerLoss):
         return TensorDict({"loss": distance_loss(pred_val, target_value, self.loss_function).mean()}, [])
 
 
+# Where the values module (the Q network's first TensorDictModule's module) sits in the loss's parameter copies.
+_VALUES_PREFIX = ("module", "0", "module")
+
+
 def _q_tensor_parts(q_network: nn.Module, action_value_key: NestedKey) -> tuple[nn.Module, NestedKey, NestedKey | None] | None:
     """The values network, its observation key and the action-mask key of a Q network made as
     :func:`marlkit.modules.make_q_network` makes it (values module, then the greedy action); None otherwise."""
@@ -477,16 +489,10 @@ def _q_tensor_parts(q_network: nn.Module, action_value_key: NestedKey) -> tuple[
     return values.module, values.in_keys[0], greedy.action_mask_key
 
 
-def _with_params(values: nn.Module, params: TensorDictBase,
-                 prefix: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``values``'s forward with ``params`` (a loss's copy of the network's parameters, ``values``'s own
-    under ``prefix``), or None where that needs the parameters swapped into the module.
-
-    When ``values`` is a ``Sequential`` whose only parameters are one :class:`AgentMLP`'s, that network
-    takes the copy as an argument (:meth:`AgentMLP.forward_with`): the same operations on the same
-    tensors as ``params.to_module`` and a call, without the swap, whose setting and restoring of every
-    parameter was a quarter of a SUPER update's loss forward.
-    """
+def _param_owner(values: nn.Module, params: TensorDictBase, prefix: tuple[str, ...]) -> int | None:
+    """The index of the one :class:`AgentMLP` holding all of ``values``'s parameters when ``values`` is a
+    ``Sequential`` and ``params`` (a loss's copy, ``values``'s own under ``prefix``) holds exactly that
+    network's; None where the copy must be swapped into the module instead."""
     if not isinstance(values, nn.Sequential):
         return None
     owners = [k for k, module in enumerate(values) if any(True for _ in module.parameters())
@@ -497,14 +503,31 @@ def _with_params(values: nn.Module, params: TensorDictBase,
     mine = params.get(prefix, None)
     if mine is None or set(mine.keys()) != {str(k)} or set(mine.get(str(k)).keys()) != {"params"}:
         return None
-    sub, modules = mine.get((str(k), "params")), list(values)
+    return k
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for j, module in enumerate(modules):
-            x = module.forward_with(sub, x) if j == k else module(x)
-        return x
 
-    return forward
+def _run_with(values: nn.Sequential, owner: int, params: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
+    """``values(x)`` with module ``owner`` (an :class:`AgentMLP`) running on ``params``."""
+    for j, module in enumerate(values):
+        x = module.forward_with(params, x) if j == owner else module(x)
+    return x
+
+
+def _with_params(values: nn.Module, params: TensorDictBase,
+                 prefix: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``values``'s forward with ``params`` (a loss's copy of the network's parameters, ``values``'s own
+    under ``prefix``), or None where that needs the parameters swapped into the module.
+
+    When ``values`` is a ``Sequential`` whose only parameters are one :class:`AgentMLP`'s, that network
+    takes the copy as an argument (:meth:`AgentMLP.forward_with`): the same operations on the same
+    tensors as ``params.to_module`` and a call, without the swap, whose setting and restoring of every
+    parameter was a quarter of a SUPER update's loss forward.
+    """
+    owner = _param_owner(values, params, prefix)
+    if owner is None:
+        return None
+    sub = params.get((*prefix, str(owner), "params"))
+    return lambda x: _run_with(values, owner, sub, x)
 
 
 def _plain_td0(estimator: object, tensordict: TensorDictBase) -> bool:
