@@ -1,7 +1,8 @@
 """Benchmark: the SUPER paper's pursuit experiment at its full budget, one raw CSV per finished run.
 
 Runs ``marlkit train iql --preset pursuit-super`` (tensor pursuit, the paper's settings: see the preset)
-for every arm and seed, ``--jobs`` runs at a time with one torch thread each, and copies each finished
+for every arm and seed, ``--jobs`` runs at a time with one torch thread each (evaluating in a worker process
+when the runs leave a core free: ``logger.eval_parallel``), and copies each finished
 run's ``metrics.csv`` to ``<out>/<arm>_s<seed>.csv`` (plus ``<arm>_s<seed>.json``: wall time, frames/s,
 config). Runs whose CSV exists are skipped, so the experiment can be stopped and continued on another day.
 ``benchmarks/super_pursuit_table.py`` makes the table and the plot from the CSVs alone.
@@ -126,8 +127,11 @@ def main() -> None:
     todo = [(arm, seed) for seed in _seeds(args.seeds) for arm in arms
             if not (args.out / f"{arm}_s{seed}.csv").exists()]
     print(f"{len(todo)} runs to do ({args.jobs} at a time); results in {args.out}", flush=True)
+    # the preset evaluates in a worker process on a core of its own: only where the runs leave one free
+    spare = args.jobs < (os.cpu_count() or 1)
+    extra = [f"logger.eval_parallel={str(spare).lower()}", *args.overrides]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for line in pool.map(lambda job: run_one(*job, args.frames, args.out, args.overrides), todo):
+        for line in pool.map(lambda job: run_one(*job, args.frames, args.out, extra), todo):
             print(line, flush=True)
 
 

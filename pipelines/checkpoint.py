@@ -12,6 +12,7 @@ written for another algorithm or config.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import random
@@ -66,16 +67,26 @@ def checkpoint_state(cfg: RunConfig, *, iteration: int, frames: int, optimiser_s
         "iteration": iteration,
         "frames": frames,
         "optimiser_steps": optimiser_steps,
-        "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
-        # a hard updater counts steps to its next copy: without the count, a resumed run copies off schedule
-        "target_updaters": {group: agent.target_updater.counter for group, agent in agents.items()
-                            if hasattr(agent.target_updater, "counter")},
-        "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
+        **learning_state(agents, optimisers),
         "rng": _global_rng_state(),
         "simulator": _simulator_state(env) if unsaved is None else {"unsaved": unsaved},
         "collector": collector_state(collector),
         "replay": replay,
     }
+
+
+def learning_state(agents: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
+                   copied: bool = False) -> dict[str, Any]:
+    """The checkpoint's networks (each loss's state), target-update counters and optimiser states;
+    ``copied``: cloned, so that training on does not change them (a parallel evaluation's best.pt)."""
+    state = {
+        "losses": {group: agent.loss.state_dict() for group, agent in agents.items()},
+        # a hard updater counts steps to its next copy: without the count, a resumed run copies off schedule
+        "target_updaters": {group: agent.target_updater.counter for group, agent in agents.items()
+                            if hasattr(agent.target_updater, "counter")},
+        "optimisers": {group: opt.state_dict() for group, opt in optimisers.items()},
+    }
+    return copy.deepcopy(state) if copied else state
 
 
 def _pack(torch_state: torch.Tensor, numpy_state: tuple, python_state: tuple) -> dict[str, Any]:
@@ -260,20 +271,30 @@ class Checkpointer:
     def __init__(self, run_path: Path, every: int):
         self.folder, self.every = Path(run_path) / "checkpoints", every
 
+    def due(self, iteration: int, final: bool) -> bool:
+        """Whether ``last.pt`` is written after ``iteration``."""
+        return final or (self.every > 0 and (iteration + 1) % self.every == 0)
+
     def save(self, cfg: RunConfig, iteration: int, final: bool, *, new_best: bool, best_eval: float, frames: int,
              optimiser_steps: int, learners: dict[str, Any], optimisers: dict[str, torch.optim.Optimizer],
-             env: Any, collector: Any, time_s: float = 0.0, extra: dict[str, Any] | None = None) -> None:
+             env: Any, collector: Any, time_s: float = 0.0, extra: dict[str, Any] | None = None,
+             best: dict[str, Any] | None = None) -> None:
         """Write what is due after ``iteration`` (nothing when neither checkpoint is); ``extra`` entries
-        (e.g. the curriculum's state) go into the checkpoint as they are."""
-        due = final or (self.every > 0 and (iteration + 1) % self.every == 0)
-        if not due and not new_best:
+        (e.g. the curriculum's state) go into the checkpoint as they are.
+
+        ``best``: a parallel evaluation's new best, back after training went on: the evaluated iteration's
+        counters and :func:`learning_state`, which ``best.pt`` gets instead of the current ones (its replay,
+        episodes in flight and random streams are the current ones; a run resumes from ``last.pt`` only).
+        Only ``best.pt`` is written then."""
+        due = self.due(iteration, final) and best is None
+        if not due and not new_best and best is None:
             return
         state = checkpoint_state(cfg, iteration=iteration, frames=frames, optimiser_steps=optimiser_steps,
                                  agents=learners, optimisers=optimisers, env=env, collector=collector)
         state["best_eval"] = best_eval
         state["time_s"] = time_s  # rebuilds metrics.csv's clock if the file is lost
         state.update(extra or {})
-        if new_best:
-            save_checkpoint(self.folder / "best.pt", state)
+        if new_best or best is not None:
+            save_checkpoint(self.folder / "best.pt", {**state, **(best or {})})
         if due:
             save_checkpoint(self.folder / "last.pt", state)

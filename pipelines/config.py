@@ -129,6 +129,11 @@ class LoggerConfig:
     """Iterations between evaluations of the deterministic policy (eval/ metrics, checkpoints/best.pt); 0 = never."""
     eval_episodes: int = 10
     """Episodes per evaluation (one per env copy)."""
+    eval_parallel: bool = False
+    """Run the evaluations in a worker process (on another core) while training goes on, as RLlib's
+    evaluation_parallel_to_training: each gets a copy of the weights of the iteration it evaluates and scores
+    what an in-process one would; that iteration's metrics.csv row waits for it (rows stay in order), and
+    every checkpoint and the run's end wait for the one under way. No worker when eval_every is 0."""
     video_every: int = 0
     """Iterations between evaluation videos written to <run-dir>/videos/; 0 = never."""
     video_steps: int = 100

@@ -100,6 +100,7 @@ class Reporter:
         self.rewards = {group: math.nan for group in groups}
         self.start = self._iteration_start = self._train_start = time.perf_counter() - start.time_s
         self._collection_s = 0.0
+        self._waiting: list[tuple[dict[str, Any], bool]] = []  # rows not yet written, and whether each is complete
 
     def collected(self) -> None:
         """The batch has arrived: collection time ends, training time starts."""
@@ -107,9 +108,10 @@ class Reporter:
         self._collection_s = self._train_start - self._iteration_start
 
     def log(self, iteration: int, batch: TensorDictBase, terms: Mapping[str, list[TensorDictBase]],
-            extra: Mapping[str, float] | None = None) -> dict[str, float]:
+            extra: Mapping[str, float] | None = None, complete: bool = True) -> dict[str, float]:
         """Write the iteration's row (``terms``: each learner's loss outputs this iteration, by group or,
-        for a team that learns as one, by team)."""
+        for a team that learns as one, by team). An incomplete row (its evaluation is still running) and
+        every row after it wait until :meth:`complete` fills it in, so rows are written in order."""
         now = time.perf_counter()
         self.frames += batch.numel()
         means = episode_reward_means(batch, self.groups)
@@ -124,16 +126,38 @@ class Reporter:
                 row.update(mean_entries(terms[learner], learner))
         row.update(extra or {})
         row.update({"timers/collection_s": self._collection_s, "timers/training_s": now - self._train_start})
-        self.run.log(row)
-        self.logger.log(row)
+        self._waiting.append((row, complete))
+        self._write_ready()
         self.bar.update(batch.numel())
         self.bar.set_postfix({f"{g}_return": f"{r:.3f}" for g, r in self.rewards.items()})
         self.row = row
         self._iteration_start = time.perf_counter()
         return row
 
+    def complete(self, iteration: int, entries: Mapping[str, float]) -> None:
+        """Add ``entries`` to the waiting row of ``iteration`` and write every row that is then ready."""
+        for k, (row, _) in enumerate(self._waiting):
+            if row["iteration"] == iteration:
+                row.update(entries)
+                self._waiting[k] = (row, True)
+                self._write_ready()
+                return
+        raise KeyError(f"no row of iteration {iteration} is waiting")
+
+    def flush(self) -> None:
+        """Write every waiting row as it is (a run that stops with an evaluation still out loses no row)."""
+        self._waiting = [(row, True) for row, _ in self._waiting]
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        while self._waiting and self._waiting[0][1]:
+            row, _ = self._waiting.pop(0)
+            self.run.log(row)
+            self.logger.log(row)
+
     def finish(self, iterations: int, policy: Any = None, **summary: Any) -> TrainResult:
         """Close the bar and logger, write ``summary.json`` and the curves; return the result."""
+        self.flush()
         self.bar.close()
         self.logger.close()
         if self.row:

@@ -22,13 +22,13 @@ from torchrl.collectors import BaseCollector
 
 from marlkit.envs import device_of, MultiAgentEnv
 
-from .checkpoint import Checkpointer, restore_rollout, restore_training
+from .checkpoint import Checkpointer, learning_state, restore_rollout, restore_training
 from .collectors import CollectorFailed, make_collector, seed_generators, worker_failure
 from .config import RunConfig
 from .curriculum import Curriculum, parse_curriculum, stage_env_config, stage_seed
 from .environment import build_env, check_curriculum_specs, resolve_env_config
 from .evaluate import Evaluator
-from .learners import check_finite, Learner, make_optimiser
+from .learners import check_finite, Learner, make_optimiser, TrainingDiverged
 from .memory import keep_freed_memory
 from .reporting import Reporter, TrainResult
 from .rundir import open_run_dir, RunDir, RunStart
@@ -187,7 +187,9 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     run.dir.create(run.cfg, extra={"iterations": run.iterations, "groups": run.env.group_map, **(derived or {})})
     reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
     best = state.get("best_eval", float("-inf")) if state else float("-inf")
-    evaluator = Evaluator(run.cfg, run.dir.path, best, start_frames=run.start.frames)
+    evaluator = Evaluator(run.cfg, run.dir.path, best, start_frames=run.start.frames, policy=policy)
+    if evaluator.worker is not None:
+        run.threads.reserve(1)  # the worker evaluates on a core of its own
     checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
     curriculum = Curriculum(parse_curriculum(run.cfg.env.curriculum)) if run.cfg.env.curriculum else None
     if curriculum is not None and state is not None:
@@ -214,24 +216,58 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     """After training on a batch: stop if a step was not finite (:func:`check_finite`), evaluate (when
     due), log the row, checkpoint (when due, and always when it is the last iteration or a stop signal
     arrived)."""
-    check_finite(dict(learners), iteration)
+    try:
+        check_finite(dict(learners), iteration)
+    except TrainingDiverged:
+        _collect_evaluation(run, training, learners, iteration, wait=True, optimiser_steps=optimiser_steps)
+        training.reporter.flush()  # the rows before the failed iteration are kept
+        raise
     final = iteration == run.iterations - 1 or training.stop_signal is not None
     row = dict(extra or {})
     run.threads.poll()
     row["system/torch_threads"] = torch.get_num_threads()
-    row.update(training.evaluator.after(iteration, training.policy, final, training.reporter.frames + batch.numel()))
+    frames = training.reporter.frames + batch.numel()
+
+    def snapshot() -> dict[str, Any]:  # what best.pt holds if the worker's evaluation sets a new best
+        return {"iteration": iteration, "frames": frames, "optimiser_steps": optimiser_steps,
+                **learning_state(dict(learners), training.optimisers, copied=True)}
+
+    evaluator = training.evaluator
+    # the worker takes one evaluation at a time: the previous one comes back before the next goes out
+    _collect_evaluation(run, training, learners, iteration, wait=evaluator.evaluates(iteration, final),
+                        optimiser_steps=optimiser_steps)
+    evaluated = evaluator.after(iteration, training.policy, final, frames, snapshot)
+    row.update(evaluated or {})
     curriculum = training.curriculum
     if curriculum is not None:
         row["curriculum/stage"] = curriculum.env_stage
-    training.reporter.log(iteration, batch, terms, row)
+    training.reporter.log(iteration, batch, terms, row, complete=evaluated is not None)
     if curriculum is not None:  # the next stage's env, if earned, comes before the next collection
         curriculum.after_iteration(training.reporter.frames, mean_return(training.reporter.row))
+    # a checkpoint (and the run's end) waits for the evaluation under way: its rows, best mean return and
+    # best.pt are complete up to the iteration it saves
+    settle = training.checkpointer.due(iteration, final)
+    _collect_evaluation(run, training, learners, iteration, wait=settle, optimiser_steps=optimiser_steps)
     training.checkpointer.save(run.cfg, iteration, final, new_best=training.evaluator.new_best,
                                best_eval=training.evaluator.best_eval, frames=training.reporter.frames,
                                optimiser_steps=optimiser_steps, learners=dict(learners),
                                optimisers=training.optimisers, env=run.env, collector=training.collector,
                                time_s=float(training.reporter.row.get("time_s", 0.0)),
                                extra={"curriculum": curriculum.state_dict()} if curriculum is not None else None)
+
+
+def _collect_evaluation(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int, *,
+                        wait: bool, optimiser_steps: int) -> None:
+    """Fill in the row of the worker's evaluation once it is back (``wait``: block until it is); a new best
+    writes best.pt with the evaluated iteration's networks."""
+    for done in training.evaluator.finished(wait):
+        training.reporter.complete(done.iteration, done.metrics)
+        if done.new_best:
+            training.checkpointer.save(run.cfg, iteration, False, new_best=False, best=done.snapshot,
+                                       best_eval=training.evaluator.best_eval, frames=training.reporter.frames,
+                                       optimiser_steps=optimiser_steps, learners=dict(learners),
+                                       optimisers=training.optimisers, env=run.env, collector=training.collector,
+                                       time_s=float(training.reporter.row.get("time_s", 0.0)))
 
 
 def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:

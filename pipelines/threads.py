@@ -66,6 +66,7 @@ class ThreadGovernor:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.cpus = os.cpu_count() or self.cores  # /proc/stat counts every CPU, not just ours
         self.changes = 0
+        self.reserved = 0  # cores kept for the run's own worker processes (a parallel evaluation's)
         self._before = torch.get_num_threads()
         if fixed is not None:
             torch.set_num_threads(fixed)
@@ -99,7 +100,16 @@ class ThreadGovernor:
     def _idle_cores(self, others: float | None) -> int | None:
         if others is None:
             return None
-        return max(1, min(self.cores, self.cores - int(others + 0.5)))
+        return max(1, min(self.cores - self.reserved, self.cores - int(others + 0.5)))
+
+    def reserve(self, cores: int) -> None:
+        """In ``auto``, leave ``cores`` to the run's own worker processes: they work in bursts (an evaluation
+        now and then), and a thread that only gets their core back between bursts would stall the others
+        at every parallel region while they run."""
+        self.reserved = cores
+        if self.fixed is None and torch.get_num_threads() > max(1, self.cores - cores):
+            torch.set_num_threads(max(1, self.cores - cores))
+            self.changes += 1
 
     def poll(self) -> None:
         """In ``auto``, once every :data:`WINDOW_S`: set the thread count from the load other programs put

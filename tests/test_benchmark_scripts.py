@@ -90,6 +90,15 @@ def test_eval_cost_times_one_evaluation():
     assert float(row.split("|")[3]) > 0, out
 
 
+def test_parallel_eval_times_both_settings_and_checks_their_results():
+    tiny = ["env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
+            "env.n_evaders=2", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
+            "logger.eval_episodes=2"]
+    out = _run(str(BENCHMARKS / "parallel_eval.py"), "--frames", "240", "--rounds", "1", "--threads", "1",
+               "--set", *tiny)
+    assert "every run logged the same values" in out and "| in-process |" in out and "| worker |" in out, out
+
+
 def test_super_update_cost_times_both_checkouts(tmp_path):
     package = tmp_path / "pkg" / "marlkit"  # another checkout: here, links to this one's folders
     package.mkdir(parents=True)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,3 +230,67 @@ def test_marl_eval_json_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
 
 def test_marl_eval_without_evaluations_is_refused(cli_rejects):
     cli_rejects(["train", "mappo", "logger.marl_eval=true"], "logger.marl_eval=true records the evaluations")
+
+
+PARALLEL = ["--preset", "pursuit-super", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3", "env.n_evaders=2",
+            "env.num_envs=4", "env.max_steps=15", "collector.frames_per_batch=40", "model.num_cells=[16]",
+            "replay.warmup_frames=0", "train.optimiser_steps=4", "sharing.mode=quantile", "logger.progress=false",
+            "logger.eval_every=1", "logger.eval_episodes=3", "logger.marl_eval=true", "logger.checkpoint_every=4",
+            "--seed", "3", "--frames", "320"]
+
+
+def _checkpoint_part(path: Path, key: str) -> Any:
+    return torch.load(path, weights_only=True)[key]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_parallel_evaluation_scores_and_keeps_what_in_process_does(tmp_path, read_metrics):
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert cli_main(["train", "iql", "--run-dir", str(here), *PARALLEL]) == 0
+    assert cli_main(["train", "iql", "--run-dir", str(there), *PARALLEL, "logger.eval_parallel=true"]) == 0
+    timing = ("time_s", "frames_per_s", "timers/", "system/")
+    rows = [[{k: v for k, v in row.items() if not k.startswith(timing)} for row in read_metrics(run)]
+            for run in (here, there)]
+    assert [row["iteration"] for row in rows[1]] == [str(i) for i in range(8)]  # every row, in order
+    assert all(row["eval/pursuer/episode_reward_mean"] for row in rows[1])
+    assert rows[0] == rows[1]
+    assert json.loads((here / "marl_eval.json").read_text()) == json.loads((there / "marl_eval.json").read_text())
+    # the best evaluation came back while training went on (not at a checkpoint, where the run waits for it):
+    # best.pt holds the evaluated iteration's networks, optimisers and counters, as in-process
+    best_iteration = _checkpoint_part(here / "checkpoints" / "best.pt", "iteration")
+    assert best_iteration not in (3, 7)
+    for key in ("iteration", "frames", "optimiser_steps", "best_eval", "losses", "optimisers", "target_updaters"):
+        assert _same(_checkpoint_part(here / "checkpoints" / "best.pt", key),
+                     _checkpoint_part(there / "checkpoints" / "best.pt", key)), key
+    for key in ("losses", "optimisers", "best_eval", "replay"):
+        assert _same(_checkpoint_part(here / "checkpoints" / "last.pt", key),
+                     _checkpoint_part(there / "checkpoints" / "last.pt", key)), key
+    summary = json.loads((there / "summary.json").read_text())
+    assert summary["final_metrics"]["eval/pursuer/episode_reward_mean"] == float(rows[0][-1]["eval/pursuer/episode_reward_mean"])
+
+
+def test_a_dead_evaluation_worker_is_reported_in_one_line(tmp_path):
+    from marlkit.pipelines import make_config
+    from marlkit.pipelines.evaluate import Evaluator
+
+    cfg = make_config("mappo", overrides={"env.name": "matrix/two_step", "logger.eval_every": 1,
+                                          "logger.eval_parallel": True, "logger.eval_episodes": 2})
+    policy = torch.nn.Linear(1, 1)  # the worker only copies it until asked to evaluate
+    evaluator = Evaluator(cfg, tmp_path, policy=policy)
+    process = evaluator.worker.process
+    try:
+        process.kill()
+        process.join()
+        with pytest.raises(RuntimeError, match=r"evaluation worker died \(exit code -9\).*eval_parallel=false"):
+            evaluator.after(0, policy, final=False)
+            evaluator.finished(wait=True)
+    finally:
+        evaluator.close()
+    assert evaluator.worker is None and not process.is_alive()

@@ -141,3 +141,29 @@ def test_a_bad_environment_setting_stops_before_anything_is_written(tmp_path, mo
     with pytest.raises(ValueError, match=r"MARLKIT_THREADS='many' is not a thread count"):
         train(make_tiny_config("mappo", "gridworld", tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_leaves_a_reserved_core_to_the_runs_own_worker(monkeypatch, keep_threads):
+    machine = FakeMachine(monkeypatch, others=0.0, own=0.0)
+    governor = ThreadGovernor(None)
+    try:
+        assert torch.get_num_threads() == 4  # an idle machine: every core
+        governor.reserve(1)  # a parallel evaluation's worker
+        assert torch.get_num_threads() == 3 and governor.changes == 1
+        machine.advance(2.0)  # the worker is idle between its evaluations: its core stays free anyway
+        threads.poll()
+        assert torch.get_num_threads() == 3
+        machine.others = 1.0  # the worker evaluating counts as the load on its own core, nothing more
+        machine.advance(2.0)
+        threads.poll()
+        assert torch.get_num_threads() == 3
+        machine.others = 2.0  # another program besides it takes one more
+        machine.advance(2.0)
+        threads.poll()
+        assert torch.get_num_threads() == 2
+    finally:
+        governor.close()
+    fixed = ThreadGovernor(4)
+    fixed.reserve(1)
+    assert torch.get_num_threads() == 4  # a count the user fixed is kept
+    fixed.close()
