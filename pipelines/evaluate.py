@@ -304,6 +304,11 @@ class Evaluator:
         self.best_eval = max(self.best_eval, score)
         return out
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker is evaluating (or its result waits to be collected)."""
+        return self.worker is not None and self.worker.pending is not None
+
     def evaluates(self, iteration: int, final: bool) -> bool:
         """Whether :meth:`after` evaluates after ``iteration``."""
         return self._due(self.logger.eval_every, iteration, final)

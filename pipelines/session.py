@@ -188,8 +188,6 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     reporter = Reporter(run.dir, list(run.env.group_map), run.cfg, run.start)
     best = state.get("best_eval", float("-inf")) if state else float("-inf")
     evaluator = Evaluator(run.cfg, run.dir.path, best, start_frames=run.start.frames, policy=policy)
-    if evaluator.worker is not None:
-        run.threads.reserve(1)  # the worker evaluates on a core of its own
     checkpointer = Checkpointer(run.dir.path, run.cfg.logger.checkpoint_every)
     curriculum = Curriculum(parse_curriculum(run.cfg.env.curriculum)) if run.cfg.env.curriculum else None
     if curriculum is not None and state is not None:
@@ -237,6 +235,7 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     _collect_evaluation(run, training, learners, iteration, wait=evaluator.evaluates(iteration, final),
                         optimiser_steps=optimiser_steps)
     evaluated = evaluator.after(iteration, training.policy, final, frames, snapshot)
+    run.threads.reserve(int(evaluator.busy))  # the worker evaluates on a core of its own
     row.update(evaluated or {})
     curriculum = training.curriculum
     if curriculum is not None:
@@ -261,6 +260,7 @@ def _collect_evaluation(run: Run, training: Training, learners: Mapping[str, Lea
     """Fill in the row of the worker's evaluation once it is back (``wait``: block until it is); a new best
     writes best.pt with the evaluated iteration's networks."""
     for done in training.evaluator.finished(wait):
+        run.threads.reserve(0)  # its core is the run's again
         training.reporter.complete(done.iteration, done.metrics)
         if done.new_best:
             training.checkpointer.save(run.cfg, iteration, False, new_best=False, best=done.snapshot,

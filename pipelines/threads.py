@@ -66,14 +66,16 @@ class ThreadGovernor:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.cpus = os.cpu_count() or self.cores  # /proc/stat counts every CPU, not just ours
         self.changes = 0
-        self.reserved = 0  # cores kept for the run's own worker processes (a parallel evaluation's)
+        self.reserved = 0  # cores kept for the run's own worker processes while they work
+        self._others: float | None = None  # cores other programs keep busy, the run's own workers aside
         self._before = torch.get_num_threads()
         if fixed is not None:
             torch.set_num_threads(fixed)
             return
         self._mark()
         time.sleep(0.1)  # a first look at the load, while this process is idle
-        torch.set_num_threads(self._idle_cores(self._measure()) or torch.get_num_threads())
+        self._others = self._measure()
+        torch.set_num_threads(self._idle_cores(self._others) or torch.get_num_threads())
         self._mark()
         global _active
         _active = self
@@ -85,6 +87,7 @@ class ThreadGovernor:
 
     def _mark(self) -> None:
         self._wall, self._own, self._jiffies = time.perf_counter(), time.process_time(), _cpu_jiffies()
+        self._reserved_in_window = self.reserved > 0
 
     def _measure(self) -> float | None:
         """Cores that other programs kept busy since the last mark (None where it cannot be told)."""
@@ -103,12 +106,24 @@ class ThreadGovernor:
         return max(1, min(self.cores - self.reserved, self.cores - int(others + 0.5)))
 
     def reserve(self, cores: int) -> None:
-        """In ``auto``, leave ``cores`` to the run's own worker processes: they work in bursts (an evaluation
-        now and then), and a thread that only gets their core back between bursts would stall the others
-        at every parallel region while they run."""
+        """In ``auto``, leave ``cores`` to the run's own worker processes from now on (0: they are idle).
+        Their work comes in bursts (an evaluation now and then), which the load, looked at every half
+        second, would follow too late: while they work, a thread on their core would stall the others
+        at every parallel region; while they wait, the run gets the core back."""
+        if self.fixed is not None:
+            return
+        released = self.reserved > 0 and cores == 0
         self.reserved = cores
-        if self.fixed is None and torch.get_num_threads() > max(1, self.cores - cores):
-            torch.set_num_threads(max(1, self.cores - cores))
+        if cores:
+            self._reserved_in_window = True
+        elif released:  # the next look at the load covers only time without the workers
+            self._mark()
+        self._apply()
+
+    def _apply(self) -> None:
+        wanted = self._idle_cores(self._others)
+        if wanted is not None and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
             self.changes += 1
 
     def poll(self) -> None:
@@ -116,10 +131,10 @@ class ThreadGovernor:
         on the machine since the last look (cheap otherwise: one clock read)."""
         if self.fixed is not None or time.perf_counter() - self._wall < WINDOW_S:
             return
-        wanted = self._idle_cores(self._measure())
-        if wanted is not None and wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-            self.changes += 1
+        others = self._measure()
+        if not self._reserved_in_window:  # a window in which the run's own workers worked overstates the others
+            self._others = others
+        self._apply()
         self._mark()
 
     def close(self) -> None:

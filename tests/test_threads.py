@@ -143,24 +143,34 @@ def test_a_bad_environment_setting_stops_before_anything_is_written(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
-def test_auto_leaves_a_reserved_core_to_the_runs_own_worker(monkeypatch, keep_threads):
+def test_auto_leaves_a_core_to_the_runs_own_worker_while_it_works(monkeypatch, keep_threads):
     machine = FakeMachine(monkeypatch, others=0.0, own=0.0)
     governor = ThreadGovernor(None)
     try:
         assert torch.get_num_threads() == 4  # an idle machine: every core
-        governor.reserve(1)  # a parallel evaluation's worker
+        governor.reserve(1)  # a parallel evaluation starts: its core is left to it at once
         assert torch.get_num_threads() == 3 and governor.changes == 1
-        machine.advance(2.0)  # the worker is idle between its evaluations: its core stays free anyway
-        threads.poll()
-        assert torch.get_num_threads() == 3
-        machine.others = 1.0  # the worker evaluating counts as the load on its own core, nothing more
+        machine.others = 1.0  # the worker evaluating is not another program taking a core
         machine.advance(2.0)
         threads.poll()
         assert torch.get_num_threads() == 3
-        machine.others = 2.0  # another program besides it takes one more
+        governor.reserve(0)  # it is back: the run gets the core back at once
+        assert torch.get_num_threads() == 4 and governor.changes == 2
+        machine.others = 1.0  # now another program keeps a core busy
         machine.advance(2.0)
         threads.poll()
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3 and governor.changes == 3
+        governor.reserve(1)  # the worker and that program: two cores
+        machine.others = 2.0
+        machine.advance(2.0)
+        threads.poll()
+        assert torch.get_num_threads() == 3  # the worker's core was already the program's to give
+        machine.others = 0.0
+        governor.reserve(0)
+        assert torch.get_num_threads() == 3  # the program's load is known from the last window without the worker
+        machine.advance(2.0)
+        threads.poll()
+        assert torch.get_num_threads() == 4
     finally:
         governor.close()
     fixed = ThreadGovernor(4)
