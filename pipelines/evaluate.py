@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import pickle
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -154,8 +155,13 @@ class EvaluationWorker:
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_evaluation_worker, daemon=True, name="marlkit-evaluation",
                                        args=(child, env_cfg, device, seed, model, self.policy, max_steps))
-        self.process.start()
-        child.close()
+        try:
+            self.process.start()  # pickles the env config and the policy copy for the new process
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise ValueError(f"logger.eval_parallel=true could not hand the policy and env to a worker process "
+                             f"({type(err).__name__}: {err}); set logger.eval_parallel=false") from None
+        finally:
+            child.close()
         self.pending: int | None = None
         # a run that fails mid-way (or a notebook dropping it) does not leave the process behind
         weakref.finalize(self, _end_process, self.process)

@@ -5,8 +5,9 @@ Why not torch's default of one thread per core: torch's threads wait for each ot
 parallel region, so one that shares its core with another busy program holds up all of them. On a 2-core
 machine two MAPPO runs with 2 threads each ran 11x slower than one alone; with 1 thread each, about as
 fast as alone (``benchmarks/busy_machine.py``). ``auto`` gives an idle machine all its cores and drops a
-thread per core another program keeps busy, within about half a second. A run restores torch's count
-when it ends, so a notebook keeps its own setting.
+thread per core another program keeps busy, within about half a second; a run that evaluates in a worker
+process (``logger.eval_parallel``) leaves it a core while it evaluates (:meth:`ThreadGovernor.reserve`). A
+run restores torch's count when it ends, so a notebook keeps its own setting.
 
 The choice, first that is set: ``marlkit train --threads`` (``auto`` or a number), ``$MARLKIT_THREADS``,
 ``$OMP_NUM_THREADS`` (a number fixes the count, as it does for torch), else ``auto``. In the runs measured

@@ -294,3 +294,16 @@ def test_a_dead_evaluation_worker_is_reported_in_one_line(tmp_path):
     finally:
         evaluator.close()
     assert evaluator.worker is None and not process.is_alive()
+
+
+def test_a_policy_that_cannot_go_to_the_worker_is_refused_in_one_line(tmp_path):
+    from marlkit.pipelines import make_config
+    from marlkit.pipelines.evaluate import Evaluator
+
+    cfg = make_config("mappo", overrides={"env.name": "matrix/two_step", "logger.eval_every": 1,
+                                          "logger.eval_parallel": True, "logger.eval_episodes": 2})
+    policy = torch.nn.Linear(1, 1)
+    policy.hook = lambda x: x  # a local function does not pickle
+    with pytest.raises(ValueError, match=r"could not hand the policy and env to a worker process .*"
+                                         r"set logger.eval_parallel=false$"):
+        Evaluator(cfg, tmp_path, policy=policy)
