@@ -104,7 +104,7 @@ class ThreadGovernor:
     def _idle_cores(self, others: float | None) -> int | None:
         if others is None:
             return None
-        return max(1, min(self.cores - self.reserved, self.cores - int(others + 0.5)))
+        return max(1, min(self.cores, self.cores - self.reserved - int(others + 0.5)))
 
     def reserve(self, cores: int) -> None:
         """In ``auto``, leave ``cores`` to the run's own worker processes from now on (0: they are idle).

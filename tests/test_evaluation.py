@@ -272,8 +272,8 @@ def test_parallel_evaluation_scores_and_keeps_what_in_process_does(tmp_path, rea
     for key in ("losses", "optimisers", "best_eval", "replay"):
         assert _same(_checkpoint_part(here / "checkpoints" / "last.pt", key),
                      _checkpoint_part(there / "checkpoints" / "last.pt", key)), key
-    summary = json.loads((there / "summary.json").read_text())
-    assert summary["final_metrics"]["eval/pursuer/episode_reward_mean"] == float(rows[0][-1]["eval/pursuer/episode_reward_mean"])
+    final = json.loads((there / "summary.json").read_text())["final_metrics"]
+    assert final["eval/pursuer/episode_reward_mean"] == float(rows[0][-1]["eval/pursuer/episode_reward_mean"])
 
 
 def test_a_dead_evaluation_worker_is_reported_in_one_line(tmp_path):

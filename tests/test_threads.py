@@ -161,10 +161,11 @@ def test_auto_leaves_a_core_to_the_runs_own_worker_while_it_works(monkeypatch, k
         threads.poll()
         assert torch.get_num_threads() == 3 and governor.changes == 3
         governor.reserve(1)  # the worker and that program: two cores
+        assert torch.get_num_threads() == 2
         machine.others = 2.0
         machine.advance(2.0)
         threads.poll()
-        assert torch.get_num_threads() == 3  # the worker's core was already the program's to give
+        assert torch.get_num_threads() == 2
         machine.others = 0.0
         governor.reserve(0)
         assert torch.get_num_threads() == 3  # the program's load is known from the last window without the worker
