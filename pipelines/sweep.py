@@ -131,8 +131,9 @@ def check_sweep_dir(sweep_dir: Path, grid: dict[str, Any]) -> None:
                          "use another --sweep-dir, or repeat that sweep's own command")
 
 
-def run_one(cfg: RunConfig, resume: bool, threads: int) -> dict[str, Any]:
-    """Train (or resume) one run with ``threads`` torch threads; a summary of it, or its error."""
+def run_one(cfg: RunConfig, resume: bool, threads: int, spare_core: bool = False) -> dict[str, Any]:
+    """Train (or resume) one run with ``threads`` torch threads (its evaluations in a worker process only
+    with a ``spare_core`` for it); a summary of it, or its error."""
     from .threads import ENV_VAR
 
     os.environ[ENV_VAR] = str(threads)  # fixed: the sweep already split the cores between its runs
@@ -144,6 +145,8 @@ def run_one(cfg: RunConfig, resume: bool, threads: int) -> dict[str, Any]:
                 total = cfg.collector.total_frames
                 cfg = config_from_dict(read_config(cfg.logger.run_dir))
                 cfg.collector.total_frames = total
+            # the same results either way; a worker beside runs that hold every core would slow them all
+            cfg.logger.eval_parallel = cfg.logger.eval_parallel and spare_core
             result = module.train(cfg, resume=resume)
     except TrainingStopped:  # Ctrl-C in a sweep run in this process stops the sweep, not just this run
         raise
@@ -158,6 +161,7 @@ def run_sweep(runs: list[SweepRun], *, use_ray: bool = True, ray_address: str | 
     cores = os.cpu_count() or 1
     concurrent = max(1, min(max_concurrent, len(runs))) if use_ray else 1
     threads = max(1, cores // concurrent)  # two-thread runs sharing two cores slow each other about 8x
+    spare = concurrent * threads < cores  # a core the runs leave free, for evaluation workers
     todo = []
     for run in runs:
         if run.finished:
@@ -175,7 +179,7 @@ def run_sweep(runs: list[SweepRun], *, use_ray: bool = True, ray_address: str | 
 
     if not use_ray:
         for run in todo:
-            finished(run_one(run.cfg, run.started, threads))
+            finished(run_one(run.cfg, run.started, threads, spare))
         return results
     import ray
 
@@ -188,7 +192,7 @@ def run_sweep(runs: list[SweepRun], *, use_ray: bool = True, ray_address: str | 
         while queue or pending:
             while queue and len(pending) < concurrent:
                 run = queue.pop(0)
-                pending.append(task.remote(run.cfg, run.started, threads))
+                pending.append(task.remote(run.cfg, run.started, threads, spare))
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 finished(ray.get(ref))

@@ -127,3 +127,13 @@ def test_sweep_merges_the_runs_marl_eval_files(tmp_path, capsys):
         for seed in (0, 1):
             run = json.loads((sweep / algorithm / "gridworld" / f"seed{seed}" / "marl_eval.json").read_text())
             assert merged["gridworld"]["gridworld"][algorithm][f"seed_{seed}"] == run["gridworld"]["gridworld"][algorithm][f"seed_{seed}"]
+
+
+def test_runs_that_hold_every_core_evaluate_in_process(tmp_path, capsys):
+    # one run at a time with every core: a worker process would only slow it; the results are the same
+    assert _sweep(tmp_path, "--no-ray", "logger.eval_every=1", "logger.eval_episodes=2",
+                  "logger.eval_parallel=true") == 0
+    for algorithm in ("mappo", "ippo"):
+        for seed in (0, 1):
+            config = (tmp_path / "sweep" / algorithm / "gridworld" / f"seed{seed}" / "config.yaml").read_text()
+            assert "eval_parallel: false" in config
