@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-TIMINGS = ("time_s", "frames_per_s", "timers/", "system/")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from super_pursuit_check import NOT_COMPARED  # noqa: E402  (the sibling script: timings and thread count)
 
 
 def run(parallel: bool, args: argparse.Namespace, run_dir: Path) -> dict:
@@ -46,7 +47,7 @@ def run(parallel: bool, args: argparse.Namespace, run_dir: Path) -> dict:
     return {"loop": float(rows[-1]["time_s"]), "wall": wall,
             "eval_iter": statistics.median(evaluating) if evaluating else float("nan"),
             "train_iter": statistics.median(training) if training else float("nan"),
-            "rows": [{k: v for k, v in r.items() if not k.startswith(TIMINGS)} for r in rows]}
+            "rows": [{k: v for k, v in r.items() if not k.startswith(NOT_COMPARED)} for r in rows]}
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ can die), the PPO, DDPG, SAC and DQN losses also read that mask and average over
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase
@@ -511,23 +511,6 @@ def _run_with(values: nn.Sequential, owner: int, params: TensorDictBase, x: torc
     for j, module in enumerate(values):
         x = module.forward_with(params, x) if j == owner else module(x)
     return x
-
-
-def _with_params(values: nn.Module, params: TensorDictBase,
-                 prefix: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``values``'s forward with ``params`` (a loss's copy of the network's parameters, ``values``'s own
-    under ``prefix``), or None where that needs the parameters swapped into the module.
-
-    When ``values`` is a ``Sequential`` whose only parameters are one :class:`AgentMLP`'s, that network
-    takes the copy as an argument (:meth:`AgentMLP.forward_with`): the same operations on the same
-    tensors as ``params.to_module`` and a call, without the swap, whose setting and restoring of every
-    parameter was a quarter of a SUPER update's loss forward.
-    """
-    owner = _param_owner(values, params, prefix)
-    if owner is None:
-        return None
-    sub = params.get((*prefix, str(owner), "params"))
-    return lambda x: _run_with(values, owner, sub, x)
 
 
 def _plain_td0(estimator: object, tensordict: TensorDictBase) -> bool:

@@ -289,16 +289,17 @@ class Evaluator:
                            policy=policy)
         return None if parallel else out
 
-    def finished(self, wait: bool) -> list[Finished]:
-        """The worker's evaluation once it is back (``wait``: block until it is); empty without a worker."""
+    def finished(self, wait: bool) -> Finished | None:
+        """The worker's evaluation once it is back (``wait``: block until it is); None without a worker, or
+        while it runs."""
         done = self.worker.result(wait) if self.worker is not None else None
         if done is None:
-            return []
+            return None
         iteration, stats = done
         (frames, snapshot), self._in_flight = self._in_flight, None
         metrics = self._record(frames, stats)
         new_best, self.new_best = self.new_best, False  # best.pt gets the snapshot, not the current state
-        return [Finished(iteration, metrics, new_best, snapshot)]
+        return Finished(iteration, metrics, new_best, snapshot)
 
     def _record(self, frames: int, stats: dict[str, Any]) -> dict[str, float]:
         """The eval/ metrics of one evaluation; marl_eval.json and the best mean return follow it."""

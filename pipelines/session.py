@@ -231,9 +231,8 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
                 **learning_state(dict(learners), training.optimisers, copied=True)}
 
     evaluator = training.evaluator
-    # the worker takes one evaluation at a time: the previous one comes back before the next goes out
-    _collect_evaluation(run, training, learners, iteration, wait=evaluator.evaluates(iteration, final),
-                        optimiser_steps=optimiser_steps)
+    if evaluator.evaluates(iteration, final):  # one at a time: the previous one comes back before the next goes out
+        _collect_evaluation(run, training, learners, iteration, wait=True, optimiser_steps=optimiser_steps)
     evaluated = evaluator.after(iteration, training.policy, final, frames, snapshot)
     run.threads.reserve(int(evaluator.busy))  # the worker evaluates on a core of its own
     row.update(evaluated or {})
@@ -259,7 +258,8 @@ def _collect_evaluation(run: Run, training: Training, learners: Mapping[str, Lea
                         wait: bool, optimiser_steps: int) -> None:
     """Fill in the row of the worker's evaluation once it is back (``wait``: block until it is); a new best
     writes best.pt with the evaluated iteration's networks."""
-    for done in training.evaluator.finished(wait):
+    done = training.evaluator.finished(wait)
+    if done is not None:
         run.threads.reserve(0)  # its core is the run's again
         training.reporter.complete(done.iteration, done.metrics)
         if done.new_best:

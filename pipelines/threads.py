@@ -111,9 +111,9 @@ class ThreadGovernor:
         Their work comes in bursts (an evaluation now and then), which the load, looked at every half
         second, would follow too late: while they work, a thread on their core would stall the others
         at every parallel region; while they wait, the run gets the core back."""
-        if self.fixed is not None:
+        if self.fixed is not None or cores == self.reserved:
             return
-        released = self.reserved > 0 and cores == 0
+        released = cores == 0
         self.reserved = cores
         if cores:
             self._reserved_in_window = True

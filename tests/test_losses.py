@@ -9,7 +9,6 @@ from tensordict import TensorDict
 from torchrl.data import Bounded, Categorical
 
 from marlkit.losses import (
-    _with_params,
     DDPG_LOSS_TERMS,
     make_ddpg_loss,
     make_dqn_loss,
@@ -406,7 +405,7 @@ def test_dqn_loss_equals_torchrl_dqn_loss_bit_for_bit(double_dqn, dueling, share
     _assert_same_as_torchrl(loss, DQNLoss.forward, td, ("agents", "td_error"))
     # separate networks per agent: the target pass took the target parameters as an argument (no swap)
     values = loss._tensor_parts()[0]
-    assert (_with_params(values, loss.target_value_network_params, ("module", "0", "module")) is not None) == (not share_params)
+    assert (loss._target_owner(values) is not None) == (not share_params)
 
 
 @pytest.mark.parametrize("mixer", ["vdn", "qmix"])
