@@ -102,6 +102,9 @@ class Training:
     """Where the run is in ``env.curriculum`` (None without one)."""
     stop_signal: int | None = None
     """SIGINT or SIGTERM once one arrived: the iteration under way finishes, is checkpointed, and the loop ends."""
+    stopping: bool = False
+    """The iteration just ended saw the stop signal when it began its end and was checkpointed for it; a signal
+    arriving later than that (while its row or checkpoint was written) stops the run after the next iteration."""
     _previous_handlers: dict[int, Any] = field(default_factory=dict)
 
     def batches(self, run: Run):
@@ -121,7 +124,7 @@ class Training:
                 raise CollectorFailed(f"a collector worker died ({failure}); the run stopped at iteration {iteration}") from None
             self.reporter.collected()
             yield iteration, batch
-            if self.stop_signal is not None:
+            if self.stopping:
                 return
 
     def _next_stage(self, run: Run, iteration: int):
@@ -220,7 +223,8 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
         _collect_evaluation(run, training, learners, iteration, wait=True, optimiser_steps=optimiser_steps)
         training.reporter.flush()  # the rows before the failed iteration are kept
         raise
-    final = iteration == run.iterations - 1 or training.stop_signal is not None
+    stopping = training.stop_signal is not None  # read once: the checkpoint below must be the stopping one
+    final = iteration == run.iterations - 1 or stopping
     row = dict(extra or {})
     run.threads.poll()
     row["system/torch_threads"] = torch.get_num_threads()
@@ -252,6 +256,7 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
                                optimisers=training.optimisers, env=run.env, collector=training.collector,
                                time_s=float(training.reporter.row.get("time_s", 0.0)),
                                extra={"curriculum": curriculum.state_dict()} if curriculum is not None else None)
+    training.stopping = stopping
 
 
 def _collect_evaluation(run: Run, training: Training, learners: Mapping[str, Learner], iteration: int, *,

@@ -104,6 +104,28 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
     assert state["iteration"] == last_row  # nothing done is lost: the stopping iteration was checkpointed
 
 
+def test_a_stop_signal_after_the_checkpoint_decision_stops_after_the_next_iteration(tmp_run_dir, tiny_config,
+                                                                                   read_metrics, monkeypatch):
+    from marlkit.pipelines import session
+    from marlkit.pipelines.checkpoint import Checkpointer
+
+    trainings, save = [], Checkpointer.save
+    monkeypatch.setattr(session.Training, "catch_stop_signals", lambda self: trainings.append(self))
+
+    def save_then_signal(self, cfg, iteration, final, **kwargs):  # lands once iteration 1 decided not to checkpoint
+        save(self, cfg, iteration, final, **kwargs)
+        if iteration == 1:
+            trainings[0].stop_signal = signal.SIGTERM
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_signal)
+    cfg = tiny_config("mappo", "gridworld", tmp_run_dir, frames_per_batch=40, iterations=6,
+                      **{"logger.checkpoint_every": 1000})
+    with pytest.raises(session.TrainingStopped) as stopped:
+        train(cfg)
+    assert stopped.value.iteration == 2 and int(read_metrics(tmp_run_dir)[-1]["iteration"]) == 2
+    assert torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 2
+
+
 def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld",
                                 "--run-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
