@@ -31,6 +31,7 @@ from . import ALGORITHMS, DEFAULT_ALGORITHM, make_config, pipeline_for  # noqa: 
 from .config import apply_overrides, available_presets, describe, preset_algorithm, RunConfig  # noqa: E402
 from .checkpoint import DiskFull  # noqa: E402
 from .collectors import CollectorFailed  # noqa: E402
+from .evaluate import EvaluationFailed  # noqa: E402
 from .learners import TrainingDiverged  # noqa: E402
 from .session import TrainingStopped  # noqa: E402
 from .rundir import default_run_dir  # noqa: E402
@@ -307,7 +308,7 @@ def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process
         stop(128 + err.signum, str(err))
     except DiskFull as err:
         stop(1, f"error: {err}")
-    except CollectorFailed as err:
+    except (CollectorFailed, EvaluationFailed) as err:  # the rows so far are written
         stop(1, f"error: {err}; {_last_good(run_dir)}")
     except KeyboardInterrupt:  # before the first iteration set its handlers up, or a second Ctrl-C
         stop(130, f"interrupted; {_last_good(run_dir) if run_dir else 'nothing was saved'}")

@@ -16,12 +16,15 @@ resumed run starts fresh episodes (with new seeds derived from the iteration it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import math
 import random
+import signal
 import socket
+import threading
 from typing import Any
 
 import numpy as np
@@ -38,7 +41,8 @@ from .config import EnvConfig, RunConfig
 from .environment import build_env
 
 __all__ = ["BACKENDS", "check_collector_config", "check_ray_address", "check_ray_installed", "Collector", "CollectorFailed", "collector_state",
-           "load_collector_state", "make_collector", "unsaved_episodes", "worker_failure", "worker_seeds"]
+           "load_collector_state", "make_collector", "stop_signals_left_to_the_run", "unsaved_episodes", "worker_failure",
+           "worker_seeds"]
 
 BACKENDS = ("sync", "multiprocess", "ray")
 DISTRIBUTED_EXTRA = 'pip install "marlkit[distributed]"'
@@ -136,6 +140,25 @@ def _merge_workers(batch: TensorDictBase) -> TensorDictBase:
     return batch.reshape(-1, *batch.shape[2:])
 
 
+@contextlib.contextmanager
+def stop_signals_left_to_the_run():
+    """Worker processes started inside ignore SIGINT and SIGTERM for their whole life (an ignored signal
+    stays ignored through ``spawn``'s exec, and Python then leaves it so). A terminal's Ctrl-C, or a
+    scheduler's SIGTERM, reaches every process of the job; the run finishes its iteration and checkpoints
+    before it ends its workers, so it needs them alive until then. They end when the run closes them, or
+    with their pipe if it dies. A signal landing on this process while inside (while workers start) is
+    ignored too: press Ctrl-C again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change handlers (and the CLI's runs start there)
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def make_collector(env: EnvBase, policy: TensorDictModuleBase, cfg: RunConfig, *, device: torch.device,
                    init_random_frames: int = 0, start_iteration: int = 0) -> BaseCollector:
     """An endless collector for ``cfg.collector.backend`` yielding ``[num_envs, frames_per_batch //
@@ -170,16 +193,17 @@ def make_collector(env: EnvBase, policy: TensorDictModuleBase, cfg: RunConfig, *
         # Synchronous: the workers' batches concatenated along the copies. Asynchronous: each worker's
         # own batch of frames_per_batch frames is a whole iteration.
         cls = MultiSyncCollector if c.sync else MultiAsyncCollector
-        return cls(
-            makers,
-            policy,
-            **common,
-            # TorchRL would take a thread from the learner per worker; keep the run's own count
-            # (workers and learner take turns when synchronous) and one thread per worker.
-            num_threads=torch.get_num_threads(),
-            num_sub_threads=1,
-            **({"cat_results": 0} if c.sync else {}),
-        )
+        with stop_signals_left_to_the_run():
+            return cls(
+                makers,
+                policy,
+                **common,
+                # TorchRL would take a thread from the learner per worker; keep the run's own count
+                # (workers and learner take turns when synchronous) and one thread per worker.
+                num_threads=torch.get_num_threads(),
+                num_sub_threads=1,
+                **({"cat_results": 0} if c.sync else {}),
+            )
     return _ray_collector(makers, policy, cfg, device=device, init_random_frames=init_random_frames)
 
 

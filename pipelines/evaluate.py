@@ -26,6 +26,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from marlkit.envs import device_of, MultiAgentEnv, split_env_name
 
+from .collectors import stop_signals_left_to_the_run
 from .config import EnvConfig, ModelConfig, RunConfig
 from .environment import build_env
 from .render import record_rollout
@@ -132,9 +133,13 @@ def _evaluation_worker(conn: Any, env_cfg: EnvConfig, device: torch.device, seed
         conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
+class EvaluationFailed(RuntimeError):
+    """The evaluation worker died or its evaluation raised: the run stops; rows and checkpoints so far are kept."""
+
+
 def _end_process(process: Any) -> None:
     if process.is_alive():
-        process.terminate()
+        process.kill()  # it does not take SIGTERM (stop_signals_left_to_the_run)
         process.join()
 
 
@@ -156,7 +161,8 @@ class EvaluationWorker:
         self.process = context.Process(target=_evaluation_worker, daemon=True, name="marlkit-evaluation",
                                        args=(child, env_cfg, device, seed, model, self.policy, max_steps))
         try:
-            self.process.start()  # pickles the env config and the policy copy for the new process
+            with stop_signals_left_to_the_run():
+                self.process.start()  # pickles the env config and the policy copy for the new process
         except (pickle.PicklingError, AttributeError, TypeError) as err:
             raise ValueError(f"logger.eval_parallel=true could not hand the policy and env to a worker process "
                              f"({type(err).__name__}: {err}); set logger.eval_parallel=false") from None
@@ -190,11 +196,11 @@ class EvaluationWorker:
         try:
             kind, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"the evaluation worker died (exit code {self.process.exitcode}) while evaluating "
-                               f"iteration {self.pending}; set logger.eval_parallel=false to evaluate in the "
-                               "training process") from None
+            raise EvaluationFailed(f"the evaluation worker died (exit code {self.process.exitcode}) while evaluating "
+                                   f"iteration {self.pending}; set logger.eval_parallel=false to evaluate in the "
+                                   "training process") from None
         if kind == "error":
-            raise RuntimeError(f"the evaluation of iteration {self.pending} failed in its worker: {value}")
+            raise EvaluationFailed(f"the evaluation of iteration {self.pending} failed in its worker: {value}")
         iteration, self.pending = self.pending, None
         return iteration, value
 
@@ -202,8 +208,8 @@ class EvaluationWorker:
         try:
             self._conn.send((command, argument))
         except (BrokenPipeError, ConnectionResetError):
-            raise RuntimeError(f"the evaluation worker died (exit code {self.process.exitcode}); set "
-                               "logger.eval_parallel=false to evaluate in the training process") from None
+            raise EvaluationFailed(f"the evaluation worker died (exit code {self.process.exitcode}); set "
+                                   "logger.eval_parallel=false to evaluate in the training process") from None
 
     def close(self) -> None:
         """End the process (after the evaluation under way, if any)."""

@@ -27,7 +27,7 @@ from .collectors import CollectorFailed, make_collector, seed_generators, worker
 from .config import RunConfig
 from .curriculum import Curriculum, parse_curriculum, stage_env_config, stage_seed
 from .environment import build_env, check_curriculum_specs, resolve_env_config
-from .evaluate import Evaluator
+from .evaluate import EvaluationFailed, Evaluator
 from .learners import check_finite, Learner, make_optimiser, TrainingDiverged
 from .memory import keep_freed_memory
 from .reporting import Reporter, TrainResult
@@ -121,6 +121,7 @@ class Training:
                 if failure is None:
                     raise
                 self.collector.shutdown()
+                self.reporter.flush()  # rows waiting for a parallel evaluation are kept
                 raise CollectorFailed(f"a collector worker died ({failure}); the run stopped at iteration {iteration}") from None
             self.reporter.collected()
             yield iteration, batch
@@ -237,7 +238,11 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
     evaluator = training.evaluator
     if evaluator.evaluates(iteration, final):  # one at a time: the previous one comes back before the next goes out
         _collect_evaluation(run, training, learners, iteration, wait=True, optimiser_steps=optimiser_steps)
-    evaluated = evaluator.after(iteration, training.policy, final, frames, snapshot)
+    try:
+        evaluated = evaluator.after(iteration, training.policy, final, frames, snapshot)
+    except EvaluationFailed:
+        training.reporter.flush()  # the rows before this iteration are kept
+        raise
     run.threads.reserve(int(evaluator.busy))  # the worker evaluates on a core of its own
     row.update(evaluated or {})
     curriculum = training.curriculum
@@ -263,7 +268,11 @@ def _collect_evaluation(run: Run, training: Training, learners: Mapping[str, Lea
                         wait: bool, optimiser_steps: int) -> None:
     """Fill in the row of the worker's evaluation once it is back (``wait``: block until it is); a new best
     writes best.pt with the evaluated iteration's networks."""
-    done = training.evaluator.finished(wait)
+    try:
+        done = training.evaluator.finished(wait)
+    except EvaluationFailed:
+        training.reporter.flush()  # the rows before it are kept, the one it evaluated without its evaluation
+        raise
     if done is not None:
         run.threads.reserve(0)  # its core is the run's again
         training.reporter.complete(done.iteration, done.metrics)

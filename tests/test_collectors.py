@@ -191,6 +191,20 @@ def test_a_dead_worker_stops_the_run_in_one_line_with_its_checkpoint_intact(tmp_
 
 
 
+def test_a_dead_worker_keeps_the_rows_waiting_for_a_parallel_evaluation(tmp_path, capsys, read_metrics):
+    from marlkit.pipelines.cli import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "iql", "--env", "custom_envs:DiesAfter", "--frames", "120", "--run-dir", str(run_dir),
+              "env.num_envs=4", "env.die_after=15", "collector.frames_per_batch=40", "collector=multiprocess",
+              "collector.workers=2", "model.num_cells=[8]", "replay.batch_size=8", "replay.warmup_frames=40",
+              "logger.progress=false", "logger.checkpoint_every=1000", "logger.eval_every=1",
+              "logger.eval_parallel=true", "logger.eval_episodes=2"])
+    assert exit_info.value.code == 1 and "a collector worker died" in capsys.readouterr().err
+    assert [row["iteration"] for row in read_metrics(run_dir)] == ["0"]
+
+
 @requires_ray
 def test_ray_workers_that_cannot_import_the_env_fail_in_one_line(tmp_path, capsys, monkeypatch):
     from marlkit.pipelines.cli import main

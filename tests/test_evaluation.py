@@ -278,7 +278,7 @@ def test_parallel_evaluation_scores_and_keeps_what_in_process_does(tmp_path, rea
 
 def test_a_dead_evaluation_worker_is_reported_in_one_line(tmp_path):
     from marlkit.pipelines import make_config
-    from marlkit.pipelines.evaluate import Evaluator
+    from marlkit.pipelines.evaluate import EvaluationFailed, Evaluator
 
     cfg = make_config("mappo", overrides={"env.name": "matrix/two_step", "logger.eval_every": 1,
                                           "logger.eval_parallel": True, "logger.eval_episodes": 2})
@@ -288,12 +288,41 @@ def test_a_dead_evaluation_worker_is_reported_in_one_line(tmp_path):
     try:
         process.kill()
         process.join()
-        with pytest.raises(RuntimeError, match=r"evaluation worker died \(exit code -9\).*eval_parallel=false"):
+        with pytest.raises(EvaluationFailed, match=r"evaluation worker died \(exit code -9\).*eval_parallel=false"):
             evaluator.after(0, policy, final=False)
             evaluator.finished(wait=True)
     finally:
         evaluator.close()
     assert evaluator.worker is None and not process.is_alive()
+
+
+def test_a_worker_dying_mid_run_stops_it_in_one_line_keeping_every_row(tmp_path, monkeypatch, capsys, read_metrics):
+    from marlkit.pipelines.cli import main as cli_main
+    from marlkit.pipelines.evaluate import EvaluationWorker
+
+    result = EvaluationWorker.result
+
+    def dies_during_the_second(self, wait):  # the evaluation of iteration 1 is out and its row waits for it
+        if self.pending == 1 and wait:
+            self.process.kill()
+            self.process.join()
+        return result(self, wait)
+
+    monkeypatch.setattr(EvaluationWorker, "result", dies_during_the_second)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "mappo", "--env", "gridworld", "--frames", "240", "--run-dir", str(run), "env.num_envs=4",
+                  "collector.frames_per_batch=40", "train.minibatch_size=20", "model.num_cells=[8]",
+                  "logger.progress=false", "logger.eval_every=1", "logger.eval_parallel=true",
+                  "logger.eval_episodes=4", "logger.checkpoint_every=1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("marlkit train: error: the evaluation worker died (exit code -9) while evaluating "
+                             "iteration 1") and f"marlkit train --resume {run}" in err[0], err
+    rows = read_metrics(run)
+    assert [int(r["iteration"]) for r in rows] == [0, 1]  # the row waiting for the lost evaluation is kept
+    assert rows[0]["eval/agents/episode_reward_mean"] != "" and rows[1]["eval/agents/episode_reward_mean"] == ""
 
 
 def test_a_policy_that_cannot_go_to_the_worker_is_refused_in_one_line(tmp_path):

@@ -3,6 +3,7 @@ used to be accepted silently are refused in one line."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -82,17 +83,29 @@ def test_plot_refuses_runs_of_different_configs(tmp_path, tiny_config, capsys):
     assert not (tmp_path / "ac.png").exists()
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(signum, code, tmp_path, read_metrics):
+# A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group: the run's worker processes
+# (parallel evaluations, TorchRL's multi-process collectors) must outlive it until the run has checkpointed.
+@pytest.mark.parametrize("signum,code,group,workers", [
+    (signal.SIGINT, 130, False, []),
+    (signal.SIGTERM, 143, False, []),
+    (signal.SIGINT, 130, True, ["logger.eval_parallel=true", "logger.eval_every=1"]),
+    (signal.SIGTERM, 143, True, ["collector.backend=multiprocess", "collector.workers=2"]),
+], ids=["SIGINT", "SIGTERM", "SIGINT-group-evaluation-worker", "SIGTERM-group-collector-workers"])
+def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(signum, code, group, workers, tmp_path,
+                                                                              read_metrics):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "40000",
             "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
-            "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=1000"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+            "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=1000", *workers]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=group)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, err[-2000:]
     assert "Traceback" not in err
