@@ -85,7 +85,8 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", help="torch intra-op threads: a number, or auto (the default, unless "
                        "$MARLKIT_THREADS or $OMP_NUM_THREADS says otherwise): one per core other programs leave "
                        "idle, looked at again every half second of training, so runs sharing the cores do not slow "
-                       "each other down. Not part of the config; metrics.csv (system/torch_threads) and summary.json record it")
+                       "each other down. Not part of the config; metrics.csv (system/torch_threads) and summary.json record it, "
+                       "and --resume keeps a fixed count unless given one")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return train
 

@@ -33,7 +33,7 @@ from .memory import keep_freed_memory
 from .reporting import Reporter, TrainResult
 from .rundir import open_run_dir, RunDir, RunStart
 from .teams import with_teams
-from .threads import thread_setting, ThreadGovernor
+from .threads import thread_setting, thread_setting_chosen, ThreadGovernor
 
 
 @dataclass
@@ -65,10 +65,13 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     """Check ``cfg`` (``checked_iterations`` checks it and returns the iteration count), open the run directory (its checkpoint
     when ``resume``), seed the generators, build the env and resolve the teams."""
     iterations = checked_iterations(cfg)
-    threads = ThreadGovernor(thread_setting())
+    fixed = thread_setting()
     cfg = dataclasses.replace(cfg, env=resolve_env_config(cfg.env))
     device = device_of(cfg.device)
     run_dir, start = open_run_dir(cfg, resume)
+    if start.state is not None and not thread_setting_chosen():  # sums add in the same order as before the stop
+        fixed = start.state.get("threads")
+    threads = ThreadGovernor(fixed)
     keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
     seed_generators(cfg.seed)
     stage = start.state.get("curriculum", {}).get("env_stage", 0) if start.state else 0
@@ -260,7 +263,8 @@ def end_iteration(run: Run, training: Training, learners: Mapping[str, Learner],
                                optimiser_steps=optimiser_steps, learners=dict(learners),
                                optimisers=training.optimisers, env=run.env, collector=training.collector,
                                time_s=float(training.reporter.row.get("time_s", 0.0)),
-                               extra={"curriculum": curriculum.state_dict()} if curriculum is not None else None)
+                               extra={"threads": run.threads.fixed,  # a resume keeps a fixed count
+                                      **({"curriculum": curriculum.state_dict()} if curriculum is not None else {})})
     training.stopping = stopping
 
 

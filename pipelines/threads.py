@@ -10,9 +10,12 @@ process (``logger.eval_parallel``) leaves it a core while it evaluates (:meth:`T
 run restores torch's count when it ends, so a notebook keeps its own setting.
 
 The choice, first that is set: ``marlkit train --threads`` (``auto`` or a number), ``$MARLKIT_THREADS``,
-``$OMP_NUM_THREADS`` (a number fixes the count, as it does for torch), else ``auto``. In the runs measured
-the count did not change any result (losses and weights bit-identical with 1 and 2 threads); fix it for
-bit-exact reproducibility on another BLAS or machine all the same.
+``$OMP_NUM_THREADS`` (a number fixes the count, as it does for torch), else ``auto``; a resumed run with
+none of these keeps the fixed count it ran with. The count can change results: where torch splits a sum
+over threads (weight gradients of batches of about 1,024 rows or more, reductions over more than about
+32,000 numbers) the numbers add in another order, and a run diverges from its 1-thread twin from that
+update on (IQL's default 4,096-sample batches on the grid world do; pursuit-super's 32-sample batches
+did not). Fix the count where bit-exact reproduction matters: ``auto`` follows the machine's load.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ def thread_setting(value: str | None = None) -> int | None:
     if text.isdigit() and int(text) >= 1:
         return int(text)
     raise ValueError(f"{source}={value!r} is not a thread count; accepted: auto or a whole number >= 1")
+
+
+def thread_setting_chosen() -> bool:
+    """Whether the user chose a setting (``--threads``, which the CLI passes on as ``$MARLKIT_THREADS``, or
+    either variable), as opposed to ``auto`` by default."""
+    return bool(os.environ.get(ENV_VAR) or os.environ.get("OMP_NUM_THREADS", "").strip())
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:

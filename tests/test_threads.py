@@ -178,3 +178,18 @@ def test_auto_leaves_a_core_to_the_runs_own_worker_while_it_works(monkeypatch, k
     fixed.reserve(1)
     assert torch.get_num_threads() == 4  # a count the user fixed is kept
     fixed.close()
+
+
+def test_a_resumed_run_keeps_the_fixed_count_it_ran_with(tmp_path, monkeypatch, no_thread_env, keep_threads):
+    from marlkit.pipelines.cli import main as cli_main
+
+    run = tmp_path / "run"
+    assert cli_main(["train", "mappo", "--env", "gridworld", "--run-dir", str(run), "--frames", "80", "--threads", "3",
+                     "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
+                     "model.num_cells=[8]", "logger.progress=false"]) == 0
+    monkeypatch.delenv(threads.ENV_VAR)  # the CLI handed --threads on through this process's environment
+    assert cli_main(["train", "--resume", str(run), "--frames", "160"]) == 0  # auto would not choose 3 on 2 cores
+    assert [row["system/torch_threads"] for row in read_metrics_rows(run)] == ["3"] * 4
+    monkeypatch.setenv(threads.ENV_VAR, "1")  # a setting given at the resume wins
+    assert cli_main(["train", "--resume", str(run), "--frames", "240"]) == 0
+    assert [row["system/torch_threads"] for row in read_metrics_rows(run)][4:] == ["1", "1"]
