@@ -3,7 +3,8 @@
 Bad inputs: each command line below must be refused with one line (exit 2, no traceback), before
 anything is built where the check needs no env. Faults: for MAPPO, MADDPG and prioritized IQL, an
 uninterrupted reference run, then runs SIGKILLed at random instants (checkpoints every iteration, so
-kills land in checkpoint, buffer and metrics writes too) and one stopped with SIGINT, each resumed with
+kills land in checkpoint, buffer and metrics writes too) and one stopped with SIGINT, each signal sent to the
+run's process group (prioritized IQL also with a parallel evaluation's worker process), each resumed with
 ``marlkit train --resume`` and compared with the reference (rewards and losses, every row); and a run
 whose rewards turn NaN; a run directory on a full filesystem (a small tmpfs, then grown and
 resumed) and on a read-only one (both need root to mount).
@@ -106,6 +107,10 @@ ALGORITHMS = {
                "train.optimiser_steps=2", "exploration.annealing_frames=200"],
     "iql (prioritized)": ["train", "iql", "--env", "gridworld", "replay.batch_size=16", "train.optimiser_steps=2",
                           "replay.prioritized=true", "exploration.annealing_frames=200"],
+    "iql (prioritized, evaluation worker)": ["train", "iql", "--env", "gridworld", "replay.batch_size=16",
+                                             "train.optimiser_steps=2", "replay.prioritized=true",
+                                             "exploration.annealing_frames=200", "logger.eval_parallel=true",
+                                             "logger.eval_every=1", "logger.eval_episodes=2"],
 }
 COMMON = ["--seed", "5", "env.max_steps=15", "env.num_envs=4", "collector.frames_per_batch=40", "--frames", "640",
           "model.num_cells=[16]", "logger.progress=false", "logger.checkpoint_every=1"]
@@ -133,14 +138,16 @@ def reference_run(args: list[str], run: Path, work: Path) -> float:
 
 
 def interrupted(args: list[str], run: Path, work: Path, delay: float, signum: int) -> str:
-    """Start ``args``, send ``signum`` ``delay`` s after training began, then resume until done; how it went."""
+    """Start ``args``, send ``signum`` ``delay`` s after training began to its whole process group (as a
+    terminal's Ctrl-C or a scheduler does: worker processes get it too), then resume until done; how it went."""
     process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", *args, "--run-dir", str(run)],
-                               cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     _wait_for(run / "config.yaml", process)
     time.sleep(delay)
     if process.poll() is not None:
         return "finished before the signal"
-    process.send_signal(signum)
+    os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=120)
     if signum == signal.SIGINT and process.returncode == 0:
         return "complete (signal while closing)"  # it let the finished run close, then exited 0
@@ -225,12 +232,12 @@ def main() -> None:
             outcomes.setdefault(classify(result), []).append("train --run-dir <read-only filesystem>")
             subprocess.run(["umount", str(read_only)], check=False)
         faults, disks = [], []
-        for name, algorithm in ALGORITHMS.items() if "faults" in parts else []:
-            reference = work / f"ref_{name.split()[0]}"
+        for number, (name, algorithm) in enumerate(ALGORITHMS.items() if "faults" in parts else []):
+            reference = work / f"ref_{number}"
             duration = reference_run([*algorithm, *COMMON], reference, work)
             for k in range(args.kills + 1):
                 signum = signal.SIGKILL if k < args.kills else signal.SIGINT
-                run = work / f"{name.split()[0]}_{k}"
+                run = work / f"run_{number}_{k}"
                 # SIGKILLs anywhere in training and closing (checkpoint, buffer and metrics writes
                 # included); the SIGINT while training
                 delay = rng.uniform(0.0, 0.9) * duration if signum == signal.SIGKILL else rng.uniform(0.2, 0.8) * duration

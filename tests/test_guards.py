@@ -102,11 +102,17 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
     deadline = time.monotonic() + 120
     while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if group:
-        os.killpg(process.pid, signum)
-    else:
-        process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    try:
+        if group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:  # a run that hangs (the failure this checks for) must not outlive the test
+        if process.poll() is None and group:
+            os.killpg(process.pid, signal.SIGKILL)
+        elif process.poll() is None:
+            process.kill()
     assert process.returncode == code, err[-2000:]
     assert "Traceback" not in err
     last_row = int(read_metrics(run)[-1]["iteration"])
