@@ -268,8 +268,18 @@ def _sweep(argv: list[str]) -> int:
         parser.exit(2, f"marlkit sweep: error: {err}\n")
     write_grid(sweep_dir, grid)
     print(f"sweep {sweep_dir}: {len(runs)} runs")
-    results = run_sweep(runs, use_ray=not args.no_ray, ray_address=args.ray_address,
-                        max_concurrent=args.max_concurrent)
+    try:
+        results = run_sweep(runs, use_ray=not args.no_ray, ray_address=args.ray_address,
+                            max_concurrent=args.max_concurrent)
+    except (KeyboardInterrupt, TrainingStopped) as err:  # Ray's runs are cancelled; one in this process checkpoints
+        what, code = "interrupted", 130
+        if isinstance(err, TrainingStopped):
+            what = (f"{err.run_dir} stopped by {signal.Signals(err.signum).name} after iteration {err.iteration} "
+                    "(checkpoint saved)")
+            code = 128 + err.signum
+        sys.stderr.write(f"marlkit sweep: {what}; the same command again resumes its unfinished runs from their "
+                         f"checkpoints under {sweep_dir}\n")
+        return code
     rows = summarize(runs, sweep_dir)
     print((sweep_dir / "sweep.md").read_text(), end="")
     print(f"wrote {sweep_dir / 'sweep.csv'}, {sweep_dir / 'sweep.md'} and {len({r['env'] for r in rows})} plots")

@@ -61,6 +61,27 @@ def test_sweep_again_skips_finished_runs_and_resumes_unfinished_ones(tmp_path, c
     assert [int(r["iteration"]) for r in rows] == [0, 1, 2] and int(rows[-1]["frames"]) == 120
 
 
+@pytest.mark.parametrize("stop", ["signal", "ctrl-c"])
+def test_a_stopped_sweep_says_how_to_go_on_in_one_line(tmp_path, capsys, monkeypatch, stop):
+    import signal
+
+    from marlkit.pipelines import sweep
+    from marlkit.pipelines.session import TrainingStopped
+
+    def stopped(cfg, resume, threads, spare_core=False):  # the signal reached the run training in this process
+        if stop == "signal":
+            raise TrainingStopped(signal.SIGTERM, cfg.logger.run_dir, 3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_one", stopped)
+    assert _sweep(tmp_path, "--no-ray") == (143 if stop == "signal" else 130)
+    err = capsys.readouterr().err.strip().splitlines()
+    first = tmp_path / "sweep" / "mappo" / "gridworld" / "seed0"
+    what = f"{first} stopped by SIGTERM after iteration 3 (checkpoint saved)" if stop == "signal" else "interrupted"
+    assert err == [f"marlkit sweep: {what}; the same command again resumes its unfinished runs from their "
+                   f"checkpoints under {tmp_path / 'sweep'}"]
+
+
 def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     code = main(["sweep", "--algorithms", "iql", "--envs", "gridworld,custom_envs:NeedsArgument", "--frames", "80",
                  "--sweep-dir", str(tmp_path / "sweep"), "--no-ray", "env.num_envs=4",
