@@ -190,7 +190,6 @@ def test_a_dead_worker_stops_the_run_in_one_line_with_its_checkpoint_intact(tmp_
     assert state["iteration"] == 0
 
 
-
 def test_a_dead_worker_keeps_the_rows_waiting_for_a_parallel_evaluation(tmp_path, capsys, read_metrics):
     from marlkit.pipelines.cli import main
 

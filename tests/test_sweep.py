@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import re
+import signal
 
 import pytest
 
@@ -63,8 +64,6 @@ def test_sweep_again_skips_finished_runs_and_resumes_unfinished_ones(tmp_path, c
 
 @pytest.mark.parametrize("stop", ["signal", "ctrl-c"])
 def test_a_stopped_sweep_says_how_to_go_on_in_one_line(tmp_path, capsys, monkeypatch, stop):
-    import signal
-
     from marlkit.pipelines import sweep
     from marlkit.pipelines.session import TrainingStopped
 
