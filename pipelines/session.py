@@ -7,9 +7,11 @@ state), the loop, then :func:`end_iteration` at the end of each iteration and :f
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,7 @@ class Training:
     """The iteration just ended saw the stop signal when it began its end and was checkpointed for it; a signal
     arriving later than that (while its row or checkpoint was written) stops the run after the next iteration."""
     _previous_handlers: dict[int, Any] = field(default_factory=dict)
+    _at_exit: Callable[[], None] | None = None
 
     def batches(self, run: Run):
         """``(iteration, batch)`` from the run's first iteration to its last, timing each collection; after
@@ -157,6 +160,20 @@ class Training:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[signum] = signal.signal(signum, handler)
 
+    def end_workers_at_exit(self) -> None:
+        """If the run dies (a second Ctrl-C, an error), end its collector's worker processes when the
+        interpreter exits: they ignore stop signals (:func:`stop_signals_left_to_the_run`), and Python's own
+        exit would otherwise wait for them forever. :func:`finish_run` takes this back."""
+        ref = weakref.ref(self)
+
+        def end() -> None:
+            training = ref()
+            if training is not None:
+                training.collector.shutdown()
+
+        self._at_exit = end
+        atexit.register(end)  # after multiprocessing's own exit hook, so it runs before it
+
     def restore_signal_handlers(self) -> None:
         """Put back the handlers :meth:`catch_stop_signals` replaced."""
         for signum, previous in self._previous_handlers.items():
@@ -204,6 +221,7 @@ def start_training(run: Run, learners: Mapping[str, Learner], *, lr: float, adam
     if state is not None:
         restore_rollout(state, run.env, collector)
     training = Training(optimisers, policy, collecting, collector, reporter, evaluator, checkpointer, curriculum)
+    training.end_workers_at_exit()
     training.catch_stop_signals()
     return training
 
@@ -303,6 +321,8 @@ def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
     finally:
         run.threads.close()
         training.restore_signal_handlers()
+        if training._at_exit is not None:
+            atexit.unregister(training._at_exit)
     last = int(result.metrics.get("iteration", -1))
     if training.stop_signal is not None and last < run.iterations - 1:
         raise TrainingStopped(training.stop_signal, run.dir.path, last)

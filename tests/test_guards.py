@@ -123,6 +123,36 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
     assert state["iteration"] == last_row  # nothing done is lost: the stopping iteration was checkpointed
 
 
+def test_a_second_ctrl_c_stops_at_once_and_ends_the_collector_workers(tmp_path, read_metrics):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "400000",
+            "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
+            "model.num_cells=[8]", "logger.progress=false", "collector.backend=multiprocess", "collector.workers=2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)  # Python's exit used to wait for the workers forever
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and err.strip().splitlines()[-1].startswith("marlkit train: interrupted; "), err
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # no worker is left in the run's process group
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("worker processes outlived the run")
+
+
 def test_a_stop_signal_after_the_checkpoint_decision_stops_after_the_next_iteration(tmp_run_dir, tiny_config,
                                                                                    read_metrics, monkeypatch):
     from marlkit.pipelines import session
