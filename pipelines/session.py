@@ -162,8 +162,9 @@ class Training:
 
     def end_workers_at_exit(self) -> None:
         """If the run dies (a second Ctrl-C, an error), end its collector's worker processes when the
-        interpreter exits: they ignore stop signals (:func:`stop_signals_left_to_the_run`), and Python's own
-        exit would otherwise wait for them forever. :func:`finish_run` takes this back."""
+        interpreter exits: Python's exit waits for TorchRL's (non-daemon) workers, which wait for a command
+        that never comes, and they ignore stop signals (:func:`stop_signals_left_to_the_run`).
+        :func:`finish_run` takes this back."""
         ref = weakref.ref(self)
 
         def end() -> None:
