@@ -289,17 +289,22 @@ def _sweep(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process: bool) -> Any:
+def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process: bool,
+         not_started: list[int] | None = None) -> Any:
     """``train()``, with every way it can stop turned into one line and an exit code.
 
     ``owns_process`` (the ``marlkit`` command itself, not a call from Python): Ctrl-C before training
     sets its handlers stops where it is, and after a completed run the process ends without a traceback.
+    ``not_started``: the seeds of a ``--seeds`` command after this run, which the line then names.
     """
     def stop(code: int, message: str) -> None:
         from tqdm.auto import tqdm
 
         for bar in list(getattr(tqdm, "_instances", [])):  # an open bar would redraw after the message
             bar.close()
+        if not_started:
+            rest = ",".join(map(str, not_started))
+            message += f"; seeds {rest} did not start: after this one, run the same command with --seeds {rest}"
         parser.exit(code, f"marlkit train: {message}\n")
 
     if owns_process:  # until training sets its own handlers: stop where it is
@@ -438,11 +443,11 @@ def _main(argv: list[str], owns_process: bool) -> int:
             parser.exit(2, f"marlkit train: error: --{err}\n")
     base = Path(cfg.logger.run_dir or default_run_dir(cfg.algorithm, cfg.env.name, seeds[0]))
     run_dirs = []
-    for seed in seeds:
+    for k, seed in enumerate(seeds):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.seed = seed
         run_cfg.logger.run_dir = str(base.with_name(f"{base.name}_seed{seed}") if args.seeds else base)
-        result = _run(parser, lambda: module.train(run_cfg), run_cfg.logger.run_dir, owns_process)
+        result = _run(parser, lambda: module.train(run_cfg), run_cfg.logger.run_dir, owns_process, seeds[k + 1:])
         run_dirs.append(result.run_dir)
         rewards = ", ".join(f"{g} {r:.3f}" for g, r in result.episode_reward_mean.items())
         print(f"run directory: {result.run_dir}\nframes: {result.frames}  frames/s: "

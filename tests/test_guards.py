@@ -175,6 +175,29 @@ def test_a_stop_signal_after_the_checkpoint_decision_stops_after_the_next_iterat
     assert torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 2
 
 
+def test_a_stopped_seed_names_the_seeds_that_did_not_start(tmp_path, monkeypatch, capsys):
+    from marlkit.pipelines import mappo
+    from marlkit.pipelines.cli import main as cli_main
+    from marlkit.pipelines.session import TrainingStopped
+
+    train_one = mappo.train
+
+    def stops_at_seed_1(cfg, resume=False):
+        if cfg.seed == 1:
+            raise TrainingStopped(signal.SIGINT, Path(cfg.logger.run_dir), 0)
+        return train_one(cfg, resume)
+
+    monkeypatch.setattr(mappo, "train", stops_at_seed_1)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "mappo", "--env", "gridworld", "--seeds", "0-3", "--frames", "40", "--run-dir",
+                  str(tmp_path / "run"), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
+                  "model.num_cells=[8]", "logger.progress=false"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"marlkit train: stopped by SIGINT after iteration 0; checkpoint saved, continue with: marlkit train --resume "
+        f"{tmp_path / 'run_seed1'}; seeds 2,3 did not start: after this one, run the same command with --seeds 2,3"]
+
+
 def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld",
                                 "--run-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
