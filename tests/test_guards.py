@@ -83,6 +83,35 @@ def test_plot_refuses_runs_of_different_configs(tmp_path, tiny_config, capsys):
     assert not (tmp_path / "ac.png").exists()
 
 
+def _signalled_run(run: Path, extra: list[str], signums: list[int], group: bool,
+                   read_metrics) -> subprocess.Popen:
+    """``marlkit train mappo`` on the grid world into ``run``; once it has written 2 rows, ``signums`` go to
+    it (``group``: to its whole process group, workers included), 10 ms apart. The ended process (its
+    ``stderr`` read into ``process.err``); a run that hangs is killed with its group, not left behind."""
+    args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "400000",
+            "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
+            "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=1000", *extra]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run.parent,
+                               start_new_session=group)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        for signum in signums:
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
+            time.sleep(0.01)
+        _, process.err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None and group:
+            os.killpg(process.pid, signal.SIGKILL)
+        elif process.poll() is None:
+            process.kill()
+    return process
+
+
 # A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group: the run's worker processes
 # (parallel evaluations, TorchRL's multi-process collectors) must outlive it until the run has checkpointed.
 @pytest.mark.parametrize("signum,code,group,workers", [
@@ -94,25 +123,8 @@ def test_plot_refuses_runs_of_different_configs(tmp_path, tiny_config, capsys):
 def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(signum, code, group, workers, tmp_path,
                                                                               read_metrics):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "40000",
-            "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
-            "model.num_cells=[8]", "logger.progress=false", "logger.checkpoint_every=1000", *workers]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               start_new_session=group)
-    deadline = time.monotonic() + 120
-    while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        if group:
-            os.killpg(process.pid, signum)
-        else:
-            process.send_signal(signum)
-        _, err = process.communicate(timeout=120)
-    finally:  # a run that hangs (the failure this checks for) must not outlive the test
-        if process.poll() is None and group:
-            os.killpg(process.pid, signal.SIGKILL)
-        elif process.poll() is None:
-            process.kill()
+    process = _signalled_run(run, workers, [signum], group, read_metrics)
+    err = process.err
     assert process.returncode == code, err[-2000:]
     assert "Traceback" not in err
     last_row = int(read_metrics(run)[-1]["iteration"])
@@ -124,24 +136,11 @@ def test_stop_signal_finishes_the_iteration_checkpoints_and_says_how_to_resume(s
 
 
 def test_a_second_ctrl_c_stops_at_once_and_ends_the_collector_workers(tmp_path, read_metrics):
-    run = tmp_path / "run"
-    args = [sys.executable, "-m", "marlkit.pipelines.cli", "train", "mappo", "--env", "gridworld", "--frames", "400000",
-            "--run-dir", str(run), "env.num_envs=4", "collector.frames_per_batch=40", "train.minibatch_size=20",
-            "model.num_cells=[8]", "logger.progress=false", "collector.backend=multiprocess", "collector.workers=2"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not ((run / "metrics.csv").is_file() and len(read_metrics(run)) >= 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        time.sleep(0.01)
-        os.killpg(process.pid, signal.SIGINT)
-        _, err = process.communicate(timeout=60)  # Python's exit used to wait for the workers forever
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130 and err.strip().splitlines()[-1].startswith("marlkit train: interrupted; "), err
+    # Python's exit used to wait for the workers forever
+    process = _signalled_run(tmp_path / "run", ["collector.backend=multiprocess", "collector.workers=2"],
+                             [signal.SIGINT, signal.SIGINT], True, read_metrics)
+    assert process.returncode == 130, process.err
+    assert process.err.strip().splitlines()[-1].startswith("marlkit train: interrupted; "), process.err
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # no worker is left in the run's process group
         try:
