@@ -311,7 +311,12 @@ def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        result = train()
+        try:
+            result = train()
+        except Exception as err:
+            if _interrupt_behind(err):  # a library's cleanup turned a second Ctrl-C into its own error
+                raise KeyboardInterrupt from None
+            raise
         if owns_process:  # the run is complete: a late signal must not end it in a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -328,6 +333,18 @@ def _run(parser: argparse.ArgumentParser, train: Any, run_dir: str, owns_process
         stop(1, f"error: {err}; {_last_good(run_dir)}")
     except KeyboardInterrupt:  # before the first iteration set its handlers up, or a second Ctrl-C
         stop(130, f"interrupted; {_last_good(run_dir) if run_dir else 'nothing was saved'}")
+
+
+def _interrupt_behind(err: BaseException) -> bool:
+    """Whether ``err`` was raised while a KeyboardInterrupt unwound (tensordict's ``to_module`` does so
+    when one lands inside TorchRL's MultiAgentMLP)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _last_good(run_dir: str) -> str:
@@ -389,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return _main(sys.argv[1:], owns_process)
+    except Exception as err:
+        if not _interrupt_behind(err):
+            raise
+        sys.stderr.write("marlkit: interrupted\n")
+        return 130
     except KeyboardInterrupt:  # eval, render, plot or a config check; train() has its own handling
         sys.stderr.write("marlkit: interrupted\n")
         return 130

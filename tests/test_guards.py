@@ -174,6 +174,24 @@ def test_a_stop_signal_after_the_checkpoint_decision_stops_after_the_next_iterat
     assert torch.load(tmp_run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 2
 
 
+def test_a_ctrl_c_a_library_turns_into_its_own_error_is_still_one_line(tmp_path, monkeypatch, capsys):
+    from marlkit.pipelines import mappo
+    from marlkit.pipelines.cli import main as cli_main
+
+    def interrupted(cfg, resume=False):  # tensordict's to_module does this when it lands in a MultiAgentMLP
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Converting a tensordict to boolean value is not permitted")
+
+    monkeypatch.setattr(mappo, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "mappo", "--env", "gridworld", "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "marlkit train: interrupted; no checkpoint was written before it: run the same command again"]
+
+
 def test_a_stopped_seed_names_the_seeds_that_did_not_start(tmp_path, monkeypatch, capsys):
     from marlkit.pipelines import mappo
     from marlkit.pipelines.cli import main as cli_main
