@@ -406,12 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return _main(sys.argv[1:], owns_process)
-    except Exception as err:
-        if not _interrupt_behind(err):
+    except (KeyboardInterrupt, Exception) as err:  # eval, render, plot or a config check; train() has its own
+        if not _interrupt_behind(err):  # a library's cleanup may turn the Ctrl-C into its own error
             raise
-        sys.stderr.write("marlkit: interrupted\n")
-        return 130
-    except KeyboardInterrupt:  # eval, render, plot or a config check; train() has its own handling
         sys.stderr.write("marlkit: interrupted\n")
         return 130
 
