@@ -54,27 +54,39 @@ class PriorityBlocks:
         self.raw = torch.zeros(rows, blocks * self.BLOCK)  # the priorities; slots past capacity stay 0
         self.scaled = torch.zeros(rows, blocks, self.BLOCK)  # p^alpha (0 where nothing is stored)
         self.block_sum = torch.zeros(rows, blocks, dtype=torch.float64)
-        self.block_min = torch.zeros(rows, blocks)
+        self.block_min = torch.full((rows, blocks), math.inf)  # over the stored slots (inf: none)
 
     def refresh(self, rows: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
-        """Recompute ``p^alpha`` and the sums and minima of the blocks holding slots ``index`` of the
-        buffers ``rows`` (same shape; both None: every block)."""
-        blocks = self.block_sum.shape[1]
+        """Recompute ``p^alpha`` of slots ``index`` of the buffers ``rows`` (same shape; both None: every
+        slot), then the sums and minima of the blocks holding them."""
         if index is None:
-            flat = torch.arange(self.block_sum.numel())
+            raw = self.raw.view(-1, self.BLOCK)
+            self.scaled.view(-1, self.BLOCK)[:] = torch.where(raw > 0, raw.pow(self.alpha), torch.zeros_like(raw))
+            self._sum_blocks(torch.arange(self.block_sum.numel()))
         else:
-            flat = torch.unique(rows.reshape(-1).long() * blocks + index.reshape(-1).long() // self.BLOCK)
-        raw = self.raw.view(-1, self.BLOCK)[flat]
-        scaled = torch.where(raw > 0, raw.pow(self.alpha), torch.zeros_like(raw))
-        self.scaled.view(-1, self.BLOCK)[flat] = scaled
+            self._refresh_slots(rows.reshape(-1).long() * self.raw.shape[1] + index.reshape(-1).long())
+
+    def _refresh_slots(self, slot: torch.Tensor) -> None:
+        """:meth:`refresh` for the slots ``slot`` of the flattened table."""
+        raw = self.raw.view(-1)[slot]
+        # p^alpha in whole 64-number runs: torch's vectorised pow and its scalar loop for a remainder can
+        # differ in the last bit, and each slot must get the value a whole block's recomputation gives
+        pad = -raw.numel() % self.BLOCK
+        scaled = torch.cat([raw, raw.new_ones(pad)]).pow(self.alpha)[:raw.numel()] if pad else raw.pow(self.alpha)
+        self.scaled.view(-1)[slot] = torch.where(raw > 0, scaled, torch.zeros_like(scaled))
+        self._sum_blocks(torch.unique(slot // self.BLOCK))
+
+    def _sum_blocks(self, flat: torch.Tensor) -> None:
+        """Recompute the sums and minima of the blocks ``flat`` of the flattened table."""
+        scaled = self.scaled.view(-1, self.BLOCK).index_select(0, flat)
         self.block_sum.view(-1)[flat] = scaled.double().sum(1)
-        self.block_min.view(-1)[flat] = scaled.min(1).values
+        self.block_min.view(-1)[flat] = torch.where(scaled > 0, scaled, math.inf).amin(1)
 
     def set(self, index: torch.Tensor, priority: torch.Tensor) -> None:
         """Slots ``index[r]`` of buffer ``r`` get ``priority[r]`` (both ``[rows, B]``)."""
-        rows = torch.arange(index.shape[0]).unsqueeze(-1).expand_as(index).contiguous()
-        self.raw[rows, index] = priority
-        self.refresh(rows, index)
+        slot = (torch.arange(index.shape[0]).unsqueeze(-1) * self.raw.shape[1] + index).reshape(-1)
+        self.raw.view(-1)[slot] = priority.reshape(-1)
+        self._refresh_slots(slot)
 
     def draw(self, rows: list[int], lengths: list[int], batch_size: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` slots of each buffer of ``rows`` (holding ``lengths`` transitions, always the
@@ -91,14 +103,12 @@ class PriorityBlocks:
         block = torch.searchsorted(cumulative, mass, right=True).clamp(max=blocks - 1)
         within = (mass - (cumulative.gather(1, block) - block_sum.gather(1, block))).unsqueeze(-1)
         row = which.unsqueeze(-1)
-        slot = torch.searchsorted(self.scaled[row, block].double().cumsum(-1), within, right=True).squeeze(-1)
+        drawn_blocks = self.scaled.view(-1, self.BLOCK).index_select(0, (row * blocks + block).view(-1))
+        slot = torch.searchsorted(drawn_blocks.view(*block.shape, self.BLOCK).double().cumsum(-1), within,
+                                  right=True).squeeze(-1)
         # float rounding can step past the last filled slot
         index = torch.minimum(block * self.BLOCK + slot.clamp(max=self.BLOCK - 1), (n - 1).unsqueeze(-1))
-        full, rest = n // self.BLOCK, n % self.BLOCK
-        inf = torch.tensor(math.inf)
-        smallest = torch.where(torch.arange(blocks) < full.unsqueeze(-1), self.block_min[which], inf).amin(1)
-        partial = self.scaled[which, full.clamp(max=blocks - 1)]
-        smallest = torch.minimum(smallest, torch.where(torch.arange(self.BLOCK) < rest.unsqueeze(-1), partial, inf).amin(1))
+        smallest = self.block_min[which].amin(1)  # the stored slots are always a prefix: no other is counted
         probs = self.scaled.view(self.scaled.shape[0], -1)[row, index].double() / total
         largest = (n * smallest.double() / total.squeeze(-1)).pow(-beta).unsqueeze(-1)
         return index, ((n.unsqueeze(-1) * probs).pow(-beta) / largest).float()
@@ -599,12 +609,22 @@ class SharedReplay(GroupReplay):
             index, weights = self.table.draw(list(range(self.n_agents)), lengths, self.batch_size, self.beta)
         else:
             index = torch.stack([buffer.sampler.sample(buffer.storage, self.batch_size)[0] for buffer in self.buffers])
-        out = TensorDict(batch_size=[self.batch_size])
+        rows = index.unbind(0)
         columns = self._columns()
-        for key in columns[0]:  # one gather per agent and field, stacked: no TensorDict indexing per agent
-            out.set(key, torch.stack([fields[key].index_select(0, i) for fields, i in zip(columns, index, strict=True)],
-                                     dim=1))
-        out = out.to(self.device)
+        out = TensorDict(batch_size=[self.batch_size], device=next(iter(columns[0].values())).device)
+        for key in columns[0]:  # one gather per agent and field: no TensorDict indexing per agent
+            parts = [fields[key] for fields in columns]
+            if key[-1] == "observation":
+                # gathered agent-major, [n_agents, B, ...] under a [B, n_agents, ...] view: the batched
+                # networks read observations in that order (AgentMLP), so they need no copy there
+                gathered = parts[0].new_empty((self.n_agents, self.batch_size, *parts[0].shape[1:]))
+                for part, i, place in zip(parts, rows, gathered, strict=True):
+                    torch.index_select(part, 0, i, out=place)
+                out.set(key, gathered.transpose(0, 1))
+            else:
+                out.set(key, torch.stack([part.index_select(0, i) for part, i in zip(parts, rows, strict=True)], dim=1))
+        if out.device != self.device:
+            out = out.to(self.device)
         if self.prioritized:
             # contiguous [B, n_agents]: from a strided view the loss would sum its weighted errors in another order
             out.set("index", index.t().contiguous().to(self.device))

@@ -111,6 +111,18 @@ def test_super_update_cost_times_both_checkouts(tmp_path):
     assert "| quantile | this |" in out and "| quantile | other |" in out, out
 
 
+def test_replay_cost_times_both_checkouts_on_the_same_draws(tmp_path):
+    package = tmp_path / "pkg" / "marlkit"  # another checkout: here, links to this one's folders
+    package.mkdir(parents=True)
+    for part in ("envs", "modules", "losses", "pipelines"):
+        (package / part).symlink_to(ROOT / part)
+    out = _run(str(BENCHMARKS / "replay_cost.py"), "--rounds", "1", "--updates", "5", "--capacity", "100",
+               "--other", str(tmp_path / "pkg"))
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| this |", "| other |"))]
+    assert len(rows) == 2 and all(float(row[3]) > 0 for row in rows), out
+    assert rows[0][4] == rows[1][4], out  # the same code draws the same slots
+
+
 def test_scaling_prints_its_collection_table():
     out = _run(str(BENCHMARKS / "scaling.py"), "--parts", "collection", "--rounds", "1", "--seconds", "0.05",
                "--envs", "gym/CartPole-v1", "--policies", "iql", "--backends", "sync,mp2", "--threads", "1")

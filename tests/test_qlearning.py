@@ -215,6 +215,42 @@ def test_shared_priority_table_draws_and_updates_as_one_sampler_per_agent(tmp_pa
         assert torch.equal(table.block_min, torch.cat([b.table.block_min for b in alone]))
 
 
+def test_priority_table_refreshes_slots_as_a_whole_recomputation_does():
+    """Re-prioritising a few slots (not a multiple of the block, drawn twice in places) leaves the table
+    exactly as recomputing every slot and block does: torch's vectorised pow and its scalar remainder
+    loop differ in the last bit, so a slot's p^alpha must not depend on how many were refreshed with it."""
+    from marlkit.pipelines.replay import PriorityBlocks
+
+    torch.manual_seed(0)
+    table = PriorityBlocks(3, 1000, alpha=0.6)
+    table.set(torch.arange(700).expand(3, 700), torch.rand(3, 700) * 10 + 1e-6)
+    for count in (31, 5, 64, 1):
+        index = torch.randint(0, 700, (3, count))
+        index[:, 0] = index[:, -1]  # a slot drawn twice keeps its later priority
+        table.set(index, torch.rand(3, count) * 10 + 1e-6)
+        after = (table.scaled.clone(), table.block_sum.clone(), table.block_min.clone())
+        table.refresh()
+        assert all(torch.equal(a, b) for a, b in zip(after, (table.scaled, table.block_sum, table.block_min)))
+    stored = table.raw[:, :704].view(3, 11, 64)  # blocks 0-9 full, block 10 holds slots 640-699
+    assert torch.equal(table.block_min[:, :10], stored[:, :10].pow(0.6).amin(-1))
+    assert torch.equal(table.block_min[:, 10], table.raw[:, 640:700].pow(0.6).amin(-1))
+    assert torch.isinf(table.block_min[:, 11:]).all()  # no stored slot: not the smallest priority
+
+
+def test_shared_replay_gathers_observations_agent_major():
+    """The batched networks read observations agent-major: the minibatch's [B, n_agents, ...] view
+    must be that layout already, so moving the agent dim first is not a copy."""
+    replay = SharedReplay("agents", N, 64, 8, scratch_dir=None, device=torch.device("cpu"), prioritized=True,
+                          selector=ExperienceSelector("none", N), score=None)
+    replay.extend(_collected(10))
+    sample = replay.sample()
+    for key in (("agents", "observation"), ("next", "agents", "observation")):
+        observation = sample[key]
+        assert observation.shape == (8, N, OBS) and observation.movedim(-2, 0).is_contiguous()
+        for i, buffer in enumerate(replay.buffers):
+            assert torch.equal(observation[:, i], buffer.storage[sample["index"][:, i]][key])
+
+
 def test_memmap_storage_reads_what_torchrl_reads_and_sees_later_writes(tmp_path):
     from torchrl.data import LazyMemmapStorage
 
