@@ -108,7 +108,7 @@ class PriorityBlocks:
                                   right=True).squeeze(-1)
         # float rounding can step past the last filled slot
         index = torch.minimum(block * self.BLOCK + slot.clamp(max=self.BLOCK - 1), (n - 1).unsqueeze(-1))
-        smallest = self.block_min[which].amin(1)  # the stored slots are always a prefix: no other is counted
+        smallest = self.block_min[which].amin(1)  # over stored slots only (an empty one has priority 0)
         probs = self.scaled.view(self.scaled.shape[0], -1)[row, index].double() / total
         largest = (n * smallest.double() / total.squeeze(-1)).pow(-beta).unsqueeze(-1)
         return index, ((n.unsqueeze(-1) * probs).pow(-beta) / largest).float()
