@@ -43,7 +43,8 @@ def test_iql_trains_red_against_a_frozen_blue(tmp_path, read_metrics):
 
     args = ["train", "iql", "--env", "magent2/battle_v4", "--frames", "80", "--run-dir", str(tmp_path), "env.map_size=18",
             "env.num_envs=2", "env.max_steps=20", "collector.frames_per_batch=40", "replay.batch_size=16",
-            "train.optimiser_steps=1", "model.num_cells=[16]", "train.freeze_after.blue=0", "logger.progress=false"]
+            "train.optimiser_steps=1", "model.num_cells=[16]", "train.freeze_after.blue=0", "logger.progress=false",
+            "replay.buffer_size=1000"]  # the default 1,000,000 would need ~38 GiB free for its memmap files
     assert cli_main(args) == 0
     rows = read_metrics(tmp_path)
     assert len(rows) == 2 and rows[-1]["red/loss"] != "" and rows[-1]["blue/learning"] == "0.0"
