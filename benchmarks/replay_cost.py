@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 CHILD = """
-import sys, tempfile, time
+import inspect, sys, tempfile, time
 from pathlib import Path
 import torch
 from tensordict import TensorDict
@@ -31,10 +31,12 @@ capacity, updates = int(sys.argv[1]), int(sys.argv[2])
 agents, batch, group = 8, 32, "pursuer"
 torch.set_num_threads(1)
 torch.manual_seed(0)
+# as pursuit-super builds it: observations agent-major for its batched MLPs (older checkouts lack the option)
+layout = {"agent_major": True} if "agent_major" in inspect.signature(SharedReplay).parameters else {}
 with tempfile.TemporaryDirectory() as tmp:
     replay = SharedReplay(group, agents, capacity, batch, scratch_dir=Path(tmp), device=torch.device("cpu"),
                           selector=ExperienceSelector("none", agents), score=None, prioritized=True,
-                          new_priority=1.0)
+                          new_priority=1.0, **layout)
     for buffer in replay.buffers:  # one agent's share of pursuit's transitions: 7x7x3 views
         buffer.extend(TensorDict({
             group: {"observation": torch.rand(capacity, 7, 7, 3), "action": torch.randint(0, 5, (capacity,))},

@@ -35,7 +35,7 @@ from .comm import (agent_net, AttentionComm, COMM_KINDS, CommNet, DeepSets, GNN_
                    MODEL_KINDS, require_torch_geometric)
 from .recurrent import CRITIC_STATE_KEY, MultiAgentRecurrent, RECURRENT_KINDS, RecurrentModule, state_primer, state_size
 from .critics import ComaCritic, make_coma_critic, make_q_critic, make_qtran_joint, make_value_critic, QTranJoint
-from .encoders import action_indices, ACTIVATIONS, activation_class, group_spec, make_encoder
+from .encoders import action_indices, ACTIVATIONS, activation_class, group_spec, make_encoder, reads_agents_first
 from .exploration import AnnealedTogether, EpsilonGreedy, GaussianNoise
 from .qnets import discrete_actions, make_q_network
 
@@ -68,6 +68,7 @@ __all__ = [
     "group_spec",
     "make_deterministic_actor",
     "make_encoder",
+    "reads_agents_first",
     "make_q_critic",
     "make_coma_critic",
     "make_q_network",

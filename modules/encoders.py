@@ -180,6 +180,16 @@ class AgentMLP(MultiAgentMLP):
         return h.reshape(self.n_agents, *batch, h.shape[-1]).movedim(0, -2)
 
 
+def reads_agents_first(values: nn.Module) -> bool:
+    """Whether the per-agent network ``values`` (an encoder, then the MLP, ...) only reshapes its
+    observations before :class:`AgentMLP`'s batched matmuls, which move the agent dim first: then
+    observations handed over agent-major (a ``[B, n_agents, ...]`` view of ``[n_agents, B, ...]``) need no
+    copy there and give the same numbers. A conv encoder would see other strides and may round differently."""
+    layers = list(values) if isinstance(values, nn.Sequential) else []
+    return (len(layers) >= 2 and isinstance(layers[0], (nn.Identity, _FlattenFeatures))
+            and isinstance(layers[1], AgentMLP) and layers[1].takes_params() and not layers[1].centralized)
+
+
 def _mlp(
     in_features: int,
     out_features: int,

@@ -23,7 +23,8 @@ from torchrl.envs import EnvBase
 
 from marlkit.losses import (make_dqn_loss, make_drqn_loss, make_qmixer_loss, make_qtran_loss, make_target_updater,
                             make_team_mixer_loss, TEAM)
-from marlkit.modules import EpsilonGreedy, group_spec, make_q_network, make_qtran_joint, RECURRENT_KINDS
+from marlkit.modules import (EpsilonGreedy, group_spec, make_q_network, make_qtran_joint, reads_agents_first,
+                             RECURRENT_KINDS)
 from marlkit.modules.exploration import AnnealedTogether, check_epsilon
 from marlkit.pipelines.checks import check_discrete_vmas
 from marlkit.pipelines.config import ModelConfig
@@ -264,7 +265,8 @@ def build_group(env: EnvBase, group: str, cfg: QlearningConfig, device: torch.de
             selector = ExperienceSelector(cfg.sharing.mode, n_agents, cfg.sharing.beta, cfg.sharing.window)
             replay = SharedReplay(group, n_agents, r.buffer_size, r.batch_size, device=device,
                                   scratch_dir=scratch_dir if r.memmap else None, selector=selector,
-                                  score=_score_with(loss, group), **prioritized)
+                                  score=_score_with(loss, group), **prioritized,
+                                  agent_major=reads_agents_first(q_net.module[0].module))
     else:
         has_state, state_key, state_shape = _mixer_state(env, group)
         if cfg.algorithm == "qtran":

@@ -531,14 +531,16 @@ class SharedReplay(GroupReplay):
     with ``selector.mode == "none"``: independent learners' own buffers and priorities).
 
     ``score`` maps the new transitions (``[M]`` entries, group fields ``[n_agents, ...]``) to each
-    agent's |TD error| ``[M, n_agents]`` under that agent's own online and target networks.
+    agent's |TD error| ``[M, n_agents]`` under that agent's own online and target networks. With
+    ``agent_major``, minibatch observations are ``[B, n_agents, ...]`` views of ``[n_agents, B, ...]`` tensors,
+    for networks that read them in that order (:func:`marlkit.modules.reads_agents_first`).
     """
 
     def __init__(self, group: str, n_agents: int, buffer_size: int, batch_size: int, *,
                  scratch_dir: Path | None, device: torch.device, selector: ExperienceSelector,
                  score: Callable[[TensorDictBase], torch.Tensor], prioritized: bool = False,
-                 alpha: float = 0.6, beta: float = 0.4, new_priority: float | None = None):
-        self.group, self.device, self.prioritized = group, device, prioritized
+                 alpha: float = 0.6, beta: float = 0.4, new_priority: float | None = None, agent_major: bool = False):
+        self.group, self.device, self.prioritized, self.agent_major = group, device, prioritized, agent_major
         self.team = self.state = False
         self.groups, self.partners = [group], []
         self.n_agents, self.selector, self.score = n_agents, selector, score
@@ -614,9 +616,7 @@ class SharedReplay(GroupReplay):
         out = TensorDict(batch_size=[self.batch_size], device=next(iter(columns[0].values())).device)
         for key in columns[0]:  # one gather per agent and field: no TensorDict indexing per agent
             parts = [fields[key] for fields in columns]
-            if key[-1] == "observation":
-                # gathered agent-major, [n_agents, B, ...] under a [B, n_agents, ...] view: the batched
-                # networks read observations in that order (AgentMLP), so they need no copy there
+            if self.agent_major and key[-1] == "observation":  # one buffer, no copy in the network
                 gathered = parts[0].new_empty((self.n_agents, self.batch_size, *parts[0].shape[1:]))
                 for part, i, place in zip(parts, rows, gathered, strict=True):
                     torch.index_select(part, 0, i, out=place)

@@ -237,18 +237,47 @@ def test_priority_table_refreshes_slots_as_a_whole_recomputation_does():
     assert torch.isinf(table.block_min[:, 11:]).all()  # no stored slot: not the smallest priority
 
 
-def test_shared_replay_gathers_observations_agent_major():
-    """The batched networks read observations agent-major: the minibatch's [B, n_agents, ...] view
-    must be that layout already, so moving the agent dim first is not a copy."""
+@pytest.mark.parametrize("agent_major", [True, False])
+def test_shared_replay_gathers_observations_in_the_layout_asked_for(agent_major):
+    """Batched MLPs read observations agent-major: with ``agent_major`` the minibatch's [B, n_agents, ...]
+    view must be that layout already, so moving the agent dim first is not a copy; without it (a conv
+    encoder, which may round differently on other strides) they stay [B, n_agents, ...] contiguous."""
     replay = SharedReplay("agents", N, 64, 8, scratch_dir=None, device=torch.device("cpu"), prioritized=True,
-                          selector=ExperienceSelector("none", N), score=None)
+                          selector=ExperienceSelector("none", N), score=None, agent_major=agent_major)
     replay.extend(_collected(10))
     sample = replay.sample()
     for key in (("agents", "observation"), ("next", "agents", "observation")):
         observation = sample[key]
-        assert observation.shape == (8, N, OBS) and observation.movedim(-2, 0).is_contiguous()
+        assert observation.shape == (8, N, OBS)
+        assert observation.movedim(-2, 0).is_contiguous() == agent_major
+        assert observation.is_contiguous() != agent_major
         for i, buffer in enumerate(replay.buffers):
             assert torch.equal(observation[:, i], buffer.storage[sample["index"][:, i]][key])
+
+
+def test_only_networks_that_reshape_observations_into_batched_mlps_read_them_agent_major():
+    from marlkit.envs import make_env
+    from marlkit.modules import make_q_network, reads_agents_first
+
+    env = make_env("pursuit", num_envs=2, n_pursuers=3, n_evaders=2, x_size=7, y_size=7)  # 7x7x3 views
+
+    def values(**kwargs):
+        return make_q_network(env, "pursuer", num_cells=[8], **kwargs).module[0].module
+
+    assert reads_agents_first(values(share_params=False, flatten_images=True))
+    assert reads_agents_first(values(share_params=False, flatten_images=True, dueling=True))
+    assert not reads_agents_first(values(share_params=False))  # the conv encoder
+    assert not reads_agents_first(values(share_params=True, flatten_images=True))  # TorchRL's shared forward
+
+
+def test_pursuit_super_replay_hands_observations_over_agent_major(tmp_path):
+    from marlkit.pipelines import make_config
+    from marlkit.pipelines.session import start_run
+
+    cfg = make_config("iql", "pursuit-super", {"logger.run_dir": str(tmp_path), "replay.memmap": False,
+                                               "env.num_envs": 2})
+    run = start_run(cfg, False, qlearning.checked_iterations)
+    assert qlearning.build_learners(run.env, run.cfg, run.device, None)["pursuer"].replay.agent_major
 
 
 def test_memmap_storage_reads_what_torchrl_reads_and_sees_later_writes(tmp_path):
