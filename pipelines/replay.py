@@ -61,7 +61,7 @@ class PriorityBlocks:
         slot), then the sums and minima of the blocks holding them."""
         if index is None:
             raw = self.raw.view(-1, self.BLOCK)
-            self.scaled.view(-1, self.BLOCK)[:] = torch.where(raw > 0, raw.pow(self.alpha), torch.zeros_like(raw))
+            self.scaled.view(-1, self.BLOCK)[:] = torch.where(raw > 0, raw.pow(self.alpha), 0.0)
             self._sum_blocks(torch.arange(self.block_sum.numel()))
         else:
             self._refresh_slots(rows.reshape(-1).long() * self.raw.shape[1] + index.reshape(-1).long())
@@ -73,7 +73,7 @@ class PriorityBlocks:
         # differ in the last bit, and each slot must get the value a whole block's recomputation gives
         pad = -raw.numel() % self.BLOCK
         scaled = torch.cat([raw, raw.new_ones(pad)]).pow(self.alpha)[:raw.numel()] if pad else raw.pow(self.alpha)
-        self.scaled.view(-1)[slot] = torch.where(raw > 0, scaled, torch.zeros_like(scaled))
+        self.scaled.view(-1)[slot] = torch.where(raw > 0, scaled, 0.0)
         self._sum_blocks(torch.unique(slot // self.BLOCK))
 
     def _sum_blocks(self, flat: torch.Tensor) -> None:
