@@ -16,7 +16,8 @@ the end of the last update (marlkit: ``summary.json``; BenchMARL: its ``timers/t
 out its logging; TorchRL's scripts: a wrapper around their collector's iterator, so the scripts run
 unmodified; it leaves out nothing of their loop and they run without a logger).
 
-The systems: ``marlkit`` (this checkout), ``torchrl`` (the scripts of ``sota-implementations/multiagent``
+The systems: ``marlkit`` (this checkout), ``marlkit-bf16`` (the same with ``matmul_precision=medium``:
+bfloat16 matrix products where the CPU has them, AMX here; everything else float32), ``torchrl`` (the scripts of ``sota-implementations/multiagent``
 in ``--torchrl-scripts``, run by ``--torchrl-python``, an environment with torchrl 0.14.1, hydra-core and
 vmas; ``../shared/anchors/compare_mappo.sh`` makes one), ``benchmarl`` (BenchMARL 1.5.2 in its own
 environment, ``--benchmarl-python``). Every run gets ``OMP_NUM_THREADS=--threads``.
@@ -118,10 +119,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 FIELDS = ["algorithm", "threads", "round", "system", "frames", "loop_s", "frames_per_s", "final_return"]
 
 
-def run_marlkit(algorithm: str, seed: int, work: Path) -> dict[str, float]:
+# marlkit's systems: the config overrides each adds to the matched setting
+MARLKIT = {"marlkit": {}, "marlkit-bf16": {"matmul_precision": "medium"}}
+SYSTEMS = [*MARLKIT, "torchrl", "benchmarl"]
+
+
+def run_marlkit(algorithm: str, seed: int, work: Path, system: str = "marlkit") -> dict[str, float]:
     """One marlkit run in a fresh process."""
     setting = SETTINGS[algorithm]
-    result = run_child(setting.marlkit_algorithm, None, marlkit_overrides(setting, TASK, seed, setting.frames), work)
+    overrides = {**marlkit_overrides(setting, TASK, seed, setting.frames), **MARLKIT[system]}
+    result = run_child(setting.marlkit_algorithm, None, overrides, work)
     summary, rows = result["summary"], result["rows"]
     key = next(k for k in rows[-1] if k.endswith("/episode_reward_mean") and not k.startswith("eval/"))
     returns = [float(r[key]) for r in rows if r[key] != ""]
@@ -156,29 +163,29 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """Per algorithm and thread count: each system's median frames/s (min-max), marlkit's ratio to it, and
-    the median final return."""
+    """Per algorithm and thread count: each system's median frames/s (min-max), each marlkit system's ratio
+    to it, and the median final return."""
     lines = ["| algorithm | threads | system | rounds | loop frames/s, median (min-max) | marlkit / system | "
-             "final return, median |", "|---|---|---|---|---|---|---|"]
+             "marlkit-bf16 / system | final return, median |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         groups.setdefault((run["algorithm"], run["threads"]), {}).setdefault(run["system"], []).append(run)
     for (algorithm, threads), systems in sorted(groups.items()):
         fps = {name: [float(r["frames_per_s"]) for r in rr] for name, rr in systems.items()}
-        mine = statistics.median(fps["marlkit"]) if "marlkit" in fps else math.nan
+        mine = {name: statistics.median(fps[name]) for name in MARLKIT if name in fps}
         for name, values in fps.items():
             median = statistics.median(values)
-            ratio = "" if name == "marlkit" else f"{mine / median:.2f}"
+            ratios = ["" if ours == name or ours not in mine else f"{mine[ours] / median:.2f}" for ours in MARLKIT]
             final = statistics.median(float(r["final_return"]) for r in systems[name])
             lines.append(f"| {algorithm} | {threads} | {name} | {len(values)} | {median:,.0f} ({min(values):,.0f}-"
-                         f"{max(values):,.0f}) | {ratio} | {final:.3f} |")
+                         f"{max(values):,.0f}) | {' | '.join(ratios)} | {final:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", default="mappo,maddpg,qmix", help=f"comma-separated, of {', '.join(SETTINGS)}")
-    parser.add_argument("--systems", default="marlkit,torchrl,benchmarl", help="comma-separated, of marlkit, torchrl, benchmarl")
+    parser.add_argument("--systems", default="marlkit,torchrl,benchmarl", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--seed", type=int, default=0)
@@ -192,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     algorithms, systems = args.algorithms.split(","), args.systems.split(",")
     for name, given, accepted in (("algorithm", algorithms, list(SETTINGS)),
-                                  ("system", systems, ["marlkit", "torchrl", "benchmarl"])):
+                                  ("system", systems, SYSTEMS)):
         bad = [g for g in given if g not in accepted]
         if bad:
             parser.error(f"unknown {name} {bad}; accepted: {', '.join(accepted)}")
@@ -230,8 +237,8 @@ def main() -> None:
                     for system in systems:
                         with tempfile.TemporaryDirectory() as tmp:
                             work = Path(tmp) / "run"
-                            if system == "marlkit":
-                                result = run_marlkit(algorithm, args.seed, work)
+                            if system in MARLKIT:
+                                result = run_marlkit(algorithm, args.seed, work, system)
                             elif system == "torchrl":
                                 result = run_torchrl(algorithm, args.seed, args.torchrl_python, scripts, work)
                             else:

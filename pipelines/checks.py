@@ -17,6 +17,7 @@ from .collectors import check_collector_config
 from .config import CollectorConfig, LoggerConfig, ModelConfig, RunConfig
 from .environment import check_env_config
 from .loggers import check_logger
+from .precision import check_matmul_precision
 
 
 def check_frames(collector: CollectorConfig, num_envs: int) -> int:
@@ -132,6 +133,7 @@ def check_common(cfg: RunConfig) -> int:
     if recurrent(cfg.model):
         check_recurrent(cfg)
     device_of(cfg.device)
+    check_matmul_precision(cfg.matmul_precision)
     check_logger_config(cfg.logger)
     return iterations
 

@@ -39,6 +39,7 @@ from marlkit.envs import importable, MultiAgentEnv, split_env_name
 
 from .config import EnvConfig, RunConfig
 from .environment import build_env
+from .precision import apply_matmul_precision
 
 __all__ = ["BACKENDS", "check_collector_config", "check_ray_address", "check_ray_installed", "Collector", "CollectorFailed", "collector_state",
            "load_collector_state", "make_collector", "stop_signals_left_to_the_run", "unsaved_episodes", "worker_failure",
@@ -129,9 +130,11 @@ def seed_generators(seed: int) -> None:
     random.seed(seed)
 
 
-def worker_env(env_cfg: EnvConfig, seed: int) -> MultiAgentEnv:
-    """Build a worker's env copies and seed the worker's generators (runs inside the worker)."""
+def worker_env(env_cfg: EnvConfig, seed: int, matmul_precision: str = "highest") -> MultiAgentEnv:
+    """Build a worker's env copies, seed the worker's generators and set its matmul precision to the run's
+    (runs inside the worker, before its policy's first step)."""
     seed_generators(seed)  # the policy's sampling and exploration draw from the worker's own stream
+    apply_matmul_precision(matmul_precision)
     return build_env(env_cfg, device="cpu", seed=seed)
 
 
@@ -187,7 +190,7 @@ def make_collector(env: EnvBase, policy: TensorDictModuleBase, cfg: RunConfig, *
         return Collector(env, policy, **common)
     copies = cfg.env.num_envs // c.workers
     worker_cfg = dataclasses.replace(cfg.env, num_envs=copies)
-    makers = [functools.partial(worker_env, worker_cfg, seed)
+    makers = [functools.partial(worker_env, worker_cfg, seed, cfg.matmul_precision)
               for seed in worker_seeds(cfg.seed, c.workers, copies, start_iteration)]
     if c.backend == "multiprocess":
         # Synchronous: the workers' batches concatenated along the copies. Asynchronous: each worker's

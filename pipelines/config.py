@@ -153,6 +153,11 @@ class RunConfig:
     """Seed for torch and the env (--seed)."""
     device: str = "cpu"
     """Device for sampling and training (--device): cpu or cuda."""
+    matmul_precision: str = "highest"
+    """float32 matrix products: highest (float32; results reproduce bit for bit), high (TF32 on GPUs that have
+    it) or medium (bfloat16 products on CPUs with AMX / AVX-512 BF16 and GPUs with tensor cores: faster for
+    large minibatches, results differ from the 3rd digit of each product). torch.set_float32_matmul_precision
+    for the run's processes; see marlkit.pipelines.precision."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """Environment."""
     model: ModelConfig = field(default_factory=ModelConfig)

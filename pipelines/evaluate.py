@@ -29,6 +29,7 @@ from marlkit.envs import device_of, MultiAgentEnv, split_env_name
 from .collectors import stop_signals_left_to_the_run
 from .config import EnvConfig, ModelConfig, RunConfig
 from .environment import build_env
+from .precision import apply_matmul_precision
 from .render import record_rollout
 from .rundir import write_atomically
 
@@ -110,12 +111,13 @@ class MarlEvalLog:
 
 
 def _evaluation_worker(conn: Any, env_cfg: EnvConfig, device: torch.device, seed: int, model: ModelConfig,
-                       policy: Any, max_steps: int | None) -> None:
+                       policy: Any, max_steps: int | None, matmul_precision: str = "highest") -> None:
     """:class:`EvaluationWorker`'s process: builds its env as :class:`Evaluator` does, then answers
     ``("evaluate", iteration)`` with :func:`evaluate_policy`'s stats of ``policy`` (whose weights the
     training process writes between evaluations), ``("env", env_cfg)`` by rebuilding its env, ``("close",
     None)`` by ending. A failure is sent back as one line."""
     torch.set_num_threads(1)  # one core beside the training process, not a second pool competing with it
+    apply_matmul_precision(matmul_precision)  # the products the training process's own evaluation would compute
     try:
         env = build_env(env_cfg, device=device, seed=seed, model=model)
         while True:
@@ -153,13 +155,14 @@ class EvaluationWorker:
     """
 
     def __init__(self, env_cfg: EnvConfig, *, device: torch.device, seed: int, model: ModelConfig, policy: Any,
-                 max_steps: int | None):
+                 max_steps: int | None, matmul_precision: str = "highest"):
         self.policy = copy.deepcopy(policy).share_memory()
         self._weights = list(self.policy.state_dict(keep_vars=True).values())
         context = torch.multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_evaluation_worker, daemon=True, name="marlkit-evaluation",
-                                       args=(child, env_cfg, device, seed, model, self.policy, max_steps))
+                                       args=(child, env_cfg, device, seed, model, self.policy, max_steps,
+                                             matmul_precision))
         try:
             with stop_signals_left_to_the_run():
                 self.process.start()  # pickles the env config and the policy copy for the new process
@@ -260,7 +263,8 @@ class Evaluator:
             if policy is None:
                 raise ValueError("logger.eval_parallel=true needs the policy to copy into its worker")
             self.worker = EvaluationWorker(self._env_config(cfg.env), device=self.device, seed=self.seed,
-                                           model=self.model, policy=policy, max_steps=self.max_steps)
+                                           model=self.model, policy=policy, max_steps=self.max_steps,
+                                           matmul_precision=cfg.matmul_precision)
 
     def _env_config(self, env_cfg: EnvConfig) -> EnvConfig:
         return dataclasses.replace(env_cfg, num_envs=self.logger.eval_episodes)

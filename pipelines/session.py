@@ -32,6 +32,7 @@ from .environment import build_env, check_curriculum_specs, resolve_env_config
 from .evaluate import EvaluationFailed, Evaluator
 from .learners import check_finite, Learner, make_optimiser, TrainingDiverged
 from .memory import keep_freed_memory
+from .precision import apply_matmul_precision
 from .reporting import Reporter, TrainResult
 from .rundir import open_run_dir, RunDir, RunStart
 from .teams import with_teams
@@ -56,6 +57,8 @@ class Run:
     """The training env."""
     threads: ThreadGovernor
     """Torch's intra-op thread count: fixed by the user, or adapted to the machine's load (:mod:`.threads`)."""
+    precision_before: str = "highest"
+    """The process's float32 matmul precision before the run set ``cfg.matmul_precision``; restored at its end."""
 
     @property
     def buffers(self) -> Path:
@@ -74,6 +77,7 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     if start.state is not None and not thread_setting_chosen():  # sums add in the same order as before the stop
         fixed = start.state.get("threads")
     threads = ThreadGovernor(fixed)
+    precision_before = apply_matmul_precision(cfg.matmul_precision)
     keep_freed_memory()  # large per-step tensors reuse heap memory instead of page-faulting
     seed_generators(cfg.seed)
     stage = start.state.get("curriculum", {}).get("env_stage", 0) if start.state else 0
@@ -81,7 +85,7 @@ def start_run(cfg: RunConfig, resume: bool, checked_iterations: Callable[[RunCon
     if cfg.env.curriculum:
         check_curriculum_specs(cfg.env, env, seed=cfg.seed)
     cfg = with_teams(cfg, env, device)
-    return Run(cfg, iterations, device, run_dir, start, env, threads)
+    return Run(cfg, iterations, device, run_dir, start, env, threads, precision_before)
 
 
 @dataclass
@@ -321,6 +325,7 @@ def finish_run(run: Run, training: Training, **summary: Any) -> TrainResult:
                                           thread_changes=run.threads.changes, **summary)
     finally:
         run.threads.close()
+        torch.set_float32_matmul_precision(run.precision_before)
         training.restore_signal_handlers()
         if training._at_exit is not None:
             atexit.unregister(training._at_exit)

@@ -258,20 +258,23 @@ def test_compare_anchors_times_both_and_tabulates(tmp_path):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "mappo_ippo.py").write_text(FAKE_TORCHRL_SCRIPT)
-    out = _run(str(BENCHMARKS / "compare_anchors.py"), "--algorithms", "mappo", "--systems", "marlkit,torchrl",
-               "--rounds", "1", "--threads", "1", "--frames", "6000", "--torchrl-scripts", str(scripts),
-               "--torchrl-python", sys.executable, "--out", str(tmp_path / "out"))
+    out = _run(str(BENCHMARKS / "compare_anchors.py"), "--algorithms", "mappo", "--systems",
+               "marlkit,marlkit-bf16,torchrl", "--rounds", "1", "--threads", "1", "--frames", "6000",
+               "--torchrl-scripts", str(scripts), "--torchrl-python", sys.executable, "--out", str(tmp_path / "out"))
     with (tmp_path / "out" / "runs.csv").open() as handle:
         runs = {r["system"]: r for r in csv.DictReader(handle)}
     assert runs["marlkit"]["frames"] == "6000" and runs["torchrl"]["frames"] == "60", runs  # the hook counted them
+    assert runs["marlkit-bf16"]["frames"] == "6000", runs
     assert all(float(r["loop_s"]) > 0 and r["final_return"] != "nan" for r in runs.values()), runs
     assert "| mappo | 1 | torchrl | 1 |" in out and "| mappo | 1 | marlkit | 1 |" in out, out
+    ratios = next(line for line in out.splitlines() if line.startswith("| mappo | 1 | torchrl |")).split("|")[6:8]
+    assert all(float(r) > 0 for r in ratios), out  # both marlkit systems against TorchRL's script
     again = _run(str(BENCHMARKS / "compare_anchors.py"), "--table-only", "--out", str(tmp_path / "out"))
     row = next(line for line in out.splitlines() if line.startswith("| mappo | 1 | torchrl |"))
     assert row in again.splitlines(), again  # the table comes from runs.csv alone
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "compare_anchors.py"), "--systems", "rllib",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown system ['rllib']; accepted: marlkit, torchrl, benchmarl" in bad.stderr
+    assert bad.returncode == 2 and "unknown system ['rllib']; accepted: marlkit, marlkit-bf16, torchrl, benchmarl" in bad.stderr
 
 
 def test_busy_machine_prints_its_table():
