@@ -19,6 +19,9 @@ Tasks and their arms (algorithm, preset, overrides):
   ``curriculum`` trains on 5x5, then 10x10 from 60,000 frames, then 20x20 from 120,000
   (``env.curriculum``), ``scratch`` on 20x20 throughout; both are evaluated every iteration on their
   current stage (20 greedy episodes), so their last iterations compare the same 20x20 task.
+* ``precision`` (VMAS navigation, the matched ``navigation-matched`` MAPPO): ``float32`` (the default
+  ``matmul_precision=highest``) and ``bf16`` (``matmul_precision=medium``: bfloat16 matrix products where the
+  CPU has them), so a speed-up from bfloat16 is only taken with the returns it learns.
 * ``communication`` (``probe/communication``: a speaker sees one of 4 symbols each step, a listener must
   name it, 10-step episodes; optimum 10, chance 2.5): MAPPO with an ``mlp`` actor (no way to pass the
   symbol), ``commnet``, ``attention``, ``deepsets`` and ``gnn`` actors (learned messages, 2 rounds).
@@ -127,6 +130,10 @@ TASKS = {
                   {"at_frames": 60_000, "grid_size": 10}, {"at_frames": 120_000, "grid_size": 20}]}),
               "scratch": ("mappo", None, {**GRIDWORLD, "env.grid_size": 20})},
         key="eval/agents/episode_reward_mean", default_arms="curriculum,scratch", frames=200_000),
+    "precision": Task(
+        arms={"float32": ("mappo", "navigation-matched", {}),
+              "bf16": ("mappo", "navigation-matched", {"matmul_precision": "medium"})},
+        key="agents/episode_reward_mean", default_arms="float32,bf16", frames=120_000),
     "communication": Task(
         arms={kind: ("mappo", None, {**COMMUNICATION, "model.kind": kind})
               for kind in ("mlp", "commnet", "attention", "deepsets", "gnn")},

@@ -10,7 +10,7 @@ It also times the floor under the training phase: the same actor and critic size
 ``torch.nn.Sequential`` MLPs on a 400-sample minibatch, forward, backward, clip and fused Adam, with no
 TensorDict, distribution or loss around them; what the loss step takes beyond it is overhead.
 
-    python benchmarks/profile_mappo.py [--iterations 5] [--threads 2]
+    python benchmarks/profile_mappo.py [--iterations 5] [--threads 2] [--matmul-precision medium]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--matmul-precision", default="highest", help="the run's matmul_precision (highest, high, "
+                        "medium: bfloat16 products where the CPU has them)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_config("mappo", "navigation-matched", {
             "logger.run_dir": str(Path(tmp) / "run"), "logger.progress": False,
-            "collector.total_frames": 6000 * (args.iterations + 1)})
+            "collector.total_frames": 6000 * (args.iterations + 1), "matmul_precision": args.matmul_precision})
         run = start_run(cfg, False, checked_iterations)
         cfg = run.cfg
         learners = build_learners(run.env, cfg, run.device)
@@ -124,8 +126,12 @@ def main() -> None:
     per_iter = {name: statistics.median(v) for name, v in times.items()}
     total = sum(per_iter.values())
     steps = cfg.train.num_epochs * minibatches
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(args.matmul_precision)  # the floor at the run's precision
     floor = mlp_floor(steps, obs=18, agents=3, actions=2, cells=256)
-    print(f"MAPPO navigation-matched, {torch.get_num_threads()} torch threads, median of {args.iterations} "
+    torch.set_float32_matmul_precision(before)
+    print(f"MAPPO navigation-matched, {torch.get_num_threads()} torch threads, matmul_precision={args.matmul_precision}, "
+          f"median of {args.iterations} "
           f"iterations ({steps} optimiser steps of {cfg.train.minibatch_size} each)")
     print("| phase | ms per iteration | share |")
     print("|---|---|---|")

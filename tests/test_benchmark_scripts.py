@@ -283,7 +283,9 @@ def test_busy_machine_prints_its_table():
 
 
 def test_profile_mappo_prints_its_phases():
-    out = _run(str(BENCHMARKS / "profile_mappo.py"), "--iterations", "1", "--threads", "1")
+    out = _run(str(BENCHMARKS / "profile_mappo.py"), "--iterations", "1", "--threads", "1", "--matmul-precision",
+               "medium")
+    assert "matmul_precision=medium" in out, out
     for phase in ("collection", "GAE", "loss forward", "backward", "optimiser step", "end_iteration"):
         assert f"| {phase}" in out, out
     assert "bare MLPs of the same sizes" in out, out
