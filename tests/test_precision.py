@@ -13,6 +13,7 @@ from marlkit.pipelines import threads
 from marlkit.pipelines.collectors import worker_env
 from marlkit.pipelines.config import EnvConfig, ModelConfig
 from marlkit.pipelines.evaluate import _evaluation_worker
+from marlkit.pipelines.runs import config_from_dict, read_config
 
 from conftest import make_tiny_config
 
@@ -43,6 +44,7 @@ def test_a_run_trains_with_its_precision_and_gives_the_process_back_its_own(tmp_
     assert seen and set(seen) == {"medium"}  # every optimiser step
     assert torch.get_float32_matmul_precision() == "high"
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["matmul_precision"] == "medium"
+    assert config_from_dict(read_config(result.run_dir)).matmul_precision == "medium"  # what --resume trains with
 
 
 def test_the_default_keeps_float32_products(tmp_path, monkeypatch, keep_precision):
