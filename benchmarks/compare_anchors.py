@@ -165,8 +165,9 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
 def table(runs: list[dict[str, Any]]) -> str:
     """Per algorithm and thread count: each system's median frames/s (min-max), each marlkit system's ratio
     to it, and the median final return."""
-    lines = ["| algorithm | threads | system | rounds | loop frames/s, median (min-max) | marlkit / system | "
-             "marlkit-bf16 / system | final return, median |", "|---|---|---|---|---|---|---|---|"]
+    columns = ["algorithm", "threads", "system", "rounds", "loop frames/s, median (min-max)",
+               *(f"{ours} / system" for ours in MARLKIT), "final return, median"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         groups.setdefault((run["algorithm"], run["threads"]), {}).setdefault(run["system"], []).append(run)

@@ -57,6 +57,7 @@ def main() -> None:
     from marlkit.losses import minibatch_keys
     from marlkit.pipelines import make_config
     from marlkit.pipelines.mappo import build_learners, checked_iterations
+    from marlkit.pipelines.precision import apply_matmul_precision
     from marlkit.pipelines.reporting import scalar_entries
     from marlkit.pipelines.session import end_iteration, finish_run, start_run, start_training
     from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
@@ -126,8 +127,7 @@ def main() -> None:
     per_iter = {name: statistics.median(v) for name, v in times.items()}
     total = sum(per_iter.values())
     steps = cfg.train.num_epochs * minibatches
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(args.matmul_precision)  # the floor at the run's precision
+    before = apply_matmul_precision(args.matmul_precision)  # the floor at the run's precision
     floor = mlp_floor(steps, obs=18, agents=3, actions=2, cells=256)
     torch.set_float32_matmul_precision(before)
     print(f"MAPPO navigation-matched, {torch.get_num_threads()} torch threads, matmul_precision={args.matmul_precision}, "

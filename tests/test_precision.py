@@ -25,36 +25,39 @@ def keep_precision():
     torch.set_float32_matmul_precision(before)
 
 
+@pytest.fixture
+def precision_at_steps(monkeypatch):
+    """The matmul precision in force at each optimiser step (every step polls the thread governor)."""
+    seen = []
+    poll = threads.poll
+    monkeypatch.setattr(threads, "poll", lambda: seen.append(torch.get_float32_matmul_precision()) or poll())
+    return seen
+
+
 def test_a_bad_precision_is_refused_in_one_line(cli_rejects):
     cli_rejects(["train", "mappo", "matmul_precision=low"],
                 r"matmul_precision='low' is not a precision; accepted: highest, high, medium")
 
 
 @pytest.mark.parametrize("algorithm", ["mappo", "iql"])
-def test_a_run_trains_with_its_precision_and_gives_the_process_back_its_own(tmp_path, monkeypatch, keep_precision,
-                                                                            algorithm):
+def test_a_run_trains_with_its_precision_and_gives_the_process_back_its_own(tmp_path, keep_precision,
+                                                                            precision_at_steps, algorithm):
     from marlkit.pipelines import pipeline_for
 
     torch.set_float32_matmul_precision("high")  # a notebook's own setting
-    seen = []
-    poll = threads.poll
-    monkeypatch.setattr(threads, "poll", lambda: seen.append(torch.get_float32_matmul_precision()) or poll())
     cfg = make_tiny_config(algorithm, "gridworld", tmp_path / "run", matmul_precision="medium")
     result = pipeline_for(algorithm).train(cfg)
-    assert seen and set(seen) == {"medium"}  # every optimiser step
+    assert precision_at_steps and set(precision_at_steps) == {"medium"}  # every optimiser step
     assert torch.get_float32_matmul_precision() == "high"
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["matmul_precision"] == "medium"
     assert config_from_dict(read_config(result.run_dir)).matmul_precision == "medium"  # what --resume trains with
 
 
-def test_the_default_keeps_float32_products(tmp_path, monkeypatch, keep_precision):
+def test_the_default_keeps_float32_products(tmp_path, keep_precision, precision_at_steps):
     from marlkit.pipelines.mappo import train
 
-    seen = []
-    poll = threads.poll
-    monkeypatch.setattr(threads, "poll", lambda: seen.append(torch.get_float32_matmul_precision()) or poll())
     train(make_tiny_config("mappo", "gridworld", tmp_path / "run"))
-    assert seen and set(seen) == {"highest"}
+    assert precision_at_steps and set(precision_at_steps) == {"highest"}
 
 
 def test_collector_workers_compute_with_the_runs_precision(keep_precision):
