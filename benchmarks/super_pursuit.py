@@ -98,16 +98,24 @@ def run_one(arm: str, seed: int, frames: int, out: Path, extra: list[str]) -> st
         wall = time.perf_counter() - start
         if result.returncode:
             return f"{name}: FAILED ({(result.stderr.strip().splitlines() or ['?'])[-1][:200]})"
-        summary = json.loads((run / "summary.json").read_text())
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(run / "metrics.csv", out / f".{name}.csv.tmp")
-        (out / f"{name}.json").write_text(json.dumps({
-            "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
-            "frames_per_s": summary["frames_per_s"], "overrides": overrides + extra,
-            "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit(), "cpu": _cpu()},
-            indent=2))
-        os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
+        summary = keep_run(run, out, arm, seed, wall, overrides + extra)
     return f"{name}: {wall / 60:.1f} min, {summary['frames_per_s']:.0f} frames/s"
+
+
+def keep_run(run: Path, out: Path, arm: str, seed: int, wall: float, overrides: list[str]) -> dict:
+    """Copy a finished run's ``metrics.csv`` to ``<out>/<arm>_s<seed>.csv`` with its record
+    ``<arm>_s<seed>.json`` (wall time, frames/s, overrides, versions, commit, CPU); returns the run's summary."""
+    name = f"{arm}_s{seed}"
+    summary = json.loads((run / "summary.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "metrics.csv", out / f".{name}.csv.tmp")
+    (out / f"{name}.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
+        "frames_per_s": summary["frames_per_s"], "overrides": overrides,
+        "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit(), "cpu": _cpu()},
+        indent=2))
+    os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
+    return summary
 
 
 def main() -> None:

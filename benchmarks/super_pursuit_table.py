@@ -32,12 +32,15 @@ def load(out: Path) -> dict[str, dict[int, dict]]:
     for file in sorted(out.glob("*_s*.csv")):
         meta = json.loads(file.with_suffix(".json").read_text())
         with file.open(newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if r.get(EVAL, "") != ""]
-        n = meta.get("n_pursuers", 8)
-        runs.setdefault(meta["arm"], {})[meta["seed"]] = {
-            "frames": [int(r["frames"]) for r in rows], "returns": [float(r[EVAL]) * n for r in rows],
-            "wall_s": meta["wall_s"]}
+            frames, returns = evaluations(list(csv.DictReader(handle)), meta.get("n_pursuers", 8))
+        runs.setdefault(meta["arm"], {})[meta["seed"]] = {"frames": frames, "returns": returns, "wall_s": meta["wall_s"]}
     return runs
+
+
+def evaluations(rows: list[dict[str, str]], n_pursuers: int) -> tuple[list[int], list[float]]:
+    """The frames and greedy returns (summed over the ``n_pursuers``) of a run's rows that evaluated."""
+    rows = [r for r in rows if r.get(EVAL, "") != ""]
+    return [int(r["frames"]) for r in rows], [float(r[EVAL]) * n_pursuers for r in rows]
 
 
 def _ci(values: np.ndarray) -> float:
