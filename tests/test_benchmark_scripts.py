@@ -51,8 +51,19 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     header, row = lines[0].split(","), lines[-1].split(",")
     row[header.index("pursuer/epsilon")] = "0.5"
     path.write_text("\n".join([*lines[:-1], ",".join(row)]) + "\n")
-    out = subprocess.run([sys.executable, *check], capture_output=True, text=True, timeout=600)
+    keep = tmp_path / "kept"
+    out = subprocess.run([sys.executable, *check, "--keep", str(keep)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and "1 differing values" in out.stdout and "pursuer/epsilon" in out.stdout, out.stdout
+    # a difference reports the outcome against every committed seed: here the rerun is seed 1 again
+    assert "outcome over the rerun's 2 evaluations" in out.stdout and "the 2 committed quantile seeds" in out.stdout
+    area = next(line for line in out.stdout.splitlines() if "area under the curve: rerun" in line)
+    assert area.split("rerun ")[1].split(";")[0] == area.split("seed 1 ")[1].split(";")[0], area
+    with (keep / "quantile_s1.csv").open() as handle:  # the rerun, kept with its record
+        kept = list(csv.DictReader(handle))
+    assert [r["pursuer/epsilon"] for r in kept] == [r["pursuer/epsilon"] for r in rows], kept
+    assert json.loads((keep / "quantile_s1.json").read_text())["wall_s"] > 0
+    again = subprocess.run([sys.executable, *check, "--keep", str(keep)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "quantile_s1.csv exists" in again.stderr, again.stderr  # never overwritten
     table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
     assert "| 2 |" in quantile and "vs none (2 seeds)" in quantile, table
@@ -81,6 +92,27 @@ def test_super_pursuit_table_pairs_plain_dqn_arms_with_plain_dqn_baseline(monkey
     claims = {r["other"]: r for r in claim_rows(runs)}
     assert claims["all"]["seeds"] == [0, 1] and claims["all"]["area"][0] == [1.0, 4.0]
     assert claims["random"]["seeds"] == [] and claims["none-dqn"]["final"][0] == [1.0, 1.0]
+
+
+def test_super_pursuit_check_ranks_a_rerun_among_the_committed_seeds(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from super_pursuit_check import outcome_lines
+
+    def write(name: str, seed: int, returns: list[float], n_pursuers: int = 8) -> None:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"arm": name.split("_s")[0], "seed": seed,
+                                                           "n_pursuers": n_pursuers, "wall_s": 1.0}))
+        lines = ["frames,eval/pursuer/episode_reward_mean", *(f"{400 * i},{r}" for i, r in enumerate(returns))]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+
+    for seed, level in enumerate([1.0, 2.0, 3.0]):  # per pursuer: sums of 8, 16, 24
+        write(f"quantile_s{seed}", seed, [level] * 6 + [100.0])  # longer runs: only the first evaluations count
+    write("quantile-dqn_s0", 0, [50.0] * 7)  # another arm, left out
+    rerun = [{"frames": str(400 * i), "eval/pursuer/episode_reward_mean": "2.5" if i % 2 else ""} for i in range(12)]
+    lines = outcome_lines("quantile", 1, rerun, tmp_path)
+    assert "rerun's 6 evaluations" in lines[0] and "the 3 committed quantile seeds" in lines[0], lines
+    assert lines[1] == ("area under the curve: rerun 20.0; committed mean 16.0, range 8.0 to 24.0, seed 1 16.0; "
+                        "2 of 3 committed seeds below the rerun"), lines
+    assert lines[2].startswith("final return: rerun 20.0; committed mean 16.0"), lines
 
 
 def test_eval_cost_times_one_evaluation():
