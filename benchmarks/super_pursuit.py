@@ -58,7 +58,7 @@ def _commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def _cpu() -> str:
+def machine_cpu() -> str:
     """The processor and the instruction set torch's kernels use on it: matrix products round differently
     on other CPUs, so a run reproduces value for value only on the same kind of machine."""
     import platform
@@ -112,7 +112,7 @@ def keep_run(run: Path, out: Path, arm: str, seed: int, wall: float, overrides: 
     (out / f"{name}.json").write_text(json.dumps({
         "arm": arm, "seed": seed, "frames": summary["frames"], "wall_s": wall,
         "frames_per_s": summary["frames_per_s"], "overrides": overrides,
-        "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit(), "cpu": _cpu()},
+        "n_pursuers": 8, "versions": summary.get("versions", {}), "commit": _commit(), "cpu": machine_cpu()},
         indent=2))
     os.replace(out / f".{name}.csv.tmp", out / f"{name}.csv")  # the CSV last: it marks the run done
     return summary

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from super_pursuit import _cpu, ARMS, DEFAULT_OUT, keep_run, train_command  # noqa: E402  (sibling scripts)
+from super_pursuit import ARMS, DEFAULT_OUT, keep_run, machine_cpu, train_command  # noqa: E402  (sibling scripts)
 from super_pursuit_table import area_of, evaluations, final_of  # noqa: E402
 
 NOT_COMPARED = ("time_s", "frames_per_s", "timers/", "system/")  # timings and the machine's thread count
@@ -90,7 +90,7 @@ def main() -> None:
     if diffs:
         record = path.with_suffix(".json")
         made_on = json.loads(record.read_text()).get("cpu") if record.is_file() else None
-        print(f"  the committed run was made on {made_on or 'a CPU its record does not name'}; this rerun on {_cpu()}: "
+        print(f"  the committed run was made on {made_on or 'a CPU its record does not name'}; this rerun on {machine_cpu()}: "
               "on another kind of CPU products round differently and the runs part from the first update on, "
               "on the same kind a difference is a change in the results")
         for line in outcome_lines(args.arm, args.seed, rerun, args.results):
