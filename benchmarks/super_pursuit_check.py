@@ -67,8 +67,13 @@ def main() -> None:
         committed = list(csv.DictReader(handle))
     if not committed or int(committed[-1]["frames"]) < args.frames:
         parser.error(f"{path} covers {committed[-1]['frames'] if committed else 0} frames; --frames must not exceed it")
-    if args.keep is not None and (args.keep / path.name).exists():
-        parser.error(f"{args.keep / path.name} exists; --keep needs a folder without this arm and seed's run")
+    if args.keep is not None:  # before the rerun, which can take twenty minutes
+        if (args.keep / path.name).exists():
+            parser.error(f"{args.keep / path.name} exists; --keep needs a folder without this arm and seed's run")
+        try:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--keep {args.keep}: cannot make that folder ({error.strerror}); pass a writable folder")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MARLKIT_THREADS": "1"}

@@ -64,6 +64,9 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     assert json.loads((keep / "quantile_s1.json").read_text())["wall_s"] > 0
     again = subprocess.run([sys.executable, *check, "--keep", str(keep)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "quantile_s1.csv exists" in again.stderr, again.stderr  # never overwritten
+    a_file = [*check, "--keep", str(tmp_path / "quantile_s1.json")]  # refused before retraining
+    blocked = subprocess.run([sys.executable, *a_file], capture_output=True, text=True, timeout=600)
+    assert blocked.returncode == 2 and "cannot make that folder" in blocked.stderr, blocked.stderr
     table = _run(str(BENCHMARKS / "super_pursuit_table.py"), "--out", str(tmp_path))
     quantile = next(line for line in table.splitlines() if line.startswith("| quantile |"))
     assert "| 2 |" in quantile and "vs none (2 seeds)" in quantile, table
