@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from super_pursuit import ARMS, DEFAULT_OUT, keep_run, machine_cpu, train_command  # noqa: E402  (sibling scripts)
-from super_pursuit_table import area_of, evaluations, final_of  # noqa: E402
+from super_pursuit_table import area_of, evaluations, final_of, load  # noqa: E402
 
 NOT_COMPARED = ("time_s", "frames_per_s", "timers/", "system/")  # timings and the machine's thread count
 
@@ -107,16 +107,12 @@ def outcome_lines(arm: str, seed: int, rerun: list[dict[str, str]], results: Pat
     """How the rerun's area under the curve and final return (over its evaluations) compare with each
     committed seed of ``arm`` over the same evaluations: the rerun's value, the committed seeds' mean, range
     and ``seed``'s own, and where the rerun ranks among them."""
-    everyone = {}
-    for file in sorted(results.glob(f"{arm}_s*.csv")):  # the glob leaves out quantile-dqn_s* for quantile
-        record = json.loads(file.with_suffix(".json").read_text())
-        with file.open(newline="") as handle:
-            everyone[record["seed"]] = (evaluations(list(csv.DictReader(handle)), record.get("n_pursuers", 8))[1],
-                                        record.get("n_pursuers", 8))
-    _, returns = evaluations(rerun, everyone[seed][1])  # summed as the committed run's record says
+    n_pursuers = json.loads((results / f"{arm}_s{seed}.json").read_text()).get("n_pursuers", 8)
+    _, returns = evaluations(rerun, n_pursuers)  # summed as the committed run's record says
     if not returns:
         return ["the rerun made no evaluation: no outcome to compare (raise --frames)"]
-    committed = {s: theirs[:len(returns)] for s, (theirs, _) in everyone.items() if len(theirs) >= len(returns)}
+    committed = {s: run["returns"][:len(returns)] for s, run in load(results).get(arm, {}).items()
+                 if len(run["returns"]) >= len(returns)}
     lines = [f"outcome over the rerun's {len(returns)} evaluations (greedy return summed over the pursuers), "
              f"against the {len(committed)} committed {arm} seeds:"]
     for name, reduce in (("area under the curve", area_of), ("final return", final_of)):
