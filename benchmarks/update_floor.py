@@ -9,7 +9,16 @@ all agents, as marlkit's ``AgentMLP`` runs them. It is timed eagerly and with th
 ``python benchmarks/super_update_cost.py`` times marlkit's whole update (replay draw and re-prioritisation
 included) for comparison.
 
+``--replay`` puts the replay around it, still without TensorDict or TorchRL: every agent's minibatch drawn in
+one pass over marlkit's priority table (``PriorityBlocks``, the code ``SharedReplay`` runs, on buffers of
+``--capacity`` slots, full), gathered from each agent's storage tensors (one ``index_select`` per agent and
+field, as ``SharedReplay.sample`` does), and the agents' slots re-prioritised with the new |TD errors|. It
+prints the three parts (draw and gather, update, re-prioritise) and the whole. The eager figure is the least
+an update of marlkit's SUPER costs on this CPU while computing what it computes now; the compiled one rounds
+differently.
+
     python benchmarks/update_floor.py [--rounds 3] [--updates 2000] [--threads 1] [--no-compile]
+        [--replay [--capacity 120000]]
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -46,8 +56,46 @@ def td_loss(params: list[torch.Tensor], target: list[torch.Tensor], obs: torch.T
     return (squared * weight).mean(), squared.detach()
 
 
-def timed(loss_fn, rounds_of: int) -> float:
-    """Milliseconds per update (median of 5 blocks of ``rounds_of // 5`` updates, after a warm-up)."""
+class Replay:
+    """Every agent's full buffer as plain tensors and its priorities in marlkit's ``PriorityBlocks``."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        from marlkit.pipelines.replay import PriorityBlocks  # the replay's own code, imported only for --replay
+
+        def per_agent(make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+            return [make() for _ in range(AGENTS)]
+
+        self.capacity = capacity
+        self.obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
+        self.next_obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
+        self.action = per_agent(lambda: torch.randint(0, ACTIONS, (capacity,), generator=generator))
+        self.reward = per_agent(lambda: torch.randn(capacity, generator=generator))
+        self.terminated = per_agent(lambda: torch.zeros(capacity, dtype=torch.bool))
+        self.table = PriorityBlocks(AGENTS, capacity, 0.6)
+        self.table.raw[:, :capacity] = torch.rand(AGENTS, capacity, generator=generator) + 0.01
+        self.table.refresh()
+
+    def draw(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Each agent's slots (``[agents, batch]``) and the minibatch as ``td_loss`` takes it."""
+        index, weight = self.table.draw(list(range(AGENTS)), [self.capacity] * AGENTS, BATCH, 0.4)
+        rows = index.unbind(0)
+        obs, next_obs = torch.empty(AGENTS, BATCH, OBS), torch.empty(AGENTS, BATCH, OBS)
+        for i, row in enumerate(rows):  # agent-major observations, written in place as SharedReplay does
+            torch.index_select(self.obs[i], 0, row, out=obs[i])
+            torch.index_select(self.next_obs[i], 0, row, out=next_obs[i])
+
+        def gathered(fields: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([field.index_select(0, row) for field, row in zip(fields, rows, strict=True)])
+
+        return index, (obs, next_obs, gathered(self.action), gathered(self.reward), gathered(self.terminated), weight)
+
+    def reprioritise(self, index: torch.Tensor, squared: torch.Tensor) -> None:
+        self.table.set(index, squared.sqrt() + 1e-6)
+
+
+def timed(loss_fn, rounds_of: int, replay: Replay | None = None) -> list[float]:
+    """Milliseconds per update (median of 5 blocks of ``rounds_of // 5`` updates, after a warm-up); with
+    ``replay`` also the medians of its parts: draw and gather, update, re-prioritise."""
     g = torch.Generator().manual_seed(0)
     shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
               (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
@@ -57,23 +105,38 @@ def timed(loss_fn, rounds_of: int) -> float:
             torch.randint(0, ACTIONS, (AGENTS, BATCH), generator=g), torch.randn(AGENTS, BATCH, generator=g),
             torch.zeros(AGENTS, BATCH, dtype=torch.bool), torch.rand(AGENTS, BATCH, generator=g))
     adam = torch.optim.Adam(params, lr=1.6e-4, fused=True)
+    parts: list[tuple[float, float, float]] = []
 
-    def update() -> None:
-        loss, _ = loss_fn(params, target, *data)
+    def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss, squared = loss_fn(params, target, *batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 40.0)
         adam.step()
         adam.zero_grad(set_to_none=True)
+        return squared
+
+    def update() -> None:
+        if replay is None:
+            step(data)
+            return
+        start = time.perf_counter()
+        index, batch = replay.draw()
+        drawn = time.perf_counter()
+        squared = step(batch)
+        stepped = time.perf_counter()
+        replay.reprioritise(index, squared)
+        parts.append((drawn - start, stepped - drawn, time.perf_counter() - stepped))
 
     for _ in range(50):
         update()
+    parts.clear()
     blocks = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(rounds_of // 5):
             update()
         blocks.append((time.perf_counter() - start) / (rounds_of // 5) * 1000)
-    return statistics.median(blocks)
+    return [statistics.median(blocks), *(statistics.median(part) * 1000 for part in zip(*parts))]
 
 
 def main() -> None:
@@ -82,26 +145,37 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=2000, help="timed updates per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="eager only (no inductor compilation)")
+    parser.add_argument("--replay", action="store_true", help="draw, gather and re-prioritise around each update")
+    parser.add_argument("--capacity", type=int, default=120_000, help="--replay: slots per agent's buffer (full)")
     args = parser.parse_args()
     if args.rounds < 1 or args.updates < 5:
         raise SystemExit(f"--rounds must be >= 1 and --updates >= 5, got {args.rounds} and {args.updates}")
+    if args.capacity < BATCH:
+        raise SystemExit(f"--capacity must be at least the {BATCH} samples drawn per agent, got {args.capacity}")
     torch.set_num_threads(args.threads)
+    replay = Replay(args.capacity, torch.Generator().manual_seed(1)) if args.replay else None
     variants = {"eager": td_loss}
     if not args.no_compile:
         start = time.perf_counter()
         compiled = torch.compile(td_loss)
-        timed(compiled, 5)  # compiles forward and backward
+        timed(compiled, 5, replay)  # compiles forward and backward
         print(f"compiling took {time.perf_counter() - start:.1f} s", flush=True)
         variants["compiled"] = compiled
-    results: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, list[list[float]]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, fn in variants.items():
-            results[name].append(timed(fn, args.updates))
-            print(f"round {round_}: {name} {results[name][-1]:.3f} ms per update", flush=True)
-    print(f"\n| loss | ms per update (each round, {args.threads} thread(s)) | median |")
-    print("|---|---|---|")
-    for name, values in results.items():
-        print(f"| {name} | {', '.join(f'{v:.3f}' for v in values)} | {statistics.median(values):.3f} |")
+            results[name].append(timed(fn, args.updates, replay))
+            whole, *parts = results[name][-1]
+            split = f" (draw and gather {parts[0]:.3f}, update {parts[1]:.3f}, re-prioritise {parts[2]:.3f})" if parts else ""
+            print(f"round {round_}: {name} {whole:.3f} ms per update{split}", flush=True)
+    what = "with draw, gather and re-prioritisation" if replay else "update only"
+    print(f"\n| loss | ms per update, {what} (each round, {args.threads} thread(s)) | median |"
+          + (" draw and gather | update | re-prioritise |" if replay else ""))
+    print("|---|---|---|" + ("---|---|---|" if replay else ""))
+    for name, rounds in results.items():
+        wholes = [r[0] for r in rounds]
+        medians = "".join(f" {statistics.median(r[k] for r in rounds):.3f} |" for k in (1, 2, 3)) if replay else ""
+        print(f"| {name} | {', '.join(f'{v:.3f}' for v in wholes)} | {statistics.median(wholes):.3f} |{medians}")
 
 
 if __name__ == "__main__":

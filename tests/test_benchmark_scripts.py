@@ -339,3 +339,33 @@ def test_update_floor_times_eager_and_compiled_updates():
     out = _run(str(BENCHMARKS / "update_floor.py"), "--rounds", "1", "--updates", "5")
     rows = [line.split("|") for line in out.splitlines() if line.startswith(("| eager |", "| compiled |"))]
     assert [r[1].strip() for r in rows] == ["eager", "compiled"] and all(float(r[3]) > 0 for r in rows), out
+
+
+def test_update_floor_with_replay_prints_the_parts_of_an_update():
+    out = _run(str(BENCHMARKS / "update_floor.py"), "--rounds", "1", "--updates", "5", "--no-compile", "--replay",
+               "--capacity", "256")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| eager |")]
+    assert "with draw, gather and re-prioritisation" in out and len(rows) == 1, out
+    assert all(float(value) > 0 for value in rows[0][3:7]), out
+
+
+def test_update_floor_replay_gathers_each_agents_slots_and_reprioritises_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from update_floor import AGENTS, BATCH, OBS, Replay
+
+    replay = Replay(256, torch.Generator().manual_seed(0))
+    index, (obs, next_obs, action, reward, terminated, weight) = replay.draw()
+    assert index.shape == (AGENTS, BATCH) and obs.shape == next_obs.shape == (AGENTS, BATCH, OBS)
+    assert weight.shape == (AGENTS, BATCH) and bool((weight > 0).all() and (weight <= 1).all())
+    for i in range(AGENTS):  # agent i's minibatch comes from agent i's own buffer, at its own slots
+        assert torch.equal(obs[i], replay.obs[i][index[i]]) and torch.equal(next_obs[i], replay.next_obs[i][index[i]])
+        assert torch.equal(action[i], replay.action[i][index[i]]) and torch.equal(reward[i], replay.reward[i][index[i]])
+    assert not terminated.any()
+    squared = torch.rand(AGENTS, BATCH, generator=torch.Generator().manual_seed(1))
+    replay.reprioritise(index, squared)
+    given: dict[tuple[int, int], list[float]] = {}
+    for i in range(AGENTS):
+        for k, slot in enumerate(index[i].tolist()):
+            given.setdefault((i, slot), []).append(squared[i, k].item() ** 0.5 + 1e-6)
+    for (i, slot), values in given.items():  # a slot drawn twice keeps one of its two errors
+        assert any(replay.table.raw[i, slot].item() == pytest.approx(v) for v in values), (i, slot, values)
