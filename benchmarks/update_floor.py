@@ -12,13 +12,15 @@ included) for comparison.
 ``--replay`` puts the replay around it, still without TensorDict or TorchRL: every agent's minibatch drawn in
 one pass over marlkit's priority table (``PriorityBlocks``, the code ``SharedReplay`` runs, on buffers of
 ``--capacity`` slots, full), gathered from each agent's storage tensors (one ``index_select`` per agent and
-field, as ``SharedReplay.sample`` does), and the agents' slots re-prioritised with the new |TD errors|. It
+field, as ``SharedReplay.sample`` does), and the agents' slots re-prioritised with the new |TD errors|.
+``--obs-bytes`` stores the observations as ``uint8`` and converts the gathered ones to float (exact for
+pursuit's 0/1 walls and small counts, a quarter of the memory to read; marlkit stores float32). It
 prints the three parts (draw and gather, update, re-prioritise) and the whole. The eager figure is the least
 an update of marlkit's SUPER costs on this CPU while computing what it computes now; the compiled one rounds
 differently.
 
     python benchmarks/update_floor.py [--rounds 3] [--updates 2000] [--threads 1] [--no-compile]
-        [--replay [--capacity 120000]]
+        [--replay [--capacity 120000] [--obs-bytes]]
 """
 
 from __future__ import annotations
@@ -59,15 +61,19 @@ def td_loss(params: list[torch.Tensor], target: list[torch.Tensor], obs: torch.T
 class Replay:
     """Every agent's full buffer as plain tensors and its priorities in marlkit's ``PriorityBlocks``."""
 
-    def __init__(self, capacity: int, generator: torch.Generator):
+    def __init__(self, capacity: int, generator: torch.Generator, obs_bytes: bool = False):
         from marlkit.pipelines.replay import PriorityBlocks  # the replay's own code, imported only for --replay
 
         def per_agent(make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
             return [make() for _ in range(AGENTS)]
 
         self.capacity = capacity
-        self.obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
-        self.next_obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
+        if obs_bytes:  # small counts, as pursuit observes them
+            self.obs = per_agent(lambda: torch.randint(0, 3, (capacity, OBS), generator=generator, dtype=torch.uint8))
+            self.next_obs = per_agent(lambda: torch.randint(0, 3, (capacity, OBS), generator=generator, dtype=torch.uint8))
+        else:
+            self.obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
+            self.next_obs = per_agent(lambda: torch.rand(capacity, OBS, generator=generator))
         self.action = per_agent(lambda: torch.randint(0, ACTIONS, (capacity,), generator=generator))
         self.reward = per_agent(lambda: torch.randn(capacity, generator=generator))
         self.terminated = per_agent(lambda: torch.zeros(capacity, dtype=torch.bool))
@@ -79,7 +85,8 @@ class Replay:
         """Each agent's slots (``[agents, batch]``) and the minibatch as ``td_loss`` takes it."""
         index, weight = self.table.draw(list(range(AGENTS)), [self.capacity] * AGENTS, BATCH, 0.4)
         rows = index.unbind(0)
-        obs, next_obs = torch.empty(AGENTS, BATCH, OBS), torch.empty(AGENTS, BATCH, OBS)
+        stored = self.obs[0].dtype
+        obs, next_obs = torch.empty(AGENTS, BATCH, OBS, dtype=stored), torch.empty(AGENTS, BATCH, OBS, dtype=stored)
         for i, row in enumerate(rows):  # agent-major observations, written in place as SharedReplay does
             torch.index_select(self.obs[i], 0, row, out=obs[i])
             torch.index_select(self.next_obs[i], 0, row, out=next_obs[i])
@@ -87,6 +94,7 @@ class Replay:
         def gathered(fields: list[torch.Tensor]) -> torch.Tensor:
             return torch.stack([field.index_select(0, row) for field, row in zip(fields, rows, strict=True)])
 
+        obs, next_obs = obs.float(), next_obs.float()  # no copy when stored as float
         return index, (obs, next_obs, gathered(self.action), gathered(self.reward), gathered(self.terminated), weight)
 
     def reprioritise(self, index: torch.Tensor, squared: torch.Tensor) -> None:
@@ -147,13 +155,16 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager only (no inductor compilation)")
     parser.add_argument("--replay", action="store_true", help="draw, gather and re-prioritise around each update")
     parser.add_argument("--capacity", type=int, default=120_000, help="--replay: slots per agent's buffer (full)")
+    parser.add_argument("--obs-bytes", action="store_true", help="--replay: observations stored as uint8")
     args = parser.parse_args()
     if args.rounds < 1 or args.updates < 5:
         raise SystemExit(f"--rounds must be >= 1 and --updates >= 5, got {args.rounds} and {args.updates}")
     if args.capacity < BATCH:
         raise SystemExit(f"--capacity must be at least the {BATCH} samples drawn per agent, got {args.capacity}")
+    if args.obs_bytes and not args.replay:
+        raise SystemExit("--obs-bytes changes how the replay stores observations: add --replay")
     torch.set_num_threads(args.threads)
-    replay = Replay(args.capacity, torch.Generator().manual_seed(1)) if args.replay else None
+    replay = Replay(args.capacity, torch.Generator().manual_seed(1), args.obs_bytes) if args.replay else None
     variants = {"eager": td_loss}
     if not args.no_compile:
         start = time.perf_counter()
@@ -169,6 +180,7 @@ def main() -> None:
             split = f" (draw and gather {parts[0]:.3f}, update {parts[1]:.3f}, re-prioritise {parts[2]:.3f})" if parts else ""
             print(f"round {round_}: {name} {whole:.3f} ms per update{split}", flush=True)
     what = "with draw, gather and re-prioritisation" if replay else "update only"
+    what += ", observations stored as uint8" if args.obs_bytes else ""
     print(f"\n| loss | ms per update, {what} (each round, {args.threads} thread(s)) | median |"
           + (" draw and gather | update | re-prioritise |" if replay else ""))
     print("|---|---|---|" + ("---|---|---|" if replay else ""))

@@ -343,22 +343,25 @@ def test_update_floor_times_eager_and_compiled_updates():
 
 def test_update_floor_with_replay_prints_the_parts_of_an_update():
     out = _run(str(BENCHMARKS / "update_floor.py"), "--rounds", "1", "--updates", "5", "--no-compile", "--replay",
-               "--capacity", "256")
+               "--capacity", "256", "--obs-bytes")
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| eager |")]
-    assert "with draw, gather and re-prioritisation" in out and len(rows) == 1, out
+    assert "with draw, gather and re-prioritisation, observations stored as uint8" in out and len(rows) == 1, out
     assert all(float(value) > 0 for value in rows[0][3:7]), out
 
 
-def test_update_floor_replay_gathers_each_agents_slots_and_reprioritises_them(monkeypatch):
+@pytest.mark.parametrize("obs_bytes", [False, True])
+def test_update_floor_replay_gathers_each_agents_slots_and_reprioritises_them(monkeypatch, obs_bytes):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from update_floor import AGENTS, BATCH, OBS, Replay
 
-    replay = Replay(256, torch.Generator().manual_seed(0))
+    replay = Replay(256, torch.Generator().manual_seed(0), obs_bytes=obs_bytes)
     index, (obs, next_obs, action, reward, terminated, weight) = replay.draw()
+    assert obs.dtype == next_obs.dtype == torch.float32
     assert index.shape == (AGENTS, BATCH) and obs.shape == next_obs.shape == (AGENTS, BATCH, OBS)
     assert weight.shape == (AGENTS, BATCH) and bool((weight > 0).all() and (weight <= 1).all())
     for i in range(AGENTS):  # agent i's minibatch comes from agent i's own buffer, at its own slots
-        assert torch.equal(obs[i], replay.obs[i][index[i]]) and torch.equal(next_obs[i], replay.next_obs[i][index[i]])
+        assert torch.equal(obs[i], replay.obs[i][index[i]].float())
+        assert torch.equal(next_obs[i], replay.next_obs[i][index[i]].float())
         assert torch.equal(action[i], replay.action[i][index[i]]) and torch.equal(reward[i], replay.reward[i][index[i]])
     assert not terminated.any()
     squared = torch.rand(AGENTS, BATCH, generator=torch.Generator().manual_seed(1))
