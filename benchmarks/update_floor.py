@@ -15,9 +15,9 @@ one pass over marlkit's priority table (``PriorityBlocks``, the code ``SharedRep
 field, as ``SharedReplay.sample`` does), and the agents' slots re-prioritised with the new |TD errors|.
 ``--obs-bytes`` stores the observations as ``uint8`` and converts the gathered ones to float (exact for
 pursuit's 0/1 walls and small counts, a quarter of the memory to read; marlkit stores float32). It
-prints the three parts (draw and gather, update, re-prioritise) and the whole. The eager figure is the least
-an update of marlkit's SUPER costs on this CPU while computing what it computes now; the compiled one rounds
-differently.
+prints the three parts (draw and gather, update, re-prioritise) and the whole. The eager figure is what an
+update of marlkit's SUPER would cost on this CPU with no framework around the same operations; the compiled
+one rounds differently.
 
     python benchmarks/update_floor.py [--rounds 3] [--updates 2000] [--threads 1] [--no-compile]
         [--replay [--capacity 120000] [--obs-bytes]]
@@ -98,6 +98,7 @@ class Replay:
         return index, (obs, next_obs, gathered(self.action), gathered(self.reward), gathered(self.terminated), weight)
 
     def reprioritise(self, index: torch.Tensor, squared: torch.Tensor) -> None:
+        """The drawn slots get priority |TD error| + eps, as ``SharedReplay.update_priority`` sets them."""
         self.table.set(index, squared.sqrt() + 1e-6)
 
 
