@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from marlkit.pipelines.replay import PriorityBlocks, td_priority
+
 AGENTS, BATCH, OBS, HIDDEN, ACTIONS = 8, 32, 7 * 7 * 3, 64, 5
 
 
@@ -62,8 +64,6 @@ class Replay:
     """Every agent's full buffer as plain tensors and its priorities in marlkit's ``PriorityBlocks``."""
 
     def __init__(self, capacity: int, generator: torch.Generator, obs_bytes: bool = False):
-        from marlkit.pipelines.replay import PriorityBlocks  # the replay's own code, imported only for --replay
-
         def per_agent(make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
             return [make() for _ in range(AGENTS)]
 
@@ -99,7 +99,7 @@ class Replay:
 
     def reprioritise(self, index: torch.Tensor, squared: torch.Tensor) -> None:
         """The drawn slots get priority |TD error| + eps, as ``SharedReplay.update_priority`` sets them."""
-        self.table.set(index, squared.sqrt() + 1e-6)
+        self.table.set(index, td_priority(squared.sqrt(), 1e-6))
 
 
 def timed(loss_fn, rounds_of: int, replay: Replay | None = None) -> list[float]:
