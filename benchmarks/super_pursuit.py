@@ -12,7 +12,7 @@ Arms: ``none``, ``quantile``, ``gaussian``, ``stochastic`` (SUPER's three select
 ``quantile-dqn`` (plain DQN: no dueling, no double Q; the paper's robustness check).
 
     python benchmarks/super_pursuit.py [--arms none,quantile,gaussian,stochastic] [--seeds 0-4]
-                                       [--frames 800000] [--jobs 2] [--out benchmarks/results/super_pursuit]
+                                       [--frames 800000] [--jobs 2] [--out benchmarks/results/super_pursuit_huber_tanh]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ARMS = {
     "none-dqn": {"sharing.mode": "none", "model.dueling": "false", "loss.double_dqn": "false"},
     "quantile-dqn": {"sharing.mode": "quantile", "model.dueling": "false", "loss.double_dqn": "false"},
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit_huber_tanh"
 
 
 def _seeds(text: str) -> list[int]:

@@ -17,7 +17,7 @@ reproduces in distribution. ``--keep DIR`` keeps the rerun's CSV and record ther
 ``super_pursuit.py`` writes them, with its wall time and CPU) instead of discarding it.
 
     python benchmarks/super_pursuit_check.py --arm quantile --seed 3 [--frames 80000]
-        [--results benchmarks/results/super_pursuit] [--keep DIR] [section.field=value ...]
+        [--results benchmarks/results/super_pursuit_huber_tanh] [--keep DIR] [section.field=value ...]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ curve (mean over evaluations), the final return (mean of the last 5 evaluations)
 plain-DQN arms, the paper's robustness check), and wall time per run; then the paper's other claims as paired
 differences of two arms (``quantile`` against ``all`` and ``random``, ``quantile-dqn`` against ``none-dqn``).
 
-    python benchmarks/super_pursuit_table.py [--out benchmarks/results/super_pursuit] [--png FILE]
+    python benchmarks/super_pursuit_table.py [--out benchmarks/results/super_pursuit_huber_tanh] [--png FILE]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from super_pursuit import ARMS
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "super_pursuit_huber_tanh"
 EVAL = "eval/pursuer/episode_reward_mean"
 
 

@@ -270,6 +270,15 @@ def test_only_networks_that_reshape_observations_into_batched_mlps_read_them_age
     assert not reads_agents_first(values(share_params=True, flatten_images=True))  # TorchRL's shared forward
 
 
+def test_pursuit_super_preset_takes_the_paper_codes_loss_and_activation():
+    """The authors' RLlib DQN: Huber (delta 1) TD loss, tanh MLP (RLlib's model default), clip 40."""
+    from marlkit.pipelines import make_config
+
+    cfg = make_config("iql", "pursuit-super", {})
+    assert (cfg.loss.loss_function, cfg.model.activation, cfg.train.max_grad_norm) == ("smooth_l1", "tanh", 40.0)
+    assert (cfg.model.num_cells, cfg.model.dueling, cfg.loss.double_dqn) == ([64, 64], True, True)
+
+
 def test_pursuit_super_replay_hands_observations_over_agent_major(tmp_path):
     from marlkit.pipelines import make_config
     from marlkit.pipelines.session import start_run
