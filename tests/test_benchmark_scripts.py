@@ -372,3 +372,31 @@ def test_update_floor_replay_gathers_each_agents_slots_and_reprioritises_them(mo
             given.setdefault((i, slot), []).append(squared[i, k].item() ** 0.5 + 1e-6)
     for (i, slot), values in given.items():  # a slot drawn twice keeps one of its two errors
         assert any(replay.table.raw[i, slot].item() == pytest.approx(v) for v in values), (i, slot, values)
+
+
+def test_super_td_stats_records_each_update_and_the_norm_the_clip_sees(monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    from super_td_stats import train_and_record
+
+    clipped: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        norm = clip(params, max_norm, *args, **kwargs)
+        clipped.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    td, norms, max_norm = train_and_record(1600, {"env.num_envs": 4, "replay.memmap": False})
+    assert max_norm == 40.0 and len(td) == len(norms) == len(clipped) == 200  # two batches of 400 frames train
+    assert all(t.shape == (8 * 32,) for t in td) and all(n.shape == (8,) for n in norms)
+    # each pursuer's own-loss norm is n_agents times its part of the batched gradient, whose norm the clip sees
+    joint = torch.stack(norms).pow(2).sum(1).sqrt() / 8
+    assert torch.allclose(joint, torch.tensor(clipped), rtol=1e-4), (joint[:3], clipped[:3])
+
+
+def test_super_td_stats_prints_its_table():
+    out = _run(str(BENCHMARKS / "super_td_stats.py"), "--frames", "1600", "--stretches", "2",
+               "--set", "env.num_envs=4", "replay.memmap=false")
+    rows = [line for line in out.splitlines() if line.startswith("| 0-") or line.startswith("| 100-")]
+    assert len(rows) == 2 and "200 updates" in out, out
