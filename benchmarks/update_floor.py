@@ -2,9 +2,11 @@
 
 One update of the 8 pursuers' dueling double DQN, written as plain tensor code with no TensorDict, replay or
 loss module around it: the online network on 32 observations per agent (7x7x3, flat), the target and online
-networks on the next ones (double Q), the TD target, the importance-weighted squared error, backward, one
-gradient-norm clip over all parameters and fused Adam. The networks are one batched matmul per layer for
-all agents, as marlkit's ``AgentMLP`` runs them. It is timed eagerly and with the loss compiled
+networks on the next ones (double Q), the TD target, the importance-weighted Huber loss (the preset's
+``smooth_l1``; the squared errors are the new priorities), backward, one gradient-norm clip over all
+parameters and fused Adam. The networks (tanh, as the preset since 2026-12-06; ReLU and the squared error
+before, in the results committed until then) are one batched matmul per layer for all agents, as marlkit's
+``AgentMLP`` runs them. It is timed eagerly and with the loss compiled
 (``torch.compile``, inductor; its backward is compiled with it), interleaved round by round, one thread.
 ``python benchmarks/super_update_cost.py`` times marlkit's whole update (replay draw and re-prioritisation
 included) for comparison.
@@ -38,10 +40,10 @@ AGENTS, BATCH, OBS, HIDDEN, ACTIONS = 8, 32, 7 * 7 * 3, 64, 5
 
 
 def q_values(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Dueling Q values ``[agents, batch, actions]`` of every agent's MLP [64, 64] (ReLU)."""
+    """Dueling Q values ``[agents, batch, actions]`` of every agent's MLP [64, 64] (tanh, as the preset)."""
     w1, b1, w2, b2, w3, b3 = params
-    h = torch.relu(torch.bmm(x, w1.transpose(1, 2)) + b1.unsqueeze(1))
-    h = torch.relu(torch.bmm(h, w2.transpose(1, 2)) + b2.unsqueeze(1))
+    h = torch.tanh(torch.bmm(x, w1.transpose(1, 2)) + b1.unsqueeze(1))
+    h = torch.tanh(torch.bmm(h, w2.transpose(1, 2)) + b2.unsqueeze(1))
     out = torch.bmm(h, w3.transpose(1, 2)) + b3.unsqueeze(1)
     value, advantage = out[..., :1], out[..., 1:]
     return value + advantage - advantage.mean(-1, keepdim=True)
@@ -56,8 +58,8 @@ def td_loss(params: list[torch.Tensor], target: list[torch.Tensor], obs: torch.T
         best = q_values(params, next_obs).argmax(-1, keepdim=True)
         next_value = q_values(target, next_obs).gather(-1, best).squeeze(-1)
         goal = reward + 0.99 * next_value * (~terminated)
-    squared = (chosen - goal).pow(2)
-    return (squared * weight).mean(), squared.detach()
+    huber = torch.nn.functional.smooth_l1_loss(chosen, goal, reduction="none")
+    return (huber * weight).mean(), (chosen - goal).detach().pow(2)
 
 
 class Replay:
