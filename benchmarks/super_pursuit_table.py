@@ -47,10 +47,14 @@ def _ci(values: np.ndarray) -> float:
     return 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
-def paired_bootstrap(diffs: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> tuple[float, float]:
-    """95% interval of the mean of ``diffs`` (one per seed), resampling seeds."""
+def paired_bootstrap(diffs: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of ``diffs`` (one per seed), resampling seeds.
+
+    Each call draws from its own generator, so the same differences give the same interval wherever they
+    appear (the arms table and the claims table)."""
     if len(diffs) < 2:
         return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
     means = diffs[rng.integers(len(diffs), size=(n, len(diffs)))].mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
@@ -73,7 +77,6 @@ def baseline(arm: str) -> str:
 def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
     """One row per arm, in the benchmark's arm order: seeds, AUC, final return (each also per seed, by
     seed), paired bootstrap against its baseline, wall time."""
-    rng = np.random.default_rng(0)
     rows = []
     stats = {arm: {seed: (area_of(r["returns"]), final_of(r["returns"])) for seed, r in sorted(seeds.items())
                    if r["returns"]} for arm, seeds in runs.items()}
@@ -88,7 +91,7 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
         rows.append({"arm": arm, "seeds": len(auc), "auc": auc.mean() if len(auc) else float("nan"),
                      "auc_ci": _ci(auc), "final": final.mean() if len(final) else float("nan"),
                      "final_ci": _ci(final), "baseline": base,
-                     "vs_baseline": paired_bootstrap(diff, rng) if arm != base else None,
+                     "vs_baseline": paired_bootstrap(diff) if arm != base else None,
                      "paired": len(paired), "wall_min": np.mean([r["wall_s"] for r in seeds.values()]) / 60,
                      "auc_seeds": dict(zip(stats[arm], auc.tolist())),
                      "final_seeds": dict(zip(stats[arm], final.tolist())),
@@ -142,14 +145,13 @@ CLAIMS = (
 def claim_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
     """Per claim: the seeds both arms have, and per measure (area, final) each seed's difference and the
     paired bootstrap 95% interval of their mean."""
-    rng = np.random.default_rng(1)
     rows = []
     for claim, arm, other in CLAIMS:
         seeds = sorted(set(runs.get(arm, {})) & set(runs.get(other, {})))
         row = {"claim": claim, "arm": arm, "other": other, "seeds": seeds}
         for measure, reduce in (("area", area_of), ("final", final_of)):
             diffs = np.array([reduce(runs[arm][s]["returns"]) - reduce(runs[other][s]["returns"]) for s in seeds])
-            row[measure] = (diffs.tolist(), paired_bootstrap(diffs, rng))
+            row[measure] = (diffs.tolist(), paired_bootstrap(diffs))
         rows.append(row)
     return rows
 
