@@ -11,6 +11,11 @@ before, in the results committed until then) are one batched matmul per layer fo
 ``python benchmarks/super_update_cost.py`` times marlkit's whole update (replay draw and re-prioritisation
 included) for comparison.
 
+``compiled step`` compiles the whole step as one graph: the loss's gradient through ``torch.func.grad``, the
+clip and Adam written as tensor code (:func:`functional_step`, the same arithmetic as ``clip_grad_norm_`` and
+``Adam``), so nothing of the step runs eagerly between kernels. It is what a fully compiled update could
+cost; it also rounds differently from the eager step.
+
 ``--replay`` puts the replay around it, still without TensorDict or TorchRL: every agent's minibatch drawn in
 one pass over marlkit's priority table (``PriorityBlocks``, the code ``SharedReplay`` runs, on buffers of
 ``--capacity`` slots, full), gathered from each agent's storage tensors (one ``index_select`` per agent and
@@ -21,7 +26,7 @@ prints the three parts (draw and gather, update, re-prioritise) and the whole. T
 update of marlkit's SUPER would cost on this CPU with no framework around the same operations; the compiled
 one rounds differently.
 
-    python benchmarks/update_floor.py [--rounds 3] [--updates 2000] [--threads 1] [--no-compile]
+    python benchmarks/update_floor.py [--rounds 3] [--updates 2000] [--threads 1] [--no-compile] [--whole-step]
         [--replay [--capacity 120000] [--obs-bytes]]
 """
 
@@ -60,6 +65,34 @@ def td_loss(params: list[torch.Tensor], target: list[torch.Tensor], obs: torch.T
         goal = reward + 0.99 * next_value * (~terminated)
     huber = torch.nn.functional.smooth_l1_loss(chosen, goal, reduction="none")
     return (huber * weight).mean(), (chosen - goal).detach().pow(2)
+
+
+ADAM = {"lr": 1.6e-4, "betas": (0.9, 0.999), "eps": 1e-8}
+MAX_GRAD_NORM = 40.0
+
+
+def functional_step(params: list[torch.Tensor], moments: list[torch.Tensor], squares: list[torch.Tensor],
+                    count: torch.Tensor, target: list[torch.Tensor], *batch: torch.Tensor
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One whole update as a pure function: gradient of :func:`td_loss`, one norm clip over all parameters
+    (``clip_grad_norm_``'s scale) and an Adam step (``torch.optim.Adam``'s update); returns the new parameters,
+    first and second moments, step count and the squared TD errors."""
+    grads, squared = torch.func.grad(lambda ps: td_loss(ps, target, *batch), has_aux=True)(params)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0)
+    count = count + 1
+    (beta1, beta2), lr, eps = ADAM["betas"], ADAM["lr"], ADAM["eps"]
+    step_size = lr / (1 - beta1 ** count)
+    root_correction = torch.sqrt(1 - beta2 ** count)
+    new_params, new_moments, new_squares = [], [], []
+    for p, g, m, v in zip(params, grads, moments, squares, strict=True):
+        g = g * scale
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        new_params.append(p - step_size * m / (v.sqrt() / root_correction + eps))
+        new_moments.append(m)
+        new_squares.append(v)
+    return new_params, new_moments, new_squares, count, squared
 
 
 class Replay:
@@ -104,9 +137,10 @@ class Replay:
         self.table.set(index, td_priority(squared.sqrt(), 1e-6))
 
 
-def timed(loss_fn, rounds_of: int, replay: Replay | None = None) -> list[float]:
+def timed(loss_fn, rounds_of: int, replay: Replay | None = None, whole_step: Callable | None = None) -> list[float]:
     """Milliseconds per update (median of 5 blocks of ``rounds_of // 5`` updates, after a warm-up); with
-    ``replay`` also the medians of its parts: draw and gather, update, re-prioritise."""
+    ``replay`` also the medians of its parts: draw and gather, update, re-prioritise. With ``whole_step``
+    (:func:`functional_step`, compiled or not) that function makes each update and ``loss_fn`` is unused."""
     g = torch.Generator().manual_seed(0)
     shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
               (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
@@ -115,13 +149,19 @@ def timed(loss_fn, rounds_of: int, replay: Replay | None = None) -> list[float]:
     data = (torch.rand(AGENTS, BATCH, OBS, generator=g), torch.rand(AGENTS, BATCH, OBS, generator=g),
             torch.randint(0, ACTIONS, (AGENTS, BATCH), generator=g), torch.randn(AGENTS, BATCH, generator=g),
             torch.zeros(AGENTS, BATCH, dtype=torch.bool), torch.rand(AGENTS, BATCH, generator=g))
-    adam = torch.optim.Adam(params, lr=1.6e-4, fused=True)
+    adam = torch.optim.Adam(params, lr=ADAM["lr"], betas=ADAM["betas"], eps=ADAM["eps"], fused=True)
     parts: list[tuple[float, float, float]] = []
+    state = {"params": [p.detach().clone() for p in params], "moments": [torch.zeros_like(p) for p in params],
+             "squares": [torch.zeros_like(p) for p in params], "count": torch.zeros(())}
 
     def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if whole_step is not None:
+            state["params"], state["moments"], state["squares"], state["count"], squared = whole_step(
+                state["params"], state["moments"], state["squares"], state["count"], target, *batch)
+            return squared
         loss, squared = loss_fn(params, target, *batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 40.0)
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         adam.step()
         adam.zero_grad(set_to_none=True)
         return squared
@@ -156,6 +196,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=2000, help="timed updates per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="eager only (no inductor compilation)")
+    parser.add_argument("--whole-step", action="store_true",
+                        help="also time the whole step (gradient, clip, Adam) compiled as one graph")
     parser.add_argument("--replay", action="store_true", help="draw, gather and re-prioritise around each update")
     parser.add_argument("--capacity", type=int, default=120_000, help="--replay: slots per agent's buffer (full)")
     parser.add_argument("--obs-bytes", action="store_true", help="--replay: observations stored as uint8")
@@ -164,27 +206,35 @@ def main() -> None:
         raise SystemExit(f"--rounds must be >= 1 and --updates >= 5, got {args.rounds} and {args.updates}")
     if args.capacity < BATCH:
         raise SystemExit(f"--capacity must be at least the {BATCH} samples drawn per agent, got {args.capacity}")
+    if args.whole_step and args.no_compile:
+        raise SystemExit("--whole-step times a compiled step: drop --no-compile")
     if args.obs_bytes and not args.replay:
         raise SystemExit("--obs-bytes changes how the replay stores observations: add --replay")
     torch.set_num_threads(args.threads)
     replay = Replay(args.capacity, torch.Generator().manual_seed(1), args.obs_bytes) if args.replay else None
-    variants = {"eager": td_loss}
+    variants: dict[str, tuple[Callable, Callable | None]] = {"eager": (td_loss, None)}
     if not args.no_compile:
         start = time.perf_counter()
         compiled = torch.compile(td_loss)
         timed(compiled, 5, replay)  # compiles forward and backward
         print(f"compiling took {time.perf_counter() - start:.1f} s", flush=True)
-        variants["compiled"] = compiled
+        variants["compiled"] = (compiled, None)
+    if args.whole_step:
+        start = time.perf_counter()
+        whole = torch.compile(functional_step)
+        timed(td_loss, 5, replay, whole)
+        print(f"compiling the whole step took {time.perf_counter() - start:.1f} s", flush=True)
+        variants["compiled step"] = (td_loss, whole)
     results: dict[str, list[list[float]]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
-        for name, fn in variants.items():
-            results[name].append(timed(fn, args.updates, replay))
+        for name, (fn, whole_step) in variants.items():
+            results[name].append(timed(fn, args.updates, replay, whole_step))
             whole, *parts = results[name][-1]
             split = f" (draw and gather {parts[0]:.3f}, update {parts[1]:.3f}, re-prioritise {parts[2]:.3f})" if parts else ""
             print(f"round {round_}: {name} {whole:.3f} ms per update{split}", flush=True)
     what = "with draw, gather and re-prioritisation" if replay else "update only"
     what += ", observations stored as uint8" if args.obs_bytes else ""
-    print(f"\n| loss | ms per update, {what} (each round, {args.threads} thread(s)) | median |"
+    print(f"\n| variant | ms per update, {what} (each round, {args.threads} thread(s)) | median |"
           + (" draw and gather | update | re-prioritise |" if replay else ""))
     print("|---|---|---|" + ("---|---|---|" if replay else ""))
     for name, rounds in results.items():

@@ -349,6 +349,45 @@ def test_update_floor_with_replay_prints_the_parts_of_an_update():
     assert all(float(value) > 0 for value in rows[0][3:7]), out
 
 
+def test_update_floor_times_the_whole_step_compiled():
+    out = _run(str(BENCHMARKS / "update_floor.py"), "--rounds", "1", "--updates", "5", "--whole-step")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r[1].strip() for r in rows] == ["eager", "compiled", "compiled step"], out
+    assert all(float(r[3]) > 0 for r in rows), out
+
+
+@pytest.mark.parametrize("max_grad_norm", [40.0, 1e-3])  # the clip idle, and acting on every step
+def test_update_floor_functional_step_is_the_eager_step(monkeypatch, max_grad_norm):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import update_floor
+    from update_floor import ACTIONS, ADAM, AGENTS, BATCH, HIDDEN, OBS, functional_step, td_loss
+
+    monkeypatch.setattr(update_floor, "MAX_GRAD_NORM", max_grad_norm)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
+              (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
+    start = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    target = [p + 0.01 * torch.randn(p.shape, generator=g) for p in start]
+    batches = [(torch.rand(AGENTS, BATCH, OBS, generator=g), torch.rand(AGENTS, BATCH, OBS, generator=g),
+                torch.randint(0, ACTIONS, (AGENTS, BATCH), generator=g), torch.randn(AGENTS, BATCH, generator=g),
+                torch.rand(AGENTS, BATCH, generator=g) < 0.1, torch.rand(AGENTS, BATCH, generator=g)) for _ in range(3)]
+    params = [p.clone().requires_grad_() for p in start]
+    adam = torch.optim.Adam(params, **ADAM)
+    state = ([p.clone() for p in start], [torch.zeros_like(p) for p in start], [torch.zeros_like(p) for p in start],
+             torch.zeros(()))
+    for batch in batches:
+        loss, squared = td_loss(params, target, *batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        adam.step()
+        adam.zero_grad()
+        *state, functional_squared = functional_step(*state, target, *batch)
+        torch.testing.assert_close(functional_squared, squared.detach())
+    assert not any(torch.equal(mine, first) for mine, first in zip(state[0], start, strict=True))
+    for mine, theirs in zip(state[0], params, strict=True):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("obs_bytes", [False, True])
 def test_update_floor_replay_gathers_each_agents_slots_and_reprioritises_them(monkeypatch, obs_bytes):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
