@@ -221,10 +221,10 @@ def main() -> None:
         variants["compiled"] = (compiled, None)
     if args.whole_step:
         start = time.perf_counter()
-        whole = torch.compile(functional_step)
-        timed(td_loss, 5, replay, whole)
+        compiled_step = torch.compile(functional_step)
+        timed(td_loss, 5, replay, compiled_step)
         print(f"compiling the whole step took {time.perf_counter() - start:.1f} s", flush=True)
-        variants["compiled step"] = (td_loss, whole)
+        variants["compiled step"] = (td_loss, compiled_step)
     results: dict[str, list[list[float]]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, (fn, whole_step) in variants.items():
