@@ -71,6 +71,19 @@ ADAM = {"lr": 1.6e-4, "betas": (0.9, 0.999), "eps": 1e-8}
 MAX_GRAD_NORM = 40.0
 
 
+def initial_params(generator: torch.Generator) -> list[torch.Tensor]:
+    """The 8 networks' weights and biases, each layer batched over the agents (as :func:`q_values` reads them)."""
+    shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
+              (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
+    return [torch.randn(shape, generator=generator) * 0.1 for shape in shapes]
+
+
+def fresh_state(params: list[torch.Tensor]) -> list:
+    """:func:`functional_step`'s state before the first step: a copy of ``params``, zero moments, count 0."""
+    return [[p.detach().clone() for p in params], [torch.zeros_like(p) for p in params],
+            [torch.zeros_like(p) for p in params], torch.zeros(())]
+
+
 def functional_step(params: list[torch.Tensor], moments: list[torch.Tensor], squares: list[torch.Tensor],
                     count: torch.Tensor, target: list[torch.Tensor], *batch: torch.Tensor
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -142,22 +155,19 @@ def timed(loss_fn, rounds_of: int, replay: Replay | None = None, whole_step: Cal
     ``replay`` also the medians of its parts: draw and gather, update, re-prioritise. With ``whole_step``
     (:func:`functional_step`, compiled or not) that function makes each update and ``loss_fn`` is unused."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
-              (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
-    params = [(torch.randn(s, generator=g) * 0.1).requires_grad_() for s in shapes]
+    params = [p.requires_grad_() for p in initial_params(g)]
     target = [p.detach().clone() for p in params]
     data = (torch.rand(AGENTS, BATCH, OBS, generator=g), torch.rand(AGENTS, BATCH, OBS, generator=g),
             torch.randint(0, ACTIONS, (AGENTS, BATCH), generator=g), torch.randn(AGENTS, BATCH, generator=g),
             torch.zeros(AGENTS, BATCH, dtype=torch.bool), torch.rand(AGENTS, BATCH, generator=g))
     adam = torch.optim.Adam(params, lr=ADAM["lr"], betas=ADAM["betas"], eps=ADAM["eps"], fused=True)
     parts: list[tuple[float, float, float]] = []
-    state = {"params": [p.detach().clone() for p in params], "moments": [torch.zeros_like(p) for p in params],
-             "squares": [torch.zeros_like(p) for p in params], "count": torch.zeros(())}
+    state = fresh_state(params)
 
     def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if whole_step is not None:
-            state["params"], state["moments"], state["squares"], state["count"], squared = whole_step(
-                state["params"], state["moments"], state["squares"], state["count"], target, *batch)
+            *new_state, squared = whole_step(*state, target, *batch)
+            state[:] = new_state
             return squared
         loss, squared = loss_fn(params, target, *batch)
         loss.backward()

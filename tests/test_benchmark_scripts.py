@@ -360,21 +360,19 @@ def test_update_floor_times_the_whole_step_compiled():
 def test_update_floor_functional_step_is_the_eager_step(monkeypatch, max_grad_norm):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import update_floor
-    from update_floor import ACTIONS, ADAM, AGENTS, BATCH, HIDDEN, OBS, functional_step, td_loss
+    from update_floor import (ACTIONS, ADAM, AGENTS, BATCH, OBS, fresh_state, functional_step, initial_params,
+                              td_loss)
 
     monkeypatch.setattr(update_floor, "MAX_GRAD_NORM", max_grad_norm)
     g = torch.Generator().manual_seed(0)
-    shapes = [(AGENTS, HIDDEN, OBS), (AGENTS, HIDDEN), (AGENTS, HIDDEN, HIDDEN), (AGENTS, HIDDEN),
-              (AGENTS, ACTIONS + 1, HIDDEN), (AGENTS, ACTIONS + 1)]
-    start = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    start = initial_params(g)
     target = [p + 0.01 * torch.randn(p.shape, generator=g) for p in start]
     batches = [(torch.rand(AGENTS, BATCH, OBS, generator=g), torch.rand(AGENTS, BATCH, OBS, generator=g),
                 torch.randint(0, ACTIONS, (AGENTS, BATCH), generator=g), torch.randn(AGENTS, BATCH, generator=g),
                 torch.rand(AGENTS, BATCH, generator=g) < 0.1, torch.rand(AGENTS, BATCH, generator=g)) for _ in range(3)]
     params = [p.clone().requires_grad_() for p in start]
     adam = torch.optim.Adam(params, **ADAM)
-    state = ([p.clone() for p in start], [torch.zeros_like(p) for p in start], [torch.zeros_like(p) for p in start],
-             torch.zeros(()))
+    state = fresh_state(start)
     for batch in batches:
         loss, squared = td_loss(params, target, *batch)
         loss.backward()
