@@ -131,6 +131,8 @@ __all__ = [
     "add_partner_next_actions",
     "make_ddpg_loss",
     "make_dqn_loss",
+    "IndependentDQNLoss",
+    "run_with",
     "DRQNLoss",
     "make_drqn_loss",
     "estimate_advantages",
@@ -390,6 +392,25 @@ class IndependentDQNLoss(DQNLoss):
                                                                 _VALUES_PREFIX)
         return self.__dict__["_target_owner_index"]
 
+    def batched_layout(self) -> tuple[nn.Sequential, int, NestedKey, NestedKey | None] | None:
+        """Where the loss is a plain function of tensors, what :mod:`marlkit.pipelines.compiled` compiles:
+        the values network, the index of its :class:`AgentMLP` (the parameters' owner), the observation key
+        and the live-agent mask key (None: no mask), for categorical actions with no action mask and
+        TorchRL's TD(0) estimator without reward standardisation; None otherwise."""
+        parts = self._tensor_parts()
+        masks = self._loss_mask_keys()
+        if parts is None or parts[2] is not None or len(masks) > 1:
+            return None
+        estimator = self.value_estimator
+        owner = self._target_owner(parts[0])
+        if owner is None or not isinstance(estimator, TD0Estimator) or estimator.average_rewards:
+            return None
+        return parts[0], owner, parts[1], (masks[0] if masks else None)
+
+    def target_params(self) -> TensorDictBase:
+        """The target network's parameters, laid out as the :class:`AgentMLP`'s own (``batched_layout`` only)."""
+        return self.target_value_network_params.get((*_VALUES_PREFIX, str(self.batched_layout()[1]), "params"))
+
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         """The loss (``loss``), with the squared TD error written at the priority key, as ``DQNLoss``."""
         parts = self._tensor_parts()
@@ -408,7 +429,7 @@ class IndependentDQNLoss(DQNLoss):
             owner = self._target_owner(values)
             if owner is not None:
                 target = self.target_value_network_params.get((*_VALUES_PREFIX, str(owner), "params"))
-                next_target = _masked(_run_with(values, owner, target, next_obs), next_mask)
+                next_target = _masked(run_with(values, owner, target, next_obs), next_mask)
             else:
                 with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
                     next_target = _masked(values(next_obs), next_mask)
@@ -506,8 +527,9 @@ def _param_owner(values: nn.Module, params: TensorDictBase, prefix: tuple[str, .
     return k
 
 
-def _run_with(values: nn.Sequential, owner: int, params: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
-    """``values(x)`` with module ``owner`` (an :class:`AgentMLP`) running on ``params``."""
+def run_with(values: nn.Sequential, owner: int, params: TensorDictBase | Mapping, x: torch.Tensor) -> torch.Tensor:
+    """``values(x)`` with module ``owner`` (an :class:`AgentMLP`) running on ``params`` (its parameters'
+    layout: a TensorDict, or a dict of its nested keys)."""
     for j, module in enumerate(values):
         x = module.forward_with(params, x) if j == owner else module(x)
     return x

@@ -113,6 +113,12 @@ def gradient_step(learner: Learner, optimiser: torch.optim.Optimizer, loss_out: 
     optimiser.found_inf = bad.any().float()  # read by the fused Adam kernel: 1 skips the whole step
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
+    finish_step(learner, bad)
+
+
+def finish_step(learner: Learner, bad: torch.Tensor) -> None:
+    """After an optimiser step: keep its non-finite flags (one per loss term, then the gradient norm) for
+    :func:`check_finite`, move the target networks, let the thread count follow the machine's load."""
     learner.nonfinite = bad if learner.nonfinite is None else learner.nonfinite | bad
     if learner.target_updater is not None:
         learner.target_updater.step()

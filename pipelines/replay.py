@@ -94,12 +94,18 @@ class PriorityBlocks:
         over the largest possible one: both ``[len(rows), batch_size]``."""
         if min(lengths) == 0:
             raise RuntimeError("cannot sample from an empty buffer")
-        which = torch.as_tensor(rows)
-        n = torch.as_tensor(lengths)
+        uniform = torch.rand(len(rows), batch_size, dtype=torch.float64)
+        return self.draw_with(torch.as_tensor(rows), torch.as_tensor(lengths), uniform, beta)
+
+    def draw_with(self, which: torch.Tensor, n: torch.Tensor, uniform: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`draw` from given uniform numbers ``[len(which), batch_size]`` in [0, 1) (float64), the
+        buffers' indices ``which`` and their lengths ``n`` as tensors: tensor code only, so it also runs
+        inside a compiled update (:mod:`.compiled`)."""
         block_sum, blocks = self.block_sum[which], self.block_sum.shape[1]  # small; the slots are read in place
         cumulative = block_sum.cumsum(1)
         total = cumulative[:, -1:]
-        mass = torch.rand(len(rows), batch_size, dtype=torch.float64) * total
+        mass = uniform * total
         block = torch.searchsorted(cumulative, mass, right=True).clamp(max=blocks - 1)
         within = (mass - (cumulative.gather(1, block) - block_sum.gather(1, block))).unsqueeze(-1)
         row = which.unsqueeze(-1)
@@ -112,6 +118,19 @@ class PriorityBlocks:
         probs = self.scaled.view(self.scaled.shape[0], -1)[row, index].double() / total
         largest = (n * smallest.double() / total.squeeze(-1)).pow(-beta).unsqueeze(-1)
         return index, ((n.unsqueeze(-1) * probs).pow(-beta) / largest).float()
+
+    def set_all_rows(self, index: torch.Tensor, priority: torch.Tensor) -> None:
+        """:meth:`set` for every buffer at once (``index`` and ``priority`` ``[rows, B]``) in tensor code
+        only, for a compiled update (:mod:`.compiled`): blocks touched twice are summed twice, to the same
+        value, where :meth:`set` finds the distinct blocks first (a data-dependent size)."""
+        slot = (torch.arange(index.shape[0]).unsqueeze(-1) * self.raw.shape[1] + index).reshape(-1)
+        raw = priority.reshape(-1)
+        self.raw.view(-1).index_copy_(0, slot, raw)
+        self.scaled.view(-1).index_copy_(0, slot, torch.where(raw > 0, raw.pow(self.alpha), 0.0))
+        flat = slot // self.BLOCK
+        scaled = self.scaled.view(-1, self.BLOCK).index_select(0, flat)
+        self.block_sum.view(-1).index_copy_(0, flat, scaled.double().sum(1))
+        self.block_min.view(-1).index_copy_(0, flat, torch.where(scaled > 0, scaled, math.inf).amin(1))
 
 
 def td_priority(td_error: torch.Tensor, eps: float) -> torch.Tensor:

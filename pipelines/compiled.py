@@ -1,0 +1,186 @@
+"""``train.compile`` for Q-learning: one whole update of independent learners with per-agent prioritized
+replay (SUPER's layout: :class:`~marlkit.pipelines.replay.SharedReplay`) compiled as one graph.
+
+An eager update of SUPER's 8 small pursuer networks (32 samples each) runs a few hundred tiny kernels, each
+dispatched from Python: on a CPU the dispatching, not the arithmetic, is most of its cost. Here the draw
+from the priority table, the gather from every agent's storage, the double-DQN loss, its gradient
+(``torch.func.grad``), the gradient-norm clip, Adam and the new priorities are one function compiled by
+``torch.compile`` (inductor), so they run as a handful of fused kernels. It computes what the eager update
+computes (the same draw from the same random numbers, TorchRL's TD(0) target, distance loss and weighted
+mean, ``clip_grad_norm_``'s scale, ``torch.optim.Adam``'s step, a step skipped when the loss or the gradient
+norm is not finite); the fused kernels round differently, so results agree to float precision, not bit for bit.
+
+The parameters, the Adam moments and step counts (in the optimiser's own ``state``, so checkpoints and
+resume are unchanged) and the priority table are updated in place; they are read afresh at every call, so
+a resumed run's loaded tensors are the ones trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tensordict import NestedKey, TensorDict, TensorDictBase
+from torchrl.objectives.utils import distance_loss
+from torchrl.objectives.value.functional import td0_return_estimate
+
+from marlkit.losses import IndependentDQNLoss, run_with
+
+from .learners import finish_step, Learner
+from .replay import SharedReplay
+
+Params = dict[tuple[str, ...], torch.Tensor]
+
+
+def _nested(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
+def compile_problem(algorithm: str, model_kind: str, share_params: bool, prioritized: bool) -> str | None:
+    """Why ``train.compile=true`` cannot run with these settings (the fix included), or None."""
+    if algorithm != "iql":
+        return f"train.compile=true compiles independent learners' updates: algorithm={algorithm!r} needs iql"
+    if model_kind != "mlp" or share_params:
+        return (f"train.compile=true compiles per-agent MLP Q networks: got model.kind={model_kind!r}, "
+                f"model.share_params={share_params}; use model.kind=mlp and model.share_params=false")
+    if not prioritized:
+        return "train.compile=true compiles the per-agent prioritized replay's draw: set replay.prioritized=true"
+    return None
+
+
+class CompiledQUpdate:
+    """One learner's update (sample, loss, gradient, clip, Adam, new priorities) as one compiled graph.
+
+    Calling it makes one optimiser step and returns the loss output (``loss``) for logging, as the eager
+    steps in :func:`marlkit.pipelines.qlearning.train` do. Raises ``ValueError`` at construction for a
+    layout it does not compile, naming what differs.
+    """
+
+    def __init__(self, name: str, learner: Learner, optimiser: torch.optim.Optimizer, max_grad_norm: float):
+        replay, loss = learner.replay, learner.loss
+        where = f"train.compile=true (learner {name!r})"
+        if not isinstance(replay, SharedReplay) or not replay.prioritized:
+            raise ValueError(f"{where} compiles a group of several agents with per-agent prioritized replay; "
+                             "set train.compile=false for this env")
+        layout = loss.batched_layout() if isinstance(loss, IndependentDQNLoss) else None
+        if layout is None or loss.reduction != "mean":
+            raise ValueError(f"{where} compiles the TD(0) DQN loss of per-agent MLP Q networks without action "
+                             "masks; this group's loss differs: set train.compile=false")
+        values, owner, obs_key, mask_key = layout
+        trained = list(loss.parameters())
+        group = optimiser.param_groups
+        if (len(group) != 1 or {id(p) for p in group[0]["params"]} != {id(p) for p in trained}
+                or group[0]["weight_decay"] or group[0]["amsgrad"] or group[0]["maximize"]):
+            raise ValueError(f"{where} compiles plain Adam over the Q networks' parameters; set train.compile=false")
+        self.learner, self.optimiser, self.replay, self.loss = learner, optimiser, replay, loss
+        self.values, self.owner, self.max_grad_norm = values, owner, max_grad_norm
+        self.online_params = values[owner].params  # the Parameters the optimiser trains, in place
+        if {id(p) for p in self.online_params.values(True, True)} != {id(p) for p in trained}:
+            raise ValueError(f"{where}: the loss's parameters are not its network's; set train.compile=false")
+        estimated = loss.value_estimator.tensor_keys
+        self.fields = (obs_key, ("next", *_nested(obs_key)), loss.tensor_keys.action,
+                       ("next", *_nested(estimated.reward)), ("next", *_nested(estimated.terminated)))
+        self.fields += (mask_key,) if mask_key is not None else ()
+        self.gamma = float(loss.value_estimator.gamma)
+        self.eps = replay.buffers[0].sampler.eps
+        self._graph = torch.compile(self._update, dynamic=False, fullgraph=True)
+
+    def _online(self) -> dict[tuple[str, ...], torch.Tensor]:
+        return {key: value for key, value in self.online_params.items(True, True)}
+
+    def _adam_state(self, params: Mapping[tuple[str, ...], torch.Tensor]) -> tuple[Params, Params, Params]:
+        """The optimiser's moments and step counts per parameter, made as ``torch.optim.Adam`` makes them
+        before its first step (so a checkpoint holds the usual optimiser state)."""
+        first, second, steps = {}, {}, {}
+        for key, p in params.items():
+            state = self.optimiser.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            first[key], second[key], steps[key] = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        return first, second, steps
+
+    def __call__(self) -> TensorDictBase:
+        """One optimiser step; the loss output for logging."""
+        replay = self.replay
+        lengths = [len(buffer.storage) for buffer in replay.buffers]
+        if min(lengths) == 0:
+            raise RuntimeError("cannot sample from an empty buffer")
+        n_agents, batch = replay.n_agents, replay.batch_size
+        uniform = torch.rand(n_agents, batch, dtype=torch.float64)  # the eager draw's random numbers
+        online = self._online()
+        first, second, steps = self._adam_state(online)
+        target = self.loss.target_params()
+        columns = [tuple(fields[key] for key in self.fields) for fields in replay._columns()]
+        group = self.optimiser.param_groups[0]
+        with torch.no_grad():  # the graph takes its own gradient (torch.func.grad); the rest updates in place
+            loss, bad, largest = self._graph(
+                {k: p.detach() for k, p in online.items()}, first, second, steps,
+                dict(target.items(True, True)), columns, torch.as_tensor(lengths), uniform,
+                float(group["lr"]), group["betas"], float(group["eps"]))
+        for sampler, value in zip((buffer.sampler for buffer in replay.buffers), largest.tolist(), strict=True):
+            sampler.max_priority = max(sampler.max_priority, value)
+        finish_step(self.learner, bad)
+        return TensorDict(loss=loss)
+
+    def _update(self, online: Params, first: Params, second: Params, steps: Params, target: Params,
+                columns: list[tuple[torch.Tensor, ...]], lengths: torch.Tensor, uniform: torch.Tensor,
+                lr: float, betas: tuple[float, float], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled update: returns the loss, the non-finite flags (loss, gradient norm) and each
+        agent's largest new priority."""
+        table = self.replay.table
+        index, weight = table.draw_with(torch.arange(len(columns)), lengths, uniform, self.replay.beta)
+        rows = index.unbind(0)
+        batch = [torch.stack([column[k].index_select(0, row) for column, row in zip(columns, rows)], dim=1)
+                 for k in range(len(self.fields))]
+        weight = weight.t()  # [B, n_agents], agent i's own weights
+
+        def objective(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            return self._loss(params, target, *batch, weight)
+
+        grads, (loss, squared) = torch.func.grad(objective, has_aux=True)(online)
+        # clip_grad_norm_: one norm over all parameters, every gradient scaled (by at most 1)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        bad = ~torch.isfinite(torch.stack([loss, norm]))
+        skip = bad.any()  # a non-finite step is skipped, as the fused Adam's found_inf skips it
+        beta1, beta2 = betas
+        for key, p in online.items():
+            g = grads[key] * scale
+            count = steps[key] + 1
+            m = torch.lerp(first[key], g, 1 - beta1)
+            v = beta2 * second[key] + (1 - beta2) * g * g
+            denominator = v.sqrt() / torch.sqrt(1 - beta2 ** count) + eps
+            new = p - (lr / (1 - beta1 ** count)) * m / denominator
+            p.copy_(torch.where(skip, p, new))
+            first[key].copy_(torch.where(skip, first[key], m))
+            second[key].copy_(torch.where(skip, second[key], v))
+            steps[key].copy_(torch.where(skip, steps[key], count))
+        # agent i's slots get agent i's |TD| + eps (a non-finite one 0 + eps, as td_priority does)
+        priority = squared.sqrt().t().nan_to_num(nan=0.0, posinf=0.0) + self.eps
+        table.set_all_rows(index, priority)
+        return loss, bad, priority.amax(1)
+
+    def _loss(self, params: Params, target: Params, obs: torch.Tensor, next_obs: torch.Tensor, action: torch.Tensor,
+              reward: torch.Tensor, terminated: torch.Tensor, *mask_and_weight: torch.Tensor
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:class:`IndependentDQNLoss`'s loss (TD(0), double DQN or not; the importance-weighted mean over live
+        agents, as TorchRL reduces it) and the squared TD errors ``[B, n_agents]``."""
+        *mask, weight = mask_and_weight
+        values, owner = self.values, self.owner
+        chosen = torch.gather(run_with(values, owner, params, obs), -1, action.unsqueeze(-1)).squeeze(-1)
+        next_target = run_with(values, owner, target, next_obs)
+        chooser = run_with(values, owner, params, next_obs) if self.loss.double_dqn else next_target
+        next_action = torch.argmax(chooser.detach(), dim=-1)
+        next_value = torch.gather(next_target, -1, next_action.unsqueeze(-1))
+        goal = td0_return_estimate(self.gamma, next_value, reward, terminated).squeeze(-1).detach()
+        squared = (chosen - goal).detach().pow(2)
+        error = distance_loss(chosen, goal, self.loss.loss_function)
+        if self.loss.use_prioritized_weights is False:
+            weight = torch.ones_like(weight)  # the plain mean
+        if mask:  # dead agents' entries left out
+            error = torch.where(mask[0], error, torch.zeros_like(error))
+            weight = weight * mask[0].to(weight.dtype)
+        mean = (error * weight).sum() / weight.sum()
+        return mean, (mean.detach(), squared)

@@ -1,0 +1,104 @@
+"""train.compile: the compiled SUPER update against the eager one, its checks, and a run with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marlkit.pipelines import make_config, qlearning
+from marlkit.pipelines.compiled import CompiledQUpdate
+from marlkit.pipelines.learners import gradient_step, make_optimiser
+from marlkit.pipelines.session import start_run
+
+SMALL_PURSUIT = {"env.num_envs": 2, "env.kwargs": {"n_pursuers": 3, "n_evaders": 2, "x_size": 7, "y_size": 7,
+                                                   "obs_range": 7, "n_catch": 2, "surround": True,
+                                                   "shared_reward": False},
+                 "model.num_cells": [16, 16], "replay.buffer_size": 500, "replay.batch_size": 8,
+                 "replay.memmap": False, "sharing.mode": "quantile", "train.lr": 0.01}
+
+
+def _learner_and_optimiser(tmp_path, name: str, batch, max_grad_norm: float):
+    cfg = make_config("iql", "pursuit-super", {**SMALL_PURSUIT, "logger.run_dir": str(tmp_path / name),
+                                               "train.max_grad_norm": max_grad_norm})
+    run = start_run(cfg, False, qlearning.checked_iterations)
+    torch.manual_seed(0)  # the same networks for both
+    learner = qlearning.build_learners(run.env, run.cfg, run.device, None)["pursuer"]
+    learner.replay.extend(batch)
+    return learner, make_optimiser(learner.loss.parameters(), cfg.train.lr, cfg.train.adam_eps), cfg
+
+
+def _state(learner, optimiser) -> dict[str, torch.Tensor]:
+    """Everything an update changes: the weights, Adam's moments and counts, the priorities."""
+    params = list(learner.loss.parameters())
+    state = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        for key, value in optimiser.state[p].items():
+            state[f"{key}{i}"] = value.clone()
+    table = learner.replay.table
+    state.update(raw=table.raw.clone(), scaled=table.scaled.clone(), block_sum=table.block_sum.clone())
+    state["max_priority"] = torch.tensor([b.sampler.max_priority for b in learner.replay.buffers])
+    return state
+
+
+@pytest.mark.parametrize("max_grad_norm", [40.0, 0.05], ids=["clip idle", "clip acting"])
+def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
+    """Three updates from the same state and random numbers, eager and compiled: the same draws, losses,
+    weights, Adam state and priorities (to float precision); the clip (idle or acting) and a skipped
+    non-finite step included."""
+    from marlkit.envs import make_env
+
+    env = make_env("pursuit", num_envs=2, seed=3, **SMALL_PURSUIT["env.kwargs"])
+    torch.manual_seed(3)  # the rollout's random actions
+    batch = env.rollout(60, break_when_any_done=False).reshape(-1)  # 120 transitions per agent
+    eager, eager_opt, cfg = _learner_and_optimiser(tmp_path, "eager", batch, max_grad_norm)
+    fused, fused_opt, _ = _learner_and_optimiser(tmp_path, "compiled", batch, max_grad_norm)
+    compiled = CompiledQUpdate("pursuer", fused, fused_opt, max_grad_norm)
+    start = _state(eager, eager_opt)
+    for step in range(3):
+        if step == 2:  # non-finite observations in every agent's storage: both skip the step and flag it
+            for learner in (eager, fused):
+                for fields in learner.replay._columns():
+                    fields[("pursuer", "observation")].fill_(float("nan"))
+        torch.manual_seed(10 + step)
+        minibatch = eager.replay.sample()
+        out = eager.loss(minibatch)
+        gradient_step(eager, eager_opt, out, max_grad_norm)
+        eager.replay.update_priority(minibatch, minibatch.get(eager.priority_key))
+        torch.manual_seed(10 + step)
+        fused_out = compiled()
+        if step < 2:
+            assert torch.isfinite(out["loss"])
+            torch.testing.assert_close(fused_out["loss"], out["loss"], rtol=1e-5, atol=1e-7)
+        else:
+            assert not torch.isfinite(fused_out["loss"])
+    before, after, fused_after = start, _state(eager, eager_opt), _state(fused, fused_opt)
+    assert after.keys() == fused_after.keys()
+    for key in after:
+        if key.startswith("param"):  # the change each step made, so that a wrong step size shows
+            # (Adam scales every change to about lr = 0.01 whatever the gradient's size, so where a gradient is
+            # as small as Adam's eps its rounding shows: 1% of a step; the moments below are compared tightly)
+            torch.testing.assert_close(fused_after[key] - before[key], after[key] - before[key], rtol=1e-3, atol=1e-4)
+        # priorities are |TD errors|, differences of close numbers: 0.1% of each
+        torch.testing.assert_close(fused_after[key], after[key], rtol=1e-3, atol=1e-6)
+    assert torch.equal(fused_after["step0"], torch.tensor(2.0))  # the non-finite step was skipped
+    assert torch.equal(fused.nonfinite, eager.nonfinite) and fused.nonfinite.all()
+
+
+def test_compile_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="algorithm='vdn' needs iql"):
+        qlearning.checked_iterations(make_config("vdn", "pursuit-super", {"algorithm": "vdn", "train.compile": True}))
+    with pytest.raises(ValueError, match="set replay.prioritized=true"):
+        qlearning.checked_iterations(make_config("iql", "pursuit-super", {"train.compile": True,
+                                                                          "replay.prioritized": False}))
+    with pytest.raises(ValueError, match="model.share_params=false"):
+        qlearning.checked_iterations(make_config("iql", "pursuit-super", {"train.compile": True,
+                                                                          "model.share_params": True}))
+
+
+def test_compile_is_refused_for_a_group_without_per_agent_replay(tmp_path):
+    cfg = make_config("iql", "pursuit-super", {**SMALL_PURSUIT, "logger.run_dir": str(tmp_path),
+                                               "env.kwargs": {**SMALL_PURSUIT["env.kwargs"], "n_pursuers": 1}})
+    run = start_run(cfg, False, qlearning.checked_iterations)
+    learner = qlearning.build_learners(run.env, run.cfg, run.device, None)["pursuer"]
+    with pytest.raises(ValueError, match="per-agent prioritized replay; set train.compile=false"):
+        CompiledQUpdate("pursuer", learner, make_optimiser(learner.loss.parameters(), 0.01, 1e-8), 40.0)
