@@ -17,6 +17,7 @@ a resumed run's loaded tensors are the ones trained.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -72,7 +73,7 @@ class CompiledQUpdate:
         if (len(group) != 1 or {id(p) for p in group[0]["params"]} != {id(p) for p in trained}
                 or group[0]["weight_decay"] or group[0]["amsgrad"] or group[0]["maximize"]):
             raise ValueError(f"{where} compiles plain Adam over the Q networks' parameters; set train.compile=false")
-        self.learner, self.optimiser, self.replay, self.loss = learner, optimiser, replay, loss
+        self.learner, self.optimiser, self.replay = learner, optimiser, replay
         self.values, self.owner, self.max_grad_norm = values, owner, max_grad_norm
         self.online_params = values[owner].params  # the Parameters the optimiser trains, in place
         if {id(p) for p in self.online_params.values(True, True)} != {id(p) for p in trained}:
@@ -82,11 +83,18 @@ class CompiledQUpdate:
                        ("next", *_nested(estimated.reward)), ("next", *_nested(estimated.terminated)))
         self.fields += (mask_key,) if mask_key is not None else ()
         self.gamma = float(loss.value_estimator.gamma)
-        self.eps = replay.buffers[0].sampler.eps
-        self._graph = torch.compile(self._update, dynamic=False, fullgraph=True)
-
-    def _online(self) -> dict[tuple[str, ...], torch.Tensor]:
-        return {key: value for key, value in self.online_params.items(True, True)}
+        self.eps, self.beta, self.table = replay.buffers[0].sampler.eps, replay.beta, replay.table
+        self.double_dqn, self.loss_function = loss.double_dqn, loss.loss_function
+        self.weighted = loss.use_prioritized_weights is not False  # TorchRL's weighted mean, else the plain one
+        # Trained in place, so read once: the optimiser's parameters, the target copy (hard updates and a
+        # resumed run's load copy into it); Adam's state once its first step has made it.
+        self.online = {key: p.detach() for key, p in self.online_params.items(True, True)}
+        self.target = dict(loss.target_params().items(True, True))
+        self.adam: tuple[Params, Params, Params] | None = None
+        # The graph reads the network modules, whose structure never changes during training (their
+        # parameters come in as inputs): checking them before each call cost more than the update's kernels.
+        self._graph = torch.compile(self._update, dynamic=False, fullgraph=True,
+                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def _adam_state(self, params: Mapping[tuple[str, ...], torch.Tensor]) -> tuple[Params, Params, Params]:
         """The optimiser's moments and step counts per parameter, made as ``torch.optim.Adam`` makes them
@@ -107,18 +115,20 @@ class CompiledQUpdate:
         lengths = [len(buffer.storage) for buffer in replay.buffers]
         if min(lengths) == 0:
             raise RuntimeError("cannot sample from an empty buffer")
-        n_agents, batch = replay.n_agents, replay.batch_size
-        uniform = torch.rand(n_agents, batch, dtype=torch.float64)  # the eager draw's random numbers
-        online = self._online()
-        first, second, steps = self._adam_state(online)
-        target = self.loss.target_params()
-        columns = [tuple(fields[key] for key in self.fields) for fields in replay._columns()]
+        uniform = torch.rand(replay.n_agents, replay.batch_size, dtype=torch.float64)  # the eager draw's numbers
+        if self.adam is None:
+            self.adam = self._adam_state(dict(self.online_params.items(True, True)))
+        first, second, steps = self.adam
         group = self.optimiser.param_groups[0]
+        (beta1, beta2), count = group["betas"], float(next(iter(steps.values()))) + 1  # every parameter's count
+        # Adam's bias corrections for this step, as tensors: one value for all parameters, and a new number
+        # every step (a Python number would recompile the graph)
+        corrections = torch.tensor([group["lr"] / (1 - beta1 ** count), math.sqrt(1 - beta2 ** count), count])
+        columns = [tuple(fields[key] for key in self.fields) for fields in replay._columns()]
         with torch.no_grad():  # the graph takes its own gradient (torch.func.grad); the rest updates in place
-            loss, bad, largest = self._graph(
-                {k: p.detach() for k, p in online.items()}, first, second, steps,
-                dict(target.items(True, True)), columns, torch.as_tensor(lengths), uniform,
-                float(group["lr"]), group["betas"], float(group["eps"]))
+            loss, bad, largest = self._graph(self.online, first, second, steps, self.target, columns,
+                                             torch.as_tensor(lengths), uniform, corrections, beta1, beta2,
+                                             float(group["eps"]))
         for sampler, value in zip((buffer.sampler for buffer in replay.buffers), largest.tolist(), strict=True):
             sampler.max_priority = max(sampler.max_priority, value)
         finish_step(self.learner, bad)
@@ -126,11 +136,11 @@ class CompiledQUpdate:
 
     def _update(self, online: Params, first: Params, second: Params, steps: Params, target: Params,
                 columns: list[tuple[torch.Tensor, ...]], lengths: torch.Tensor, uniform: torch.Tensor,
-                lr: float, betas: tuple[float, float], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                corrections: torch.Tensor, beta1: float, beta2: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The compiled update: returns the loss, the non-finite flags (loss, gradient norm) and each
         agent's largest new priority."""
-        table = self.replay.table
-        index, weight = table.draw_with(torch.arange(len(columns)), lengths, uniform, self.replay.beta)
+        index, weight = self.table.draw_with(torch.arange(len(columns)), lengths, uniform, self.beta)
         rows = index.unbind(0)
         batch = [torch.stack([column[k].index_select(0, row) for column, row in zip(columns, rows)], dim=1)
                  for k in range(len(self.fields))]
@@ -145,21 +155,19 @@ class CompiledQUpdate:
         scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         bad = ~torch.isfinite(torch.stack([loss, norm]))
         skip = bad.any()  # a non-finite step is skipped, as the fused Adam's found_inf skips it
-        beta1, beta2 = betas
+        step_size, root_correction, count = corrections.unbind()
         for key, p in online.items():
             g = grads[key] * scale
-            count = steps[key] + 1
             m = torch.lerp(first[key], g, 1 - beta1)
             v = beta2 * second[key] + (1 - beta2) * g * g
-            denominator = v.sqrt() / torch.sqrt(1 - beta2 ** count) + eps
-            new = p - (lr / (1 - beta1 ** count)) * m / denominator
+            new = p - step_size * m / (v.sqrt() / root_correction + eps)
             p.copy_(torch.where(skip, p, new))
             first[key].copy_(torch.where(skip, first[key], m))
             second[key].copy_(torch.where(skip, second[key], v))
             steps[key].copy_(torch.where(skip, steps[key], count))
         # agent i's slots get agent i's |TD| + eps (a non-finite one 0 + eps, as td_priority does)
         priority = squared.sqrt().t().nan_to_num(nan=0.0, posinf=0.0) + self.eps
-        table.set_all_rows(index, priority)
+        self.table.set_all_rows(index, priority)
         return loss, bad, priority.amax(1)
 
     def _loss(self, params: Params, target: Params, obs: torch.Tensor, next_obs: torch.Tensor, action: torch.Tensor,
@@ -171,13 +179,13 @@ class CompiledQUpdate:
         values, owner = self.values, self.owner
         chosen = torch.gather(run_with(values, owner, params, obs), -1, action.unsqueeze(-1)).squeeze(-1)
         next_target = run_with(values, owner, target, next_obs)
-        chooser = run_with(values, owner, params, next_obs) if self.loss.double_dqn else next_target
+        chooser = run_with(values, owner, params, next_obs) if self.double_dqn else next_target
         next_action = torch.argmax(chooser.detach(), dim=-1)
         next_value = torch.gather(next_target, -1, next_action.unsqueeze(-1))
         goal = td0_return_estimate(self.gamma, next_value, reward, terminated).squeeze(-1).detach()
         squared = (chosen - goal).detach().pow(2)
-        error = distance_loss(chosen, goal, self.loss.loss_function)
-        if self.loss.use_prioritized_weights is False:
+        error = distance_loss(chosen, goal, self.loss_function)
+        if not self.weighted:
             weight = torch.ones_like(weight)  # the plain mean
         if mask:  # dead agents' entries left out
             error = torch.where(mask[0], error, torch.zeros_like(error))
