@@ -11,8 +11,9 @@ mean, ``clip_grad_norm_``'s scale, ``torch.optim.Adam``'s step, a step skipped w
 norm is not finite); the fused kernels round differently, so results agree to float precision, not bit for bit.
 
 The parameters, the Adam moments and step counts (in the optimiser's own ``state``, so checkpoints and
-resume are unchanged) and the priority table are updated in place; they are read afresh at every call, so
-a resumed run's loaded tensors are the ones trained.
+resume are unchanged), the target copy and the priority table are updated in place. It holds those
+tensors from when it is built, which :func:`marlkit.pipelines.qlearning.train` does after a resumed run has
+loaded its state (Adam's from its first step, when the optimiser makes it).
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ class CompiledQUpdate:
                        ("next", *_nested(estimated.reward)), ("next", *_nested(estimated.terminated)))
         self.fields += (mask_key,) if mask_key is not None else ()
         self.gamma = float(loss.value_estimator.gamma)
-        self.eps, self.beta, self.table = replay.buffers[0].sampler.eps, replay.beta, replay.table
+        self.priority_eps, self.beta, self.table = replay.buffers[0].sampler.eps, replay.beta, replay.table
         self.double_dqn, self.loss_function = loss.double_dqn, loss.loss_function
         self.weighted = loss.use_prioritized_weights is not False  # TorchRL's weighted mean, else the plain one
-        # Trained in place, so read once: the optimiser's parameters, the target copy (hard updates and a
-        # resumed run's load copy into it); Adam's state once its first step has made it.
+        # Trained in place, so read once: the optimiser's parameters and the target copy (hard updates copy
+        # into it); Adam's state once the first step has made it.
         self.online = {key: p.detach() for key, p in self.online_params.items(True, True)}
         self.target = dict(loss.target_params().items(True, True))
         self.adam: tuple[Params, Params, Params] | None = None
@@ -166,7 +167,7 @@ class CompiledQUpdate:
             second[key].copy_(torch.where(skip, second[key], v))
             steps[key].copy_(torch.where(skip, steps[key], count))
         # agent i's slots get agent i's |TD| + eps (a non-finite one 0 + eps, as td_priority does)
-        priority = squared.sqrt().t().nan_to_num(nan=0.0, posinf=0.0) + self.eps
+        priority = squared.sqrt().t().nan_to_num(nan=0.0, posinf=0.0) + self.priority_eps
         self.table.set_all_rows(index, priority)
         return loss, bad, priority.amax(1)
 

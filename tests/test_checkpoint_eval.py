@@ -161,7 +161,8 @@ RESUME_CASES = [
              "sharing.mode=quantile", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
              "logger.eval_episodes=2"]),
     ("iql", ["--preset", "pursuit-super", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3", "env.n_evaders=2",
-             "sharing.mode=quantile", "replay.warmup_frames=0", "train.optimiser_steps=2", "train.compile=true"]),
+             "sharing.mode=quantile", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
+             "logger.eval_episodes=2", "train.compile=true"]),  # the compiled update's state carried through
 ]
 
 

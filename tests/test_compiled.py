@@ -84,15 +84,15 @@ def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
     assert torch.equal(fused.nonfinite, eager.nonfinite) and fused.nonfinite.all()
 
 
-def test_compile_is_refused_where_it_does_not_apply():
-    with pytest.raises(ValueError, match="algorithm='vdn' needs iql"):
-        qlearning.checked_iterations(make_config("vdn", "pursuit-super", {"algorithm": "vdn", "train.compile": True}))
-    with pytest.raises(ValueError, match="set replay.prioritized=true"):
-        qlearning.checked_iterations(make_config("iql", "pursuit-super", {"train.compile": True,
-                                                                          "replay.prioritized": False}))
-    with pytest.raises(ValueError, match="model.share_params=false"):
-        qlearning.checked_iterations(make_config("iql", "pursuit-super", {"train.compile": True,
-                                                                          "model.share_params": True}))
+@pytest.mark.parametrize("args,match", [
+    (["vdn", "--env", "gridworld"], r"train.compile=true compiles independent learners' updates: algorithm='vdn' needs iql"),
+    (["iql", "--env", "gridworld", "model.share_params=false"], r"set replay.prioritized=true"),
+    (["iql", "--env", "gridworld", "replay.prioritized=true", "model.share_params=true"],
+     r"model.share_params=True; use model.kind=mlp and model.share_params=false"),
+    (["iql", "--env", "gridworld", "replay.prioritized=true", "model.kind=gru"], r"got model.kind='gru'"),
+])
+def test_compile_is_refused_where_it_does_not_apply(args, match, cli_rejects):
+    cli_rejects(["train", *args, "train.compile=true"], match)
 
 
 def test_compile_is_refused_for_a_group_without_per_agent_replay(tmp_path):
