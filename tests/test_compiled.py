@@ -19,7 +19,7 @@ SMALL_PURSUIT = {"env.num_envs": 2, "env.kwargs": {"n_pursuers": 3, "n_evaders":
 
 def _learner_and_optimiser(tmp_path, name: str, batch, max_grad_norm: float):
     cfg = make_config("iql", "pursuit-super", {**SMALL_PURSUIT, "logger.run_dir": str(tmp_path / name),
-                                               "train.max_grad_norm": max_grad_norm})
+                                               "train.max_grad_norm": max_grad_norm, "loss.hard_update_interval": 2})
     run = start_run(cfg, False, qlearning.checked_iterations)
     torch.manual_seed(0)  # the same networks for both
     learner = qlearning.build_learners(run.env, run.cfg, run.device, None)["pursuer"]
@@ -42,9 +42,9 @@ def _state(learner, optimiser) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("max_grad_norm", [40.0, 0.05], ids=["clip idle", "clip acting"])
 def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
-    """Three updates from the same state and random numbers, eager and compiled: the same draws, losses,
-    weights, Adam state and priorities (to float precision); the clip (idle or acting) and a skipped
-    non-finite step included."""
+    """Four updates from the same state and random numbers, eager and compiled: the same draws, losses,
+    weights, Adam state and priorities (to float precision); the clip (idle or acting), a hard target update
+    (after the 2nd step, so the 3rd reads the new target) and a skipped non-finite step included."""
     from marlkit.envs import make_env
 
     env = make_env("pursuit", num_envs=2, seed=3, **SMALL_PURSUIT["env.kwargs"])
@@ -54,8 +54,11 @@ def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
     fused, fused_opt, _ = _learner_and_optimiser(tmp_path, "compiled", batch, max_grad_norm)
     compiled = CompiledQUpdate("pursuer", fused, fused_opt, max_grad_norm)
     start = _state(eager, eager_opt)
-    for step in range(3):
-        if step == 2:  # non-finite observations in every agent's storage: both skip the step and flag it
+    target = {k: v.clone() for k, v in fused.loss.target_params().items(True, True)}
+    for step in range(4):
+        if step == 2:  # the target copy made after the 2nd step is the one the compiled graph reads
+            assert all(not torch.equal(target[k], v) for k, v in compiled.target.items())
+        if step == 3:  # non-finite observations in every agent's storage: both skip the step and flag it
             for learner in (eager, fused):
                 for fields in learner.replay._columns():
                     fields[("pursuer", "observation")].fill_(float("nan"))
@@ -66,7 +69,7 @@ def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
         eager.replay.update_priority(minibatch, minibatch.get(eager.priority_key))
         torch.manual_seed(10 + step)
         fused_out = compiled()
-        if step < 2:
+        if step < 3:
             assert torch.isfinite(out["loss"])
             torch.testing.assert_close(fused_out["loss"], out["loss"], rtol=1e-5, atol=1e-7)
         else:
@@ -80,7 +83,7 @@ def test_compiled_update_makes_the_eager_updates_steps(tmp_path, max_grad_norm):
             torch.testing.assert_close(fused_after[key] - before[key], after[key] - before[key], rtol=1e-3, atol=1e-4)
         # priorities are |TD errors|, differences of close numbers: 0.1% of each
         torch.testing.assert_close(fused_after[key], after[key], rtol=1e-3, atol=1e-6)
-    assert torch.equal(fused_after["step0"], torch.tensor(2.0))  # the non-finite step was skipped
+    assert torch.equal(fused_after["step0"], torch.tensor(3.0))  # the non-finite step was skipped
     assert torch.equal(fused.nonfinite, eager.nonfinite) and fused.nonfinite.all()
 
 
