@@ -13,6 +13,11 @@ Arms: ``none``, ``quantile``, ``gaussian``, ``stochastic`` (SUPER's three select
 
     python benchmarks/super_pursuit.py [--arms none,quantile,gaussian,stochastic] [--seeds 0-4]
                                        [--frames 800000] [--jobs 2] [--out benchmarks/results/super_pursuit_huber_tanh]
+                                       [section.field=value ...]
+
+Trailing ``section.field=value`` go to every run, e.g. ``train.compile=true`` (compiled updates, about twice
+as fast here; the README's SUPER section says what they learn) with another ``--out``: the committed tables
+are of the eager update.
 """
 
 from __future__ import annotations
