@@ -12,9 +12,9 @@ before, in the results committed until then) are one batched matmul per layer fo
 included) for comparison.
 
 ``compiled step`` compiles the whole step as one graph: the loss's gradient through ``torch.func.grad``, the
-clip and Adam written as tensor code (:func:`functional_step`, the same arithmetic as ``clip_grad_norm_`` and
-``Adam``), so nothing of the step runs eagerly between kernels. It is what a fully compiled update could
-cost; it also rounds differently from the eager step.
+clip and Adam written as tensor code (:func:`functional_step`, with the arithmetic ``train.compile`` runs,
+from ``marlkit.pipelines.compiled``), so nothing of the step runs eagerly between kernels. It is what a fully
+compiled update could cost; it also rounds differently from the eager step.
 
 ``--replay`` puts the replay around it, still without TensorDict or TorchRL: every agent's minibatch drawn in
 one pass over marlkit's priority table (``PriorityBlocks``, the code ``SharedReplay`` runs, on buffers of
@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+from marlkit.pipelines.compiled import adam_values, clip_scale
 from marlkit.pipelines.replay import PriorityBlocks, td_priority
 
 AGENTS, BATCH, OBS, HIDDEN, ACTIONS = 8, 32, 7 * 7 * 3, 64, 5
@@ -91,18 +92,15 @@ def functional_step(params: list[torch.Tensor], moments: list[torch.Tensor], squ
     (``clip_grad_norm_``'s scale) and an Adam step (``torch.optim.Adam``'s update); returns the new parameters,
     first and second moments, step count and the squared TD errors."""
     grads, squared = torch.func.grad(lambda ps: td_loss(ps, target, *batch), has_aux=True)(params)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0)
+    _, scale = clip_scale(grads, MAX_GRAD_NORM)
     count = count + 1
     (beta1, beta2), lr, eps = ADAM["betas"], ADAM["lr"], ADAM["eps"]
     step_size = lr / (1 - beta1 ** count)
     root_correction = torch.sqrt(1 - beta2 ** count)
     new_params, new_moments, new_squares = [], [], []
     for p, g, m, v in zip(params, grads, moments, squares, strict=True):
-        g = g * scale
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
-        new_params.append(p - step_size * m / (v.sqrt() / root_correction + eps))
+        p, m, v = adam_values(p, g * scale, m, v, step_size, root_correction, (beta1, beta2), eps)
+        new_params.append(p)
         new_moments.append(m)
         new_squares.append(v)
     return new_params, new_moments, new_squares, count, squared

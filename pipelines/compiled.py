@@ -38,6 +38,24 @@ def _nested(key: NestedKey) -> tuple[str, ...]:
     return (key,) if isinstance(key, str) else tuple(key)
 
 
+def clip_scale(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``clip_grad_norm_``'s arithmetic as tensor code: the norm over all ``grads`` and the factor (at most 1)
+    every gradient is multiplied by."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return norm, torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def adam_values(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step_size: torch.Tensor,
+                root_correction: torch.Tensor, betas: tuple[float, float],
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.optim.Adam``'s step as tensor code (no weight decay): the new parameter and moments, with
+    ``step_size = lr / (1 - beta1^t)`` and ``root_correction = sqrt(1 - beta2^t)`` for step ``t``."""
+    beta1, beta2 = betas
+    m = torch.lerp(m, g, 1 - beta1)
+    v = beta2 * v + (1 - beta2) * g * g
+    return p - step_size * m / (v.sqrt() / root_correction + eps), m, v
+
+
 def compile_problem(algorithm: str, model_kind: str, share_params: bool, prioritized: bool) -> str | None:
     """Why ``train.compile=true`` cannot run with these settings (the fix included), or None."""
     if algorithm != "iql":
@@ -92,6 +110,7 @@ class CompiledQUpdate:
         self.online = {key: p.detach() for key, p in self.online_params.items(True, True)}
         self.target = dict(loss.target_params().items(True, True))
         self.adam: tuple[Params, Params, Params] | None = None
+        self._columns: tuple[list, list[tuple[torch.Tensor, ...]]] | None = None
         # The graph reads the network modules, whose structure never changes during training (their
         # parameters come in as inputs): checking them before each call cost more than the update's kernels.
         self._graph = torch.compile(self._update, dynamic=False, fullgraph=True,
@@ -125,7 +144,10 @@ class CompiledQUpdate:
         # Adam's bias corrections for this step, as tensors: one value for all parameters, and a new number
         # every step (a Python number would recompile the graph)
         corrections = torch.tensor([group["lr"] / (1 - beta1 ** count), math.sqrt(1 - beta2 ** count), count])
-        columns = [tuple(fields[key] for key in self.fields) for fields in replay._columns()]
+        stored = replay._columns()  # the same list until a storage is replaced (first write, resume)
+        if self._columns is None or self._columns[0] is not stored:
+            self._columns = (stored, [tuple(fields[key] for key in self.fields) for fields in stored])
+        columns = self._columns[1]
         with torch.no_grad():  # the graph takes its own gradient (torch.func.grad); the rest updates in place
             loss, bad, largest = self._graph(self.online, first, second, steps, self.target, columns,
                                              torch.as_tensor(lengths), uniform, corrections, beta1, beta2,
@@ -151,17 +173,13 @@ class CompiledQUpdate:
             return self._loss(params, target, *batch, weight)
 
         grads, (loss, squared) = torch.func.grad(objective, has_aux=True)(online)
-        # clip_grad_norm_: one norm over all parameters, every gradient scaled (by at most 1)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-        scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        norm, scale = clip_scale(list(grads.values()), self.max_grad_norm)  # one norm over all parameters
         bad = ~torch.isfinite(torch.stack([loss, norm]))
         skip = bad.any()  # a non-finite step is skipped, as the fused Adam's found_inf skips it
         step_size, root_correction, count = corrections.unbind()
         for key, p in online.items():
-            g = grads[key] * scale
-            m = torch.lerp(first[key], g, 1 - beta1)
-            v = beta2 * second[key] + (1 - beta2) * g * g
-            new = p - step_size * m / (v.sqrt() / root_correction + eps)
+            new, m, v = adam_values(p, grads[key] * scale, first[key], second[key], step_size, root_correction,
+                                    (beta1, beta2), eps)
             p.copy_(torch.where(skip, p, new))
             first[key].copy_(torch.where(skip, first[key], m))
             second[key].copy_(torch.where(skip, second[key], v))
