@@ -437,3 +437,23 @@ def test_super_td_stats_prints_its_table():
                "--set", "env.num_envs=4", "replay.memmap=false")
     rows = [line for line in out.splitlines() if line.startswith("| 0-") or line.startswith("| 100-")]
     assert len(rows) == 2 and "200 updates" in out, out
+
+
+def test_compiled_lockstep_finds_the_compiled_step_equal_to_the_eager_one(tmp_path):
+    """The eager step made from each checked state agrees with the compiled one to rounding, and the run
+    itself is a plain compiled run (its CSV is kept); a bad --arm is refused before training."""
+    tiny = ["env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
+            "env.n_evaders=2", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
+            "logger.eval_episodes=2"]
+    out = _run(str(BENCHMARKS / "compiled_lockstep.py"), "--frames", "160", "--every", "2", "--out", str(tmp_path),
+               *tiny)
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("4 steps checked; worst:") and summary.endswith("random numbers equal in 4"), out
+    worst = dict(part.rsplit(" ", 1) for part in summary.split("worst: ")[1].split("; ")[0].split(", "))
+    assert all(float(worst[c]) < 1e-4 for c in ("loss", "Adam m", "Adam v", "priorities")), worst
+    assert all(float(worst[c]) < 1e-3 for c in ("param change", "eager vs float64", "compiled vs float64")), worst
+    with (tmp_path / "lockstep_quantile_s3.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "compiled_lockstep.py"), "--arm", "best"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--arm 'best': choose one of none, quantile" in bad.stderr, bad.stderr
