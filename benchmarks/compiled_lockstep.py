@@ -69,7 +69,9 @@ class LockstepUpdate(CompiledQUpdate):
     and random numbers, undoes it and compares it with its own (rows in ``checks``)."""
 
     every = 500
+    """Check every this many calls (``--every``); the pipeline builds the update, so a class setting."""
     checks: list[dict[str, float]] = []
+    """One row per checked step, from every instance (a run of pursuit has one learner)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -192,15 +194,22 @@ def main() -> None:
         parser.error(f"--arm {args.arm!r}: choose one of {', '.join(ARMS)}")
     if args.every < 1:
         parser.error(f"--every {args.every}: need at least 1")
+    malformed = [item for item in args.overrides if "=" not in item]
+    if malformed:
+        parser.error(f"overrides {malformed}: write each as section.field=value")
     torch.set_num_threads(1)
     LockstepUpdate.every = args.every
     qlearning.CompiledQUpdate = LockstepUpdate  # the pipeline's loop, unchanged, with the checking update
     overrides = dict(item.split("=", 1) for item in args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config("iql", "pursuit-super", {**ARMS[args.arm], "logger.eval_parallel": "true", **overrides,
-                                                   "train.compile": "true", "seed": str(args.seed),
-                                                   "collector.total_frames": str(args.frames),
-                                                   "logger.run_dir": tmp, "logger.progress": "false"})
+        try:
+            cfg = make_config("iql", "pursuit-super", {**ARMS[args.arm], "logger.eval_parallel": "true", **overrides,
+                                                       "train.compile": "true", "seed": str(args.seed),
+                                                       "collector.total_frames": str(args.frames),
+                                                       "logger.run_dir": tmp, "logger.progress": "false"})
+            qlearning.checked_iterations(cfg)  # the pipeline's own checks, before anything is built
+        except ValueError as err:  # a config the pipeline refuses: its one-line reason
+            parser.error(str(err))
         qlearning.train(cfg)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)

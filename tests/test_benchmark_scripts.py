@@ -457,3 +457,7 @@ def test_compiled_lockstep_finds_the_compiled_step_equal_to_the_eager_one(tmp_pa
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "compiled_lockstep.py"), "--arm", "best"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--arm 'best': choose one of none, quantile" in bad.stderr, bad.stderr
+    for wrong, message in [("env.x_size", "write each as section.field=value"), ("replay.batch_size=0", "batch_size")]:
+        out = subprocess.run([sys.executable, str(BENCHMARKS / "compiled_lockstep.py"), wrong],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
