@@ -15,7 +15,7 @@ Arms: ``none``, ``quantile``, ``gaussian``, ``stochastic`` (SUPER's three select
                                        [--frames 800000] [--jobs 2] [--out benchmarks/results/super_pursuit_huber_tanh]
                                        [section.field=value ...]
 
-Trailing ``section.field=value`` go to every run, e.g. ``train.compile=true`` (compiled updates, 1.5-2.1x
+Trailing ``section.field=value`` go to every run, e.g. ``train.compile=true`` (compiled updates, 1.4-2.1x
 as fast here; the README's SUPER section says what they learn) with another ``--out``: the committed tables
 are of the eager update.
 """
