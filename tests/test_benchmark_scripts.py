@@ -441,7 +441,8 @@ def test_super_td_stats_prints_its_table():
 
 def test_compiled_lockstep_finds_the_compiled_step_equal_to_the_eager_one(tmp_path):
     """The eager step made from each checked state agrees with the compiled one to rounding, and the run
-    itself is a plain compiled run (its CSV is kept); a bad --arm is refused before training."""
+    itself is a plain compiled run (its CSV is kept); a bad --arm, a malformed override and a config the
+    pipeline refuses each get one line, before training."""
     tiny = ["env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7", "env.n_pursuers=3",
             "env.n_evaders=2", "replay.warmup_frames=0", "train.optimiser_steps=2", "logger.eval_every=2",
             "logger.eval_episodes=2"]
