@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import torch
 
 from marlkit.modules.encoders import _FlattenFeatures
 from marlkit.pipelines import make_config, qlearning
-from marlkit.pipelines.compiled import adam_values, clip_scale, CompiledQUpdate
+from marlkit.pipelines.compiled import adam_values, bias_corrections, clip_scale, CompiledQUpdate
 from marlkit.pipelines.learners import gradient_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,12 +114,10 @@ class LockstepUpdate(CompiledQUpdate):
         ``before``: what both float32 steps approximate. It runs the compiled update's loss function
         uncompiled (the eager loss module keeps float32 buffers), so it calibrates rounding only; the other
         columns compare the two updates' arithmetic."""
-        replay, columns = self.replay, self._columns[1]
+        replay = self.replay
         uniform = torch.rand(replay.n_agents, replay.batch_size, dtype=torch.float64)  # as __call__ draws
         lengths = torch.as_tensor([len(buffer.storage) for buffer in replay.buffers])
-        index, weight = self.table.draw_with(torch.arange(len(columns)), lengths, uniform, self.beta)
-        batch = [torch.stack([column[k].index_select(0, row) for column, row in zip(columns, index.unbind(0))], dim=1)
-                 for k in range(len(self.fields))]
+        _, batch, weight = self.draw(self._columns[1], lengths, uniform)
         batch = [x.double() if x.is_floating_point() else x for x in batch]
         params = {key: before["param", key].double().requires_grad_() for key in self.online}
         target = {key: value.double() for key, value in self.target.items()}
@@ -129,20 +126,20 @@ class LockstepUpdate(CompiledQUpdate):
         self.values = torch.nn.Sequential(*[Flat64(m.feature_dims) if isinstance(m, _FlattenFeatures) else m
                                             for m in network])
         try:
-            mean, _ = self._loss(params, target, *batch, weight.t().double())
+            mean, _ = self._loss(params, target, *batch, weight.double())
         finally:
             self.values = network
         grads = dict(zip(params, torch.autograd.grad(mean, list(params.values())), strict=True))
         _, scale = clip_scale(list(grads.values()), self.max_grad_norm)
         group = self.optimiser.param_groups[0]
-        (beta1, beta2), count = group["betas"], float(next(iter(self.adam[2].values()))) + 1
-        step_size = torch.tensor(group["lr"] / (1 - beta1 ** count), dtype=torch.float64)
-        root_correction = torch.tensor(math.sqrt(1 - beta2 ** count), dtype=torch.float64)
+        count = float(next(iter(self.adam[2].values()))) + 1
+        step_size, root_correction = torch.tensor(bias_corrections(group["lr"], group["betas"], count),
+                                                  dtype=torch.float64).unbind()
         changes = {}
         with torch.no_grad():
             for key, p in params.items():
                 new, _, _ = adam_values(p, grads[key] * scale, before["m", key].double(), before["v", key].double(),
-                                        step_size, root_correction, (beta1, beta2), group["eps"])
+                                        step_size, root_correction, group["betas"], group["eps"])
                 changes[key] = new - p
         return changes
 

@@ -56,6 +56,13 @@ def adam_values(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     return p - step_size * m / (v.sqrt() / root_correction + eps), m, v
 
 
+def bias_corrections(lr: float, betas: tuple[float, float], count: float) -> tuple[float, float]:
+    """Adam's ``step_size = lr / (1 - beta1^t)`` and ``root_correction = sqrt(1 - beta2^t)`` for step ``t``
+    (``count``), in double precision as the fused kernel computes them."""
+    beta1, beta2 = betas
+    return lr / (1 - beta1 ** count), math.sqrt(1 - beta2 ** count)
+
+
 def compile_problem(algorithm: str, model_kind: str, share_params: bool, prioritized: bool) -> str | None:
     """Why ``train.compile=true`` cannot run with these settings (the fix included), or None."""
     if algorithm != "iql":
@@ -143,7 +150,7 @@ class CompiledQUpdate:
         (beta1, beta2), count = group["betas"], float(next(iter(steps.values()))) + 1  # every parameter's count
         # Adam's bias corrections for this step, as tensors: one value for all parameters, and a new number
         # every step (a Python number would recompile the graph)
-        corrections = torch.tensor([group["lr"] / (1 - beta1 ** count), math.sqrt(1 - beta2 ** count), count])
+        corrections = torch.tensor([*bias_corrections(group["lr"], (beta1, beta2), count), count])
         stored = replay._columns()  # the same list until a storage is replaced (first write, resume)
         if self._columns is None or self._columns[0] is not stored:
             self._columns = (stored, [tuple(fields[key] for key in self.fields) for fields in stored])
@@ -163,11 +170,7 @@ class CompiledQUpdate:
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The compiled update: returns the loss, the non-finite flags (loss, gradient norm) and each
         agent's largest new priority."""
-        index, weight = self.table.draw_with(torch.arange(len(columns)), lengths, uniform, self.beta)
-        rows = index.unbind(0)
-        batch = [torch.stack([column[k].index_select(0, row) for column, row in zip(columns, rows)], dim=1)
-                 for k in range(len(self.fields))]
-        weight = weight.t()  # [B, n_agents], agent i's own weights
+        index, batch, weight = self.draw(columns, lengths, uniform)
 
         def objective(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             return self._loss(params, target, *batch, weight)
@@ -188,6 +191,16 @@ class CompiledQUpdate:
         priority = squared.sqrt().t().nan_to_num(nan=0.0, posinf=0.0) + self.priority_eps
         self.table.set_all_rows(index, priority)
         return loss, bad, priority.amax(1)
+
+    def draw(self, columns: list[tuple[torch.Tensor, ...]], lengths: torch.Tensor,
+             uniform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The minibatch drawn with ``uniform`` (tensor code, traced into the graph): the slots
+        ``[n_agents, B]``, each field ``[B, n_agents, ...]`` (agent i's from its own buffer) and the importance
+        weights ``[B, n_agents]``."""
+        index, weight = self.table.draw_with(torch.arange(len(columns)), lengths, uniform, self.beta)
+        batch = [torch.stack([column[k].index_select(0, row) for column, row in zip(columns, index.unbind(0))], dim=1)
+                 for k in range(len(self.fields))]
+        return index, batch, weight.t()
 
     def _loss(self, params: Params, target: Params, obs: torch.Tensor, next_obs: torch.Tensor, action: torch.Tensor,
               reward: torch.Tensor, terminated: torch.Tensor, *mask_and_weight: torch.Tensor
