@@ -120,8 +120,12 @@ class CompiledQUpdate:
         self._columns: tuple[list, list[tuple[torch.Tensor, ...]]] | None = None
         # The graph reads the network modules, whose structure never changes during training (their
         # parameters come in as inputs): checking them before each call cost more than the update's kernels.
+        # cpp_wrapper calls the kernels from C++ instead of from a Python wrapper one at a time: the same kernels
+        # and numbers, 4-10% less training time per SUPER iteration (benchmarks/results/super_compiled/
+        # tenth_budget_cpp_wrapper.txt).
         self._graph = torch.compile(self._update, dynamic=False, fullgraph=True,
-                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                             "cpp_wrapper": True})
 
     def _adam_state(self, params: Mapping[tuple[str, ...], torch.Tensor]) -> tuple[Params, Params, Params]:
         """The optimiser's moments and step counts per parameter, made as ``torch.optim.Adam`` makes them
