@@ -127,8 +127,9 @@ class QTrainConfig(OffPolicyTrainConfig):
     compile: bool = False
     """IQL with per-agent prioritized replay (SUPER's layout): run each update (draw, loss, gradient, clip,
     Adam, new priorities) as one graph compiled by torch.compile (marlkit.pipelines.compiled): on a CPU a
-    small network's update is mostly Python dispatch, which this removes. Compiling takes 5-15 s at the
-    start; results agree with the eager update's to float precision, not bit for bit."""
+    small network's update is mostly Python dispatch, which this removes. Compiling takes about 30 s at the
+    start (a few seconds once torch's compile cache holds the graph); results agree with the eager update's to
+    float precision, not bit for bit."""
 
 
 @dataclass

@@ -97,6 +97,36 @@ def test_super_pursuit_table_pairs_plain_dqn_arms_with_plain_dqn_baseline(monkey
     assert claims["random"]["seeds"] == [] and claims["none-dqn"]["final"][0] == [1.0, 1.0]
 
 
+def _eval_csv(path: Path, per_pursuer: list[float]) -> Path:
+    """A metrics CSV with one greedy evaluation per row (returns per pursuer) and a training row between."""
+    key = "eval/pursuer/episode_reward_mean"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["iteration", "frames", key])
+        writer.writeheader()
+        for i, value in enumerate(per_pursuer):
+            writer.writerow({"iteration": 2 * i, "frames": 400 * (2 * i + 1), key: ""})
+            writer.writerow({"iteration": 2 * i + 1, "frames": 400 * (2 * i + 2), key: value})
+    return path
+
+
+def test_super_compare_runs_bootstraps_each_side_on_its_own(tmp_path):
+    # 12 evaluations: 0 for 9, then v for the last 3 (area v/4, last quarter v, final 3v/5), summed over 8 pursuers
+    a = [_eval_csv(tmp_path / f"a{i}.csv", [0.0] * 9 + [v] * 3) for i, v in enumerate((2.0, 4.0))]
+    b = [_eval_csv(tmp_path / f"b{i}.csv", [0.0] * 9 + [v] * 3) for i, v in enumerate((1.0, 3.0))]
+    out = _run(str(BENCHMARKS / "super_compare_runs.py"), "--a", *map(str, a), "--b", *map(str, b),
+               "--names", "compiled,eager")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in out.splitlines() if line.startswith("| ") and "measure" not in line}
+    # last quarter: A's resampled mean is 16, 24 or 32, B's 8, 16 or 24 (each extreme 1 in 4), so the
+    # difference's 2.5% and 97.5% points are 16 - 24 and 32 - 8; the area is a quarter of it, the final 3/5
+    assert rows["last quarter"] == ["24.0", "16.0", "[-8.0, +24.0]"], out
+    assert rows["area"] == ["6.0", "4.0", "[-2.0, +6.0]"], out
+    assert rows["final"] == ["14.4", "9.6", "[-4.8, +14.4]"], out
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "super_compare_runs.py"), "--a", str(a[0]),
+                              str(tmp_path / "nope.csv"), "--b", *map(str, b)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip() == f"super_compare_runs: no such CSV: {tmp_path / 'nope.csv'}"
+
+
 def test_super_pursuit_check_ranks_a_rerun_among_the_committed_seeds(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from super_pursuit_check import outcome_lines
