@@ -117,14 +117,15 @@ def test_super_compare_runs_bootstraps_each_side_on_its_own(tmp_path):
                "--names", "compiled,eager")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
             for line in out.splitlines() if line.startswith("| ") and "measure" not in line}
-    # last quarter: A's resampled mean is 16, 24 or 32, B's 8, 16 or 24 (each extreme 1 in 4), so the
-    # difference's 2.5% and 97.5% points are 16 - 24 and 32 - 8; the area is a quarter of it, the final 3/5
+    # last quarter: A's resampled mean is 16, 24 or 32, B's 8, 16 or 24 (each extreme 1 in 4, both 1 in 16),
+    # so the difference's 2.5% and 97.5% points are 16 - 24 and 32 - 8; the area is a quarter of it, the final 3/5
     assert rows["last quarter"] == ["24.0", "16.0", "[-8.0, +24.0]"], out
     assert rows["area"] == ["6.0", "4.0", "[-2.0, +6.0]"], out
     assert rows["final"] == ["14.4", "9.6", "[-4.8, +14.4]"], out
+    missing = tmp_path / "nope.csv"
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "super_compare_runs.py"), "--a", str(a[0]),
-                              str(tmp_path / "nope.csv"), "--b", *map(str, b)], capture_output=True, text=True)
-    assert refused.returncode == 2 and refused.stderr.strip() == f"super_compare_runs: no such CSV: {tmp_path / 'nope.csv'}"
+                              str(missing), "--b", *map(str, b)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip() == f"super_compare_runs: no such CSV: {missing}"
 
 
 def test_super_pursuit_check_ranks_a_rerun_among_the_committed_seeds(tmp_path, monkeypatch):
