@@ -116,7 +116,7 @@ class LockstepUpdate(CompiledQUpdate):
         columns compare the two updates' arithmetic."""
         replay = self.replay
         uniform = torch.rand(replay.n_agents, replay.batch_size, dtype=torch.float64)  # as __call__ draws
-        lengths = torch.as_tensor([len(buffer.storage) for buffer in replay.buffers])
+        lengths = torch.as_tensor(replay.lengths())
         _, batch, weight = self.draw(self._columns[1], lengths, uniform)
         batch = [x.double() if x.is_floating_point() else x for x in batch]
         params = {key: before["param", key].double().requires_grad_() for key in self.online}
@@ -132,8 +132,7 @@ class LockstepUpdate(CompiledQUpdate):
         grads = dict(zip(params, torch.autograd.grad(mean, list(params.values())), strict=True))
         _, scale = clip_scale(list(grads.values()), self.max_grad_norm)
         group = self.optimiser.param_groups[0]
-        count = float(next(iter(self.adam[2].values()))) + 1
-        step_size, root_correction = torch.tensor(bias_corrections(group["lr"], group["betas"], count),
+        step_size, root_correction = torch.tensor(bias_corrections(group["lr"], group["betas"], self.next_count()),
                                                   dtype=torch.float64).unbind()
         changes = {}
         with torch.no_grad():

@@ -143,7 +143,7 @@ class CompiledQUpdate:
     def __call__(self) -> TensorDictBase:
         """One optimiser step; the loss output for logging."""
         replay = self.replay
-        lengths = [len(buffer.storage) for buffer in replay.buffers]
+        lengths = replay.lengths()
         if min(lengths) == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         uniform = torch.rand(replay.n_agents, replay.batch_size, dtype=torch.float64)  # the eager draw's numbers
@@ -151,7 +151,7 @@ class CompiledQUpdate:
             self.adam = self._adam_state(dict(self.online_params.items(True, True)))
         first, second, steps = self.adam
         group = self.optimiser.param_groups[0]
-        (beta1, beta2), count = group["betas"], float(next(iter(steps.values()))) + 1  # every parameter's count
+        (beta1, beta2), count = group["betas"], self.next_count()
         # Adam's bias corrections for this step, as tensors: one value for all parameters, and a new number
         # every step (a Python number would recompile the graph)
         corrections = torch.tensor([*bias_corrections(group["lr"], (beta1, beta2), count), count])
@@ -167,6 +167,10 @@ class CompiledQUpdate:
             sampler.max_priority = max(sampler.max_priority, value)
         finish_step(self.learner, bad)
         return TensorDict(loss=loss)
+
+    def next_count(self) -> float:
+        """The number of the coming Adam step (every parameter's count is the same)."""
+        return float(next(iter(self.adam[2].values()))) + 1
 
     def _update(self, online: Params, first: Params, second: Params, steps: Params, target: Params,
                 columns: list[tuple[torch.Tensor, ...]], lengths: torch.Tensor, uniform: torch.Tensor,

@@ -622,10 +622,14 @@ class SharedReplay(GroupReplay):
             self._column_cache = (stored, columns)
         return self._column_cache[1]
 
+    def lengths(self) -> list[int]:
+        """How many transitions each agent's buffer holds."""
+        return [len(buffer.storage) for buffer in self.buffers]
+
     def sample(self) -> TensorDictBase:
         """Agent i's column comes from agent i's buffer: one ``[B]`` batch with ``[B, n_agents]`` fields.
         With priorities every agent's slots are drawn in one pass over the shared table."""
-        lengths = [len(buffer.storage) for buffer in self.buffers]
+        lengths = self.lengths()
         if self.prioritized:
             index, weights = self.table.draw(list(range(self.n_agents)), lengths, self.batch_size, self.beta)
         else:
