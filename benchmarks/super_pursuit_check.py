@@ -86,7 +86,7 @@ def main() -> None:
         with (run / "metrics.csv").open() as handle:
             rerun = list(csv.DictReader(handle))
         if args.keep is not None:
-            keep_run(run, args.keep, args.arm, args.seed, wall, args.overrides)
+            keep_run(run, args.keep, args.arm, args.seed, wall, args.overrides, "1")
     columns, diffs = differences(committed, rerun)
     print(f"{args.arm} seed {args.seed}: {len(rerun)} iterations x {len(columns)} metrics against {path.name}: "
           f"{len(diffs)} differing values ({wall:.0f} s rerun{f', kept in {args.keep}' if args.keep else ''})")

@@ -40,6 +40,7 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     record = json.loads((tmp_path / "quantile_s1.json").read_text())
     assert record["commit"] == (head.strip() or None)
     assert record["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})"), record  # kernels round per CPU
+    assert record["threads"] == "1" and record["thread_policy"] == "fixed"  # two runs at a time: one thread each
     assert "0 runs to do" in _run(str(BENCHMARKS / "super_pursuit.py"), "--arms", "none,quantile", *tiny)
     # the check script retrains a committed run's start and finds it equal; a changed value is caught
     check = [str(BENCHMARKS / "super_pursuit_check.py"), "--arm", "quantile", "--seed", "1", "--frames", "160",
@@ -74,6 +75,22 @@ def test_super_pursuit_runs_resumes_by_skipping_and_tabulates(tmp_path):
     assert "(s0 " in auc_cell and ", s1 " in auc_cell and auc_cell.strip().endswith(")"), table
     assert table.index("| none |") < table.index("| quantile |"), table  # the benchmark's arm order
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_super_pursuit_lone_run_takes_auto_threads_and_refuses_a_bad_count(tmp_path):
+    """A lone run (--jobs 1) runs with marlkit's ``auto`` threads, which the run itself reports; a bad --threads
+    is refused before any run."""
+    tiny = ["--arms", "none", "--seeds", "0", "--frames", "40", "--jobs", "1", "--out", str(tmp_path),
+            "env.num_envs=4", "collector.frames_per_batch=40", "env.x_size=7", "env.y_size=7", "env.n_pursuers=2",
+            "env.n_evaders=1", "replay.warmup_frames=0", "train.optimiser_steps=1", "logger.eval_every=100"]
+    out = _run(str(BENCHMARKS / "super_pursuit.py"), *tiny)
+    assert "torch threads auto" in out and "FAILED" not in out, out
+    record = json.loads((tmp_path / "none_s0.json").read_text())
+    assert record["threads"] == "auto" and record["thread_policy"] == "auto", record
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "super_pursuit.py"), *tiny, "--seeds", "1", "--threads",
+                          "two"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--threads 'two' is not a thread count; accepted: auto" in bad.stderr, bad.stderr
+    assert not (tmp_path / "none_s1.csv").exists()
 
 
 def test_super_pursuit_table_pairs_plain_dqn_arms_with_plain_dqn_baseline(monkeypatch):
