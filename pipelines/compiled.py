@@ -11,7 +11,8 @@ mean, ``clip_grad_norm_``'s scale, ``torch.optim.Adam``'s step, a step skipped w
 norm is not finite); the fused kernels round differently, so results agree to float precision, not bit for bit.
 
 The parameters, the Adam moments and step counts (in the optimiser's own ``state``, so checkpoints and
-resume are unchanged), the target copy and the priority table are updated in place. It holds those
+resume are unchanged), the target copy and the priority table are updated in place; the batched weights and
+what follows them are kept in their gradients' memory layout (:func:`in_gradient_layout`). It holds those
 tensors from when it is built, which :func:`marlkit.pipelines.qlearning.train` does after a resumed run has
 loaded its state (Adam's from its first step, when the optimiser makes it).
 """
@@ -69,8 +70,9 @@ def in_gradient_layout(tensor: torch.Tensor) -> None:
 
     The fused clip + Adam kernel reads each weight, its gradient and its moments element by element: with the
     weight in the usual layout it read the gradient through transposed tiles. In the gradient's layout (the
-    moments follow the weight's) every read runs along memory: 20% less time per compiled SUPER update, in
-    blocks alternated in one process (benchmarks/results/super_compiled/gradient_layout.txt)."""
+    moments follow the weight's) every read runs along memory: 18-24% less time per compiled SUPER update, in
+    blocks alternated in one process (benchmarks/results/super_compiled/gradient_layout.txt). The values are
+    the same; the products' rounding is not, so runs differ from those made in the other layout."""
     if tensor.dim() == 3 and tensor.stride(1) != 1:
         tensor.data = tensor.data.transpose(1, 2).contiguous().transpose(1, 2)
 
