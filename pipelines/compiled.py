@@ -126,10 +126,10 @@ class CompiledQUpdate:
         self.priority_eps, self.beta, self.table = replay.buffers[0].sampler.eps, replay.beta, replay.table
         self.double_dqn, self.loss_function = loss.double_dqn, loss.loss_function
         self.weighted = loss.use_prioritized_weights is not False  # TorchRL's weighted mean, else the plain one
+        for tensor in [*self.online_params.values(True, True), *loss.target_params().values(True, True)]:
+            in_gradient_layout(tensor)  # in place (the same tensor objects), before anything reads them
         # Trained in place, so read once: the optimiser's parameters and the target copy (hard updates copy
         # into it); Adam's state once the first step has made it.
-        for tensor in [*self.online_params.values(True, True), *loss.target_params().values(True, True)]:
-            in_gradient_layout(tensor)
         self.online = {key: p.detach() for key, p in self.online_params.items(True, True)}
         self.target = dict(loss.target_params().items(True, True))
         self.adam: tuple[Params, Params, Params] | None = None
