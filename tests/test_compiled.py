@@ -110,29 +110,32 @@ def test_compile_is_refused_for_a_group_without_per_agent_replay(tmp_path):
 def test_compiled_update_keeps_weights_and_moments_in_the_gradients_layout(tmp_path):
     """The batched weights are stored as their gradients come out of the backward (``[agents, in, out]`` in
     memory) with their values kept; a resumed run's moments, loaded in the usual layout, are moved to the
-    weights' layout with their values, and the step from them is the step from fresh moments."""
+    weights' layout with their values: the step from them is the step from the same moments laid out so."""
     from marlkit.envs import make_env
 
     env = make_env("pursuit", num_envs=2, seed=3, **SMALL_PURSUIT["env.kwargs"])
     torch.manual_seed(3)
     batch = env.rollout(30, break_when_any_done=False).reshape(-1)
-    fresh, fresh_opt, _ = _learner_and_optimiser(tmp_path, "fresh", batch, 40.0)
+    laid_out, laid_out_opt, _ = _learner_and_optimiser(tmp_path, "laid_out", batch, 40.0)
     loaded, loaded_opt, _ = _learner_and_optimiser(tmp_path, "loaded", batch, 40.0)
     weights = [p for p in loaded.loss.parameters() if p.dim() == 3]
     assert weights and all(p.is_contiguous() for p in weights)
     before = [p.detach().clone() for p in weights]
-    for p in loaded.loss.parameters():  # as a checkpoint of an eager run loads them: contiguous
-        loaded_opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros(p.shape),
-                               "exp_avg_sq": torch.zeros(p.shape)}
+    moments = [(torch.rand(p.shape) * 1e-2, torch.rand(p.shape) * 1e-4) for p in loaded.loss.parameters()]
+    for p, (m, v) in zip(loaded.loss.parameters(), moments, strict=True):  # as a checkpoint loads them: contiguous
+        loaded_opt.state[p] = {"step": torch.tensor(5.0), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
     updates = [CompiledQUpdate("pursuer", learner, opt, 40.0)
-               for learner, opt in ((fresh, fresh_opt), (loaded, loaded_opt))]
+               for learner, opt in ((laid_out, laid_out_opt), (loaded, loaded_opt))]
     assert all(p.transpose(1, 2).is_contiguous() and not p.is_contiguous() for p in weights)
     assert all(torch.equal(p, value) for p, value in zip(weights, before, strict=True))
+    for p, (m, v) in zip(laid_out.loss.parameters(), moments, strict=True):  # already in the weights' layout
+        laid_out_opt.state[p] = {"step": torch.tensor(5.0), "exp_avg": torch.empty_like(p).copy_(m),
+                                 "exp_avg_sq": torch.empty_like(p).copy_(v)}
     for update in updates:
         torch.manual_seed(11)
         update()
-    for p, q in zip(fresh.loss.parameters(), loaded.loss.parameters(), strict=True):
+    for p, q in zip(laid_out.loss.parameters(), loaded.loss.parameters(), strict=True):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq"):
             assert loaded_opt.state[q][key].stride() == q.stride()
-            assert torch.equal(loaded_opt.state[q][key], fresh_opt.state[p][key])
+            assert torch.equal(loaded_opt.state[q][key], laid_out_opt.state[p][key])
