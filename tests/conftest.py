@@ -7,6 +7,7 @@ import csv
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ class SpecOnlyEnv(EnvBase):
 
     def _set_seed(self, seed):  # pragma: no cover - specs only
         return None
+
+
+@pytest.fixture
+def temp_files_in_tmp_path(tmp_path, monkeypatch):
+    """What code makes with ``tempfile`` (and never removes) goes to the test's tmp_path instead of /tmp, in
+    this process and in the processes it starts (TMPDIR)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ tiny run, and bad input."""
 from __future__ import annotations
 
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -21,11 +20,8 @@ KINDS = ("commnet", "attention", "deepsets", "gnn")
 
 
 @pytest.fixture(autouse=True)
-def _generated_modules_in_tmp_path(tmp_path, monkeypatch):
-    """torch_geometric writes the GATv2Conv modules it generates into tempfile's folder and never removes
-    them: here that folder is the test's tmp_path (this process's and any worker process's), not /tmp."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+def _generated_modules_in_tmp_path(temp_files_in_tmp_path):
+    """torch_geometric writes the GATv2Conv modules it generates into tempfile's folder and never removes them."""
 
 
 def _net(kind: str, n_agents: int = 3):
